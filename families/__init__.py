@@ -1,0 +1,1 @@
+"""First-party NEXUS family plugins, each registered through the ``nexus`` entry-point group."""

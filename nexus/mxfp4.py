@@ -1,0 +1,54 @@
+"""MXFP4 (OCP microscaling FP4, E2M1 values with a shared power-of-two scale per 32 values).
+
+Layout of a packed matrix ``W[rows, cols]`` (rows = output features):
+``blocks`` uint8 ``[..., rows, cols/32, 16]`` (two values per byte, the low nibble is the even
+element) and ``scales`` uint8 ``[..., rows, cols/32]`` (exponent with bias 127).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+BLOCK = 32
+
+
+def decode_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Decode packed MXFP4 to floats, keeping the row layout.
+
+    :param blocks: uint8 ``Tensor[..., G, 16]``.
+    :param scales: uint8 ``Tensor[..., G]``.
+    :return: ``Tensor[..., G * 32]`` of ``dtype`` (no transpose: rows stay output features).
+    """
+    if blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
+    lut = torch.tensor(FP4_VALUES, dtype=dtype)
+    b = blocks.to(torch.int64)
+    out = torch.empty(*blocks.shape[:-1], blocks.shape[-1] * 2, dtype=dtype)
+    out[..., 0::2] = lut[b & 0x0F]
+    out[..., 1::2] = lut[b >> 4]
+    out = torch.ldexp(out, (scales.to(torch.int32) - 127).unsqueeze(-1).to(dtype))
+    return out.reshape(*blocks.shape[:-2], -1)
+
+
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise ``w[..., cols]`` (cols a multiple of 32) to MXFP4, round to nearest.
+
+    The block exponent is ``floor(log2(amax)) - 2`` so the block's largest magnitude lands in
+    [4, 8) and saturates at 6.
+
+    :return: ``(blocks uint8 [..., cols/32, 16], scales uint8 [..., cols/32])``.
+    """
+    if w.shape[-1] % BLOCK:
+        raise ValueError(f"MXFP4 needs the last dimension to be a multiple of {BLOCK}, got {w.shape[-1]}")
+    x = w.detach().float().reshape(*w.shape[:-1], w.shape[-1] // BLOCK, BLOCK)
+    amax = x.abs().amax(-1, keepdim=True)
+    exp = torch.where(amax > 0, torch.floor(torch.log2(amax.clamp_min(1e-38))) - 2, torch.full_like(amax, -127.0))
+    exp = exp.clamp(-127, 127)
+    scaled = x / torch.exp2(exp)
+    mags = torch.tensor(FP4_VALUES[:8])
+    idx = (scaled.abs().unsqueeze(-1) - mags).abs().argmin(-1)  # nearest magnitude, ties to the smaller
+    codes = (idx | torch.where(scaled < 0, 8, 0)).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    scales = (exp.squeeze(-1) + 127).to(torch.uint8)
+    return blocks.contiguous(), scales.contiguous()

@@ -1,0 +1,169 @@
+"""Shared experts: attach one always-active trainable MLP to every MoE block of a frozen model.
+
+Attachment adds a child ``nexus_shared`` (the MLP) to the block, optionally a gate
+``nexus_shared_scale``, and a forward hook that adds ``scale * nexus_shared(x)`` to the block's
+output (to ``out[0]`` for tuple outputs, reshaped to its shape). Names avoid a ``gate`` suffix:
+transformers' key-rename regexes treat ``*.gate.weight`` specially in several families.
+
+Gate modes:
+- ``none``: plain add.
+- ``scalar``: a learnable per-layer scalar, zero at init, so the adapted model equals the base
+  exactly at step 0.
+- ``token``: ``sigmoid(w . x)`` per token (as Qwen2-MoE's shared expert), ``w`` zero at init,
+  so each token starts at 0.5.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from nexus.constants import GATE_MODES, SHARED_MODULE_NAME, SHARED_SCALE_NAME
+from nexus.errors import NexusError
+from nexus.types import MoEBlock
+
+
+class SwiGLU(nn.Module):
+    """``down(act(gate(x), up(x)))``: maps ``Tensor[..., H]`` to ``Tensor[..., H]``.
+
+    :param hidden_size: H.
+    :param intermediate_size: I.
+    :param activation: ``(gate, up) -> h`` on ``Tensor[..., I]``.
+    :param bias: give the three projections biases.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: Callable, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.activation(self.gate_proj(x), self.up_proj(x)))
+
+
+class SharedScale(nn.Module):
+    """The gate of a shared expert: ``scalar`` (``weight[1]``) or ``token`` (``sigmoid(x @ weight.T)``)."""
+
+    def __init__(self, mode: str, hidden_size: int):
+        super().__init__()
+        self.mode = mode
+        shape = (1,) if mode == "scalar" else (1, hidden_size)
+        self.weight = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:return: a scale broadcastable against ``Tensor[..., H]``."""
+        if self.mode == "scalar":
+            return self.weight
+        return torch.sigmoid(x @ self.weight.t())
+
+
+def _block_hook(block: nn.Module):
+    def hook(module, args, kwargs, output):
+        if getattr(module, "_nexus_disabled", False):
+            return output
+        x = args[0] if args else kwargs["hidden_states"]
+        shared = module.nexus_shared
+        dtype = next(shared.parameters()).dtype
+        xs = x.to(dtype)
+        delta = shared(xs)
+        scale = getattr(module, SHARED_SCALE_NAME, None)
+        if scale is not None:
+            delta = delta * scale(xs)
+        if isinstance(output, tuple):
+            first = output[0]
+            return (first + delta.reshape(first.shape).to(first.dtype), *output[1:])
+        return output + delta.reshape(output.shape).to(output.dtype)
+
+    return hook
+
+
+def attach_shared_experts(
+    model: nn.Module,
+    family,
+    intermediate_size: int | None = None,
+    gate_mode: str = "scalar",
+    dtype: torch.dtype = torch.float32,
+) -> list[MoEBlock]:
+    """Attach a freshly built shared expert to every MoE block of ``model``.
+
+    :param model: a loaded base model of ``family``.
+    :param family: a :class:`nexus.family.Family`.
+    :param intermediate_size: width of each shared expert; default the routed expert width.
+    :param gate_mode: one of ``none``, ``scalar``, ``token``.
+    :param dtype: parameter dtype of the shared experts (fp32 by default, whatever the base's).
+    :return: the blocks, each now carrying ``nexus_shared``.
+    """
+    if gate_mode not in GATE_MODES:
+        raise NexusError(f"unknown gate mode {gate_mode!r}; choose one of {', '.join(GATE_MODES)}")
+    blocks = family.moe_blocks(model)
+    device = next(model.parameters()).device
+    for block in blocks:
+        if hasattr(block.module, SHARED_MODULE_NAME):
+            raise NexusError(f"{block.path} already has a shared expert; detach it first or load the base model again")
+        size = intermediate_size or block.intermediate_size
+        mlp = family.build_shared_expert(model.config, block, size).to(device=device, dtype=dtype)
+        block.module.add_module(SHARED_MODULE_NAME, mlp)
+        if gate_mode != "none":
+            block.module.add_module(SHARED_SCALE_NAME, SharedScale(gate_mode, block.hidden_size).to(device=device, dtype=dtype))
+        block.module._nexus_hook = block.module.register_forward_hook(_block_hook(block.module), with_kwargs=True)
+    return blocks
+
+
+def shared_blocks(model: nn.Module) -> Iterator[nn.Module]:
+    """Every module of ``model`` that carries an attached shared expert."""
+    return (m for m in model.modules() if hasattr(m, "_nexus_hook"))
+
+
+def detach_shared_experts(model: nn.Module) -> None:
+    """Remove every shared expert and its hook, leaving the base model as loaded."""
+    for block in list(shared_blocks(model)):
+        block._nexus_hook.remove()
+        del block._nexus_hook
+        delattr(block, SHARED_MODULE_NAME)
+        if hasattr(block, SHARED_SCALE_NAME):
+            delattr(block, SHARED_SCALE_NAME)
+
+
+@contextlib.contextmanager
+def disable_shared_experts(model: nn.Module):
+    """Run ``model`` as the base inside the block: every shared-expert hook becomes identity.
+
+    This is the self-distillation teacher: the same weights, no second copy in memory.
+    """
+    blocks = list(shared_blocks(model))
+    previous = [getattr(b, "_nexus_disabled", False) for b in blocks]
+    for b in blocks:
+        b._nexus_disabled = True
+    try:
+        yield model
+    finally:
+        for b, p in zip(blocks, previous):
+            b._nexus_disabled = p
+
+
+def is_shared_parameter(name: str) -> bool:
+    """Whether a ``named_parameters`` name belongs to a shared expert or its gate."""
+    return f".{SHARED_MODULE_NAME}." in f".{name}" or f".{SHARED_SCALE_NAME}." in f".{name}"
+
+
+def freeze_base(model: nn.Module, router_modules: list[nn.Module] = ()) -> list[nn.Parameter]:
+    """Freeze everything but the shared experts (and ``router_modules``); put the base in eval mode.
+
+    The base stays in ``eval()`` even while training: several families' routers add jitter or
+    sample experts in train mode.
+
+    :return: the trainable parameters.
+    """
+    router_params = {id(p) for m in router_modules for p in m.parameters()}
+    trainable = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_shared_parameter(name) or id(p) in router_params)
+        if p.requires_grad:
+            trainable.append(p)
+    model.eval()
+    return trainable
