@@ -36,12 +36,53 @@ def build_checkpoint(family, path: str | Path, config=None, seed: int = 0) -> Pa
     return path
 
 
+def demo_text_path() -> Path:
+    """The real-text sample shipped with NEXUS (public-domain State of the Union addresses)."""
+    return Path(__file__).parent / "data" / "demo.txt"
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, config=None):
+    """Train a small BPE tokenizer on ``texts`` with ``vocab_size`` entries.
+
+    Special tokens ``<pad> <s> </s> <unk>`` take ids 0-3; when ``config`` is given its
+    ``pad/bos/eos_token_id`` are set to match.
+
+    :return: a ``transformers.PreTrainedTokenizerFast`` with a simple chat template.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, limit_alphabet=120, show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    if config is not None:
+        config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
+    return fast
+
+
 def demo_checkpoint(family) -> Path:
-    """The cached demo checkpoint of ``family``, built on first use."""
+    """The cached demo checkpoint of ``family`` (model + tokenizer), built on first use."""
     config = family.example_config()
     path = cache_root() / "demo" / f"{family.name}-{config_fingerprint(config)}"
-    if not (path / "config.json").exists():
+    if not (path / "config.json").exists() or not (path / "tokenizer.json").exists():
         log.info("building the %s demo checkpoint in %s", family.name, path)
+        texts = demo_text_path().read_text().split("\n\n")
         with atomic_dir(path) as tmp:
+            tokenizer = train_tokenizer(texts, config.vocab_size, config)
             build_checkpoint(family, tmp, config)
+            tokenizer.save_pretrained(tmp)
     return path
