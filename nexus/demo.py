@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -41,6 +42,11 @@ def demo_text_path() -> Path:
     return Path(__file__).parent / "data" / "demo.txt"
 
 
+def demo_eval_path() -> Path:
+    """Held-out paragraphs of the same addresses, for evaluating the demo."""
+    return Path(__file__).parent / "data" / "demo_eval.txt"
+
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant: {% endif %}"
@@ -77,10 +83,12 @@ def train_tokenizer(texts: list[str], vocab_size: int, config=None):
 def demo_checkpoint(family) -> Path:
     """The cached demo checkpoint of ``family`` (model + tokenizer), built on first use."""
     config = family.example_config()
-    path = cache_root() / "demo" / f"{family.name}-{config_fingerprint(config)}"
+    text = demo_text_path().read_text()
+    key = hashlib.sha256((config_fingerprint(config) + text).encode()).hexdigest()[:12]
+    path = cache_root() / "demo" / f"{family.name}-{key}"
     if not (path / "config.json").exists() or not (path / "tokenizer.json").exists():
         log.info("building the %s demo checkpoint in %s", family.name, path)
-        texts = demo_text_path().read_text().split("\n\n")
+        texts = text.split("\n\n")
         with atomic_dir(path) as tmp:
             tokenizer = train_tokenizer(texts, config.vocab_size, config)
             build_checkpoint(family, tmp, config)
