@@ -82,6 +82,14 @@ class CheckpointReader:
         sl = self._open(name).get_slice(name)
         return torch.stack([sl[r : r + 1][0] for r in rows]) if rows else sl[0:0]
 
+    def read_row_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of tensor ``name`` along its first dimension, read as one slice.
+
+        For experts stored flat as ``(E*rows, cols)`` (DBRX): expert ``e`` is rows
+        ``e*rows:(e+1)*rows``. :return: ``Tensor[stop-start, ...]``.
+        """
+        return self._open(name).get_slice(name)[start:stop]
+
     def is_mxfp4(self, name: str) -> bool:
         """Whether ``name`` is stored MXFP4-packed as ``name_blocks`` + ``name_scales``."""
         return f"{name}_blocks" in self and f"{name}_scales" in self

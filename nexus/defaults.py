@@ -26,6 +26,11 @@ class _GatedAct:
         return f"{self.name}(gate) * up"
 
 
+def gated_activation(name: str):
+    """``(gate, up) -> act(gate) * up`` with the transformers activation called ``name`` (``ACT2FN``)."""
+    return _GatedAct(name)
+
+
 @hookimpl(trylast=True)
 def nexus_activation(family, config):
     name = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None) or "silu"

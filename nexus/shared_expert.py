@@ -151,15 +151,32 @@ def is_shared_parameter(name: str) -> bool:
     return f".{SHARED_MODULE_NAME}." in f".{name}" or f".{SHARED_SCALE_NAME}." in f".{name}"
 
 
-def freeze_base(model: nn.Module, router_modules: list[nn.Module] = ()) -> list[nn.Parameter]:
-    """Freeze everything but the shared experts (and ``router_modules``); put the base in eval mode.
+def native_shared_modules(blocks: list[MoEBlock]) -> list[nn.Module]:
+    """The shared experts the base model already has (Qwen2-MoE, DeepSeek-V3, Llama 4, ...).
+
+    :param blocks: blocks from :meth:`nexus.family.Family.moe_blocks`; each lists its native
+        shared modules in ``MoEBlock.native_shared`` (paths relative to the block).
+    :return: those modules, block by block (empty for families without one). Pass them as
+        ``extra_trainable_modules`` to :func:`freeze_base` to train them beside NEXUS's own.
+    """
+    return [b.module.get_submodule(path) for b in blocks for path in b.native_shared]
+
+
+def freeze_base(
+    model: nn.Module, router_modules: list[nn.Module] = (), extra_trainable_modules: list[nn.Module] = ()
+) -> list[nn.Parameter]:
+    """Freeze everything but the shared experts (and ``router_modules``, ``extra_trainable_modules``);
+    put the base in eval mode.
 
     The base stays in ``eval()`` even while training: several families' routers add jitter or
     sample experts in train mode.
 
+    :param router_modules: routers to train as well.
+    :param extra_trainable_modules: any other base modules to train, e.g. the family's native
+        shared experts from :func:`native_shared_modules`.
     :return: the trainable parameters.
     """
-    router_params = {id(p) for m in router_modules for p in m.parameters()}
+    router_params = {id(p) for m in (*router_modules, *extra_trainable_modules) for p in m.parameters()}
     trainable = []
     for name, p in model.named_parameters():
         p.requires_grad_(is_shared_parameter(name) or id(p) in router_params)

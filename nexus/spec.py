@@ -1,9 +1,9 @@
 """Declarative families: a :class:`FamilySpec` plus :class:`SpecFamily` is a whole plugin.
 
 Most MoE families in transformers differ only in names: where the blocks live, what the router
-is called, which config fields hold E/k/I, and how experts are laid out on disk. A family plugin
-declares those in a ``FamilySpec`` and exposes ``SpecFamily(SPEC)`` (or a subclass overriding
-one hook) as its entry point; all the logic lives here, once.
+is called, which config fields hold E/k/I, which layers are MoE, and how experts are laid out on
+disk. A family plugin declares those in a ``FamilySpec`` and exposes ``SpecFamily(SPEC)`` (or a
+subclass overriding one hook) as its entry point; all the logic lives here, once.
 """
 
 from __future__ import annotations
@@ -12,33 +12,123 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from nexus.errors import FamilyError, NexusError
 from nexus.hookspecs import hookimpl
 from nexus.types import ExpertWeights, MoEBlock, RouterCapture, Scoring
+
+Names = str | tuple[str, ...]
+
+
+def config_value(config, field_name: str):
+    """Read ``field_name`` from a config object or dict.
+
+    :param field_name: a dotted path such as ``ffn_config.moe_top_k`` (each part an attribute or
+        a dict key).
+    """
+    value = config
+    for part in field_name.split("."):
+        value = value[part] if isinstance(value, dict) else getattr(value, part)
+    return value
+
+
+def _per_layer(value, layer: int):
+    """A config value that is either one number or one number per layer (HunYuan ``num_experts``)."""
+    return value[layer] if isinstance(value, (list, tuple)) else value
+
+
+# -------------------------------------------------------------------------
+# Which layers are MoE: rules over the config, ``(config, layer_index) -> bool``
+# -------------------------------------------------------------------------
+
+
+def all_layers(config, layer: int) -> bool:
+    """Every decoder layer is an MoE layer (Mixtral, OLMoE, GPT-OSS, ...)."""
+    return True
+
+
+_all_layers = all_layers  # the name the first version used
+
+
+def sparse_step_layers(mlp_only: str = "mlp_only_layers", step: str = "decoder_sparse_step"):
+    """Qwen2/Qwen3-MoE: MoE unless listed in ``mlp_only``, and only every ``step``-th layer."""
+
+    def rule(config, layer: int) -> bool:
+        dense = config_value(config, mlp_only) or ()
+        return layer not in dense and (layer + 1) % int(config_value(config, step)) == 0
+
+    return rule
+
+
+def dense_prefix_layers(first_k: str = "first_k_dense_replace"):
+    """DeepSeek-V3/GLM-4-MoE: the first ``first_k`` layers are dense, the rest MoE."""
+
+    def rule(config, layer: int) -> bool:
+        return layer >= int(config_value(config, first_k) or 0)
+
+    return rule
+
+
+def interval_layers(interval: str, start: str, end: str, num_layers: str = "num_hidden_layers"):
+    """ERNIE-4.5: every ``interval``-th layer from ``start`` to ``end`` inclusive (-1: the last)."""
+
+    def rule(config, layer: int) -> bool:
+        last = int(config_value(config, end))
+        last = int(config_value(config, num_layers)) - 1 if last < 0 else last
+        return (layer + 1) % int(config_value(config, interval)) == 0 and int(config_value(config, start)) <= layer <= last
+
+    return rule
+
+
+def listed_layers(layers: str):
+    """Llama 4: the layers listed in config field ``layers`` (``moe_layers``)."""
+
+    def rule(config, layer: int) -> bool:
+        return layer in (config_value(config, layers) or ())
+
+    return rule
+
+
+# -------------------------------------------------------------------------
+# Where the experts are on disk
+# -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class ExpertLayout:
     """Where one MoE layer's routed experts are stored on disk.
 
-    Names are templates filled with ``layer`` (and ``e`` for per-expert names).
+    Names are templates filled with ``layer`` (and ``e`` for per-expert names). A name may be a
+    tuple of alternatives: the first one the checkpoint holds is read (GraniteMoE writes
+    ``input_linear.weight`` but a checkpoint saved with ``save_original_format=False`` holds
+    ``experts.gate_up_proj``).
 
     Attributes:
-        gate_up: fused ``[E, 2I, H]`` tensor (``[E, H, 2I]`` when ``transposed``); may be MXFP4-packed.
-        down: fused ``[E, H, I]`` tensor (``[E, I, H]`` when ``transposed``).
-        transposed: fused tensors are used as ``x @ W`` (GPT-OSS, Llama4).
+        gate_up: fused ``[E, 2I, H]`` tensor (``[E, H, 2I]`` when ``transposed``); may be
+            MXFP4-packed. With ``up`` set it holds the gate only (``[E, I, H]``).
+        down: fused ``[E, H, I]`` tensor (``[E, I, H]`` when ``down_transposed``).
+        transposed: fused tensors are used as ``x @ W`` (GPT-OSS, Llama 4).
         interleaved: gate and up alternate along the 2I axis (GPT-OSS) instead of ``[gate; up]``.
         gate_up_bias, down_bias: fused bias tensors ``[E, 2I]`` / ``[E, H]``, or None.
         per_expert: ``(gate, up, down)`` per-expert ``nn.Linear`` weight names, the form
             ``save_pretrained`` writes for families with a conversion mapping; tried first.
+        up: a separate up-projection tensor, stored like the gate (DBRX ``v1``).
+        down_transposed: the down tensor's orientation when it differs from ``transposed``
+            (DBRX stores gate/up as ``(I, H)`` rows but down as ``(I, H)`` too, i.e. transposed).
+        flat: tensors are 2-D ``(E * rows, cols)``; expert ``e`` is rows ``e*rows:(e+1)*rows``
+            (DBRX ``w1``/``v1``/``w2``).
     """
 
-    gate_up: str = "model.layers.{layer}.mlp.experts.gate_up_proj"
-    down: str = "model.layers.{layer}.mlp.experts.down_proj"
+    gate_up: Names = "model.layers.{layer}.mlp.experts.gate_up_proj"
+    down: Names = "model.layers.{layer}.mlp.experts.down_proj"
     transposed: bool = False
     interleaved: bool = False
     gate_up_bias: str | None = None
     down_bias: str | None = None
     per_expert: tuple[str, str, str] | None = None
+    up: Names | None = None
+    down_transposed: bool | None = None
+    flat: bool = False
 
     @property
     def has_bias(self) -> bool:
@@ -53,17 +143,52 @@ def _split(t: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tens
     return t[:, :half].contiguous(), t[:, half:].contiguous()
 
 
-def read_experts_from_layout(reader, layout: ExpertLayout, layer: int, experts: list[int]) -> ExpertWeights:
-    """Read ``experts`` of ``layer`` as fp32 :class:`ExpertWeights` following ``layout``."""
+def _resolve(reader, names: Names, layer: int) -> str:
+    """The first of ``names`` (filled with ``layer``) that the checkpoint holds."""
+    candidates = [n.format(layer=layer) for n in ((names,) if isinstance(names, str) else names)]
+    for name in candidates:
+        if reader.has(name):
+            return name
+    raise NexusError(
+        f"checkpoint {reader.path} holds none of {', '.join(candidates)} for the experts of layer {layer}: "
+        f"is it a checkpoint of this family (check --family), or saved in an unusual format?"
+    )
+
+
+def _read_matrices(reader, name: str, experts: list[int], transposed: bool, flat: bool, num_experts: int | None):
+    """Expert matrices of one stored tensor as fp32 ``Tensor[k, out, in]``."""
+    if not flat:
+        return reader.read_expert_matrices(name, experts, transposed)
+    if not num_experts:
+        raise NexusError(f"reading flat expert tensor {name} needs the number of experts")
+    rows = reader.shape(name)[0] // num_experts
+    w = torch.stack([reader.read_row_range(name, e * rows, (e + 1) * rows) for e in experts]).float()
+    return w.transpose(1, 2).contiguous() if transposed else w
+
+
+def read_experts_from_layout(
+    reader, layout: ExpertLayout, layer: int, experts: list[int], num_experts: int | None = None
+) -> ExpertWeights:
+    """Read ``experts`` of ``layer`` as fp32 :class:`ExpertWeights` following ``layout``.
+
+    :param reader: a :class:`nexus.checkpoint.CheckpointReader`.
+    :param num_experts: E, needed only for ``layout.flat``.
+    :return: gate/up ``Tensor[k, I, H]``, down ``Tensor[k, H, I]`` (and biases when the layout has them).
+    """
     if layout.per_expert and layout.per_expert[0].format(layer=layer, e=experts[0] if experts else 0) in reader:
         g, u, d = (
             torch.stack([reader.read(name.format(layer=layer, e=e)).float() for e in experts])
             for name in layout.per_expert
         )
         return ExpertWeights(gate=g, up=u, down=d)
-    gu = reader.read_expert_matrices(layout.gate_up.format(layer=layer), experts, layout.transposed)
-    gate, up = _split(gu, layout.interleaved)
-    down = reader.read_expert_matrices(layout.down.format(layer=layer), experts, layout.transposed)
+    down_t = layout.transposed if layout.down_transposed is None else layout.down_transposed
+    gu = _read_matrices(reader, _resolve(reader, layout.gate_up, layer), experts, layout.transposed, layout.flat, num_experts)
+    if layout.up is not None:
+        gate = gu
+        up = _read_matrices(reader, _resolve(reader, layout.up, layer), experts, layout.transposed, layout.flat, num_experts)
+    else:
+        gate, up = _split(gu, layout.interleaved)
+    down = _read_matrices(reader, _resolve(reader, layout.down, layer), experts, down_t, layout.flat, num_experts)
     weights = ExpertWeights(gate=gate, up=up, down=down)
     if layout.gate_up_bias:
         gub = reader.read_rows(layout.gate_up_bias.format(layer=layer), experts).float()
@@ -72,8 +197,9 @@ def read_experts_from_layout(reader, layout: ExpertLayout, layer: int, experts: 
     return weights
 
 
-def _all_layers(config, layer: int) -> bool:
-    return True
+# -------------------------------------------------------------------------
+# The spec and the plugin built from it
+# -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -84,22 +210,34 @@ class FamilySpec:
         name: the ``--family`` name.
         model_types: ``config.model_type`` values that auto-detect this family.
         description: one line for ``nexus families``.
-        num_experts, top_k, intermediate_size, hidden_size: config field names.
+        num_experts, intermediate_size, hidden_size: config field names (dotted paths allowed,
+            e.g. ``ffn_config.moe_num_experts``); a field holding one value per layer is indexed
+            by layer.
+        top_k: config field name of k, or an ``int`` when the family fixes it whatever the
+            config says (PhiMoE always routes to 2).
         layers: module path of the decoder-layer ``ModuleList``.
         block: attribute of a decoder layer holding the MoE block.
         router: path of the router inside the block.
         logits_index: where the logits are in the router's output (None: the output itself).
         scoring: ``"softmax"`` or ``"sigmoid"``.
-        is_moe_layer: ``(config, layer_index) -> bool``; default every layer.
+        is_moe_layer: ``(config, layer_index) -> bool``; default every layer. Ready-made rules:
+            :func:`sparse_step_layers`, :func:`dense_prefix_layers`, :func:`interval_layers`,
+            :func:`listed_layers`.
         experts: the on-disk :class:`ExpertLayout`.
         example_config: zero-argument callable returning a tiny config.
+        activation_field: config field naming the expert activation (``ffn_config.ffn_act_fn.name``
+            for DBRX); None: the core default reads ``hidden_act``/``activation_function``.
+        native_shared: paths, inside the block, of shared-expert modules the family already has
+            (missing ones are skipped, e.g. ERNIE with ``moe_num_shared_experts=0``).
+        selection_bias: path, inside the block, of a bias added to the router probabilities for
+            choosing experts only (DeepSeek-V3 ``gate.e_score_correction_bias``).
     """
 
     name: str
     model_types: tuple[str, ...]
     description: str
     num_experts: str
-    top_k: str
+    top_k: str | int
     intermediate_size: str
     example_config: Callable[[], object]
     hidden_size: str = "hidden_size"
@@ -108,8 +246,24 @@ class FamilySpec:
     router: str = "gate"
     logits_index: int | None = 0
     scoring: Scoring = "softmax"
-    is_moe_layer: Callable[[object, int], bool] = _all_layers
+    is_moe_layer: Callable[[object, int], bool] = all_layers
     experts: ExpertLayout = field(default_factory=ExpertLayout)
+    activation_field: str | None = None
+    native_shared: Names = ()
+    selection_bias: str | None = None
+
+
+def _has_submodule(module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _get_tensor(module, path: str) -> torch.Tensor:
+    owner, _, name = path.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, name)
 
 
 class SpecFamily:
@@ -127,10 +281,17 @@ class SpecFamily:
 
     def config_value(self, config, field_name: str):
         """Read ``field_name`` (a dotted path such as ``ffn_config.moe_top_k``) from ``config``."""
-        value = config
-        for part in field_name.split("."):
-            value = value[part] if isinstance(value, dict) else getattr(value, part)
-        return value
+        return config_value(config, field_name)
+
+    def top_k(self, config, layer: int) -> int:
+        """k for ``layer``: the fixed ``spec.top_k`` or the config's value."""
+        if isinstance(self.spec.top_k, int):
+            return self.spec.top_k
+        return int(_per_layer(self.config_value(config, self.spec.top_k), layer))
+
+    def num_experts(self, config, layer: int) -> int:
+        """E for ``layer``."""
+        return int(_per_layer(self.config_value(config, self.spec.num_experts), layer))
 
     @hookimpl
     def nexus_register_families(self, register):
@@ -146,20 +307,28 @@ class SpecFamily:
             return None
         s, config = self.spec, model.config
         layers = model.get_submodule(s.layers)
+        shared = (s.native_shared,) if isinstance(s.native_shared, str) else tuple(s.native_shared)
         blocks = []
         for i, layer in enumerate(layers):
             if not s.is_moe_layer(config, i):
                 continue
+            module = layer.get_submodule(s.block)
+            if not _has_submodule(module, s.router):
+                raise FamilyError(
+                    f"{s.layers}.{i}.{s.block} ({type(module).__name__}) has no router {s.router!r}, but family "
+                    f"{s.name!r} expects layer {i} to be MoE: the config and the model disagree, or the family is wrong"
+                )
             blocks.append(
                 MoEBlock(
                     layer=i,
                     path=f"{s.layers}.{i}.{s.block}",
-                    module=layer.get_submodule(s.block),
-                    num_experts=int(self.config_value(config, s.num_experts)),
-                    top_k=int(self.config_value(config, s.top_k)),
+                    module=module,
+                    num_experts=self.num_experts(config, i),
+                    top_k=self.top_k(config, i),
                     hidden_size=int(self.config_value(config, s.hidden_size)),
-                    intermediate_size=int(self.config_value(config, s.intermediate_size)),
+                    intermediate_size=int(_per_layer(self.config_value(config, s.intermediate_size), i)),
                     expert_bias=s.experts.has_bias,
+                    native_shared=tuple(p for p in shared if _has_submodule(module, p) and module.get_submodule(p) is not None),
                 )
             )
         return blocks
@@ -170,10 +339,25 @@ class SpecFamily:
             return None
         idx = self.spec.logits_index
         extract = (lambda out: out) if idx is None else (lambda out: out[idx])
-        return RouterCapture(module=block.module.get_submodule(self.spec.router), extract=extract, scoring=self.spec.scoring)
+        bias = _get_tensor(block.module, self.spec.selection_bias) if self.spec.selection_bias else None
+        return RouterCapture(
+            module=block.module.get_submodule(self.spec.router),
+            extract=extract,
+            scoring=self.spec.scoring,
+            selection_bias=bias,
+        )
+
+    @hookimpl
+    def nexus_activation(self, family, config):
+        if not self._mine(family) or self.spec.activation_field is None:
+            return None
+        from nexus.defaults import gated_activation
+
+        return gated_activation(str(self.config_value(config, self.spec.activation_field)))
 
     @hookimpl
     def nexus_read_experts(self, family, reader, config, layer, experts):
         if not self._mine(family):
             return None
-        return read_experts_from_layout(reader, self.spec.experts, layer, experts)
+        num_experts = self.num_experts(config, layer) if self.spec.experts.flat else None
+        return read_experts_from_layout(reader, self.spec.experts, layer, experts, num_experts)

@@ -24,6 +24,11 @@ class MoEBlock:
         hidden_size: H, the width of the block's input and output.
         intermediate_size: I, the width of one routed expert.
         expert_bias: the routed experts have biases (the shared expert then gets them too).
+        native_shared: paths, relative to ``module``, of a shared expert the family already has
+            (Qwen2-MoE ``shared_expert`` and ``shared_expert_gate``, DeepSeek-V3
+            ``shared_experts``, ...); empty when it has none. NEXUS keeps them frozen unless the
+            training code passes :func:`nexus.shared_expert.native_shared_modules` to
+            :func:`nexus.shared_expert.freeze_base`.
     """
 
     layer: int
@@ -34,6 +39,7 @@ class MoEBlock:
     hidden_size: int
     intermediate_size: int
     expert_bias: bool = False
+    native_shared: tuple[str, ...] = ()
 
 
 @dataclass
@@ -45,11 +51,31 @@ class RouterCapture:
         extract: maps that module's forward output to the logits, a ``Tensor[T, E]``
             (T = tokens of the batch, flattened; raw pre-activation scores).
         scoring: how the family turns logits into probabilities: ``"softmax"`` or ``"sigmoid"``.
+        selection_bias: ``Tensor[E]`` added to the probabilities **for choosing** the top-k
+            experts only (DeepSeek-V3/GLM-4-MoE ``e_score_correction_bias``, ERNIE-4.5
+            ``moe_statics``); the routing weights stay the unbiased probabilities. None: no bias.
     """
 
     module: nn.Module = field(repr=False)
     extract: Callable[[object], torch.Tensor] = field(repr=False)
     scoring: Scoring = "softmax"
+    selection_bias: torch.Tensor | None = field(default=None, repr=False)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Router probabilities from raw logits: ``Tensor[T, E]`` -> ``Tensor[T, E]`` (fp32)."""
+        logits = logits.float()
+        return torch.sigmoid(logits) if self.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+
+    def select(self, logits: torch.Tensor, k: int) -> torch.Tensor:
+        """The ``k`` experts each token is routed to: ``Tensor[T, E]`` -> indices ``Tensor[T, k]``.
+
+        Top-k of the probabilities plus :attr:`selection_bias`. Group-limited routing
+        (DeepSeek-V3 ``n_group > 1``) is not applied: with it, the family's own choice can differ.
+        """
+        scores = self.probabilities(logits)
+        if self.selection_bias is not None:
+            scores = scores + self.selection_bias.to(scores).reshape(-1)
+        return scores.topk(k, dim=-1).indices
 
 
 @dataclass
