@@ -1,0 +1,35 @@
+"""GLM-4-MoE family plugin (GLM-4.5/4.6): DeepSeek-V3-style sigmoid router, dense first layers, native shared experts."""
+
+from nexus.spec import ExpertLayout, FamilySpec, SpecFamily, dense_prefix_layers
+
+PER_EXPERT = tuple(f"model.layers.{{layer}}.mlp.experts.{{e}}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj"))
+
+
+def example_config():
+    """A tiny GLM-4-MoE: 3 layers (layer 0 dense), 8 routed experts + 1 shared, top-2, hidden 64."""
+    from transformers import Glm4MoeConfig
+
+    return Glm4MoeConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=256, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        n_group=1, topk_group=1, first_k_dense_replace=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+
+
+SPEC = FamilySpec(
+    name="glm4_moe",
+    model_types=("glm4_moe",),
+    description="Zhipu GLM-4.5/4.6: sigmoid router with e_score_correction_bias, first_k_dense_replace dense layers",
+    num_experts="n_routed_experts",
+    top_k="num_experts_per_tok",
+    intermediate_size="moe_intermediate_size",
+    scoring="sigmoid",
+    selection_bias="gate.e_score_correction_bias",
+    is_moe_layer=dense_prefix_layers("first_k_dense_replace"),
+    native_shared="shared_experts",
+    example_config=example_config,
+    experts=ExpertLayout(per_expert=PER_EXPERT),
+)
+
+plugin = SpecFamily(SPEC)
