@@ -48,7 +48,9 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scaled = x / torch.exp2(exp)
     mags = torch.tensor(FP4_VALUES[:8])
     idx = (scaled.abs().unsqueeze(-1) - mags).abs().argmin(-1)  # nearest magnitude, ties to the smaller
-    codes = (idx | torch.where(scaled < 0, 8, 0)).to(torch.uint8)
+    # signbit, not < 0: a negative value that rounds to zero keeps its sign (code 8 = -0), so
+    # decode -> quantise reproduces the bytes exactly.
+    codes = (idx | torch.where(torch.signbit(scaled), 8, 0)).to(torch.uint8)
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
     scales = (exp.squeeze(-1) + 127).to(torch.uint8)
     return blocks.contiguous(), scales.contiguous()

@@ -21,7 +21,9 @@ class ClampedSwiGLU:
     def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         gate = gate.clamp(max=self.limit)
         up = up.clamp(-self.limit, self.limit)
-        return (up + 1) * gate * torch.sigmoid(self.alpha * gate)
+        # Same operation order as GptOssExperts._apply_gate, so results are bit-identical.
+        glu = gate * torch.sigmoid(gate * self.alpha)
+        return (up + 1) * glu
 
     def __repr__(self) -> str:
         return f"ClampedSwiGLU(alpha={self.alpha}, limit={self.limit})"
