@@ -19,6 +19,10 @@ def load_config(path: str | Path):
     """
     from transformers import AutoConfig
 
+    from nexus.plugins import get_plugin_manager
+
+    # Plugins may register their own architectures with transformers' Auto classes on import.
+    get_plugin_manager()
     path = Path(path)
     if not path.exists():
         raise NexusError(f"model path {path} does not exist")
