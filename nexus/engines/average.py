@@ -1,0 +1,79 @@
+"""SFA: periodic averaging of the trainable weights with an earlier point of the trajectory
+(after arXiv 2501.05559).
+
+Every ``interval`` optimizer steps the trainable parameters are pulled back toward the
+*snapshot*, the parameters at the previous merge point (the starting adapter before the first
+merge)::
+
+    theta <- (1 - beta) * theta + beta * snapshot;   snapshot <- theta
+
+so each merge averages the current weights with those of ``interval`` steps earlier, keeping
+the adapter in a flatter region near its trajectory. The optimizer state is left as it is.
+
+Under data parallelism every process holds the same parameters, so every process computes the
+same merge. Parameters are addressed by the *unwrapped* model's ``named_parameters`` names, so
+a DDP/FSDP wrapper's ``module.`` prefix never enters the snapshot or checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SFA:
+    """Stateful periodic averager over ``named`` parameters.
+
+    :param named: ``name -> parameter`` (the unwrapped model's trainable parameters).
+    :param interval: merge every ``interval`` steps; ``0`` disables.
+    :param beta: weight of the snapshot in a merge, in ``[0, 1]``.
+    """
+
+    def __init__(self, named: dict[str, nn.Parameter], interval: int, beta: float):
+        if not 0.0 <= beta <= 1.0:
+            from nexus.errors import NexusError
+
+            raise NexusError(f"--sfa-beta must be in [0, 1], got {beta}")
+        self.params = dict(named)
+        self.interval = int(interval)
+        self.beta = float(beta)
+        self.merges = 0
+        self.merge_steps: list[int] = []
+        self.snapshot = {n: p.detach().clone() for n, p in self.params.items()} if self.enabled else {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.interval > 0
+
+    def maybe_merge(self, step: int) -> bool:
+        """Merge when ``step`` (optimizer steps done) is a multiple of the interval.
+
+        :return: whether a merge happened.
+        """
+        if not self.enabled or step % self.interval != 0:
+            return False
+        self.merge()
+        self.merge_steps.append(step)
+        return True
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """``theta <- (1-beta) theta + beta snapshot``, then the snapshot becomes ``theta``."""
+        for name, p in self.params.items():
+            snap = self.snapshot[name]
+            p.mul_(1.0 - self.beta).add_(snap.to(p.dtype), alpha=self.beta)
+            snap.copy_(p)
+        self.merges += 1
+
+    def state_dict(self) -> dict:
+        """The snapshot tensors and merge counters (for checkpoints)."""
+        return {"snapshot": {n: t.clone() for n, t in self.snapshot.items()}, "merges": self.merges, "merge_steps": list(self.merge_steps)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.merges = int(state["merges"])
+        self.merge_steps = list(state.get("merge_steps", []))
+        saved = state.get("snapshot", {})
+        for name, snap in self.snapshot.items():
+            if name in saved:  # a run that had SFA off has no snapshot: keep the current weights
+                snap.copy_(saved[name])

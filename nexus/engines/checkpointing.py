@@ -1,0 +1,135 @@
+"""Training checkpoints and the run directory's files.
+
+A checkpoint ``run/checkpoints/step-N/`` holds::
+
+    adapter/             the adapter at step N (an ordinary adapter directory)
+    trainer_state.pt     optimizer, scheduler, SFA snapshot, per-process RNG states
+    state.json           step, next batch index, tokens seen, world size (human-readable)
+
+It is written through :func:`nexus.io.atomic_dir`, so it exists whole or not at all; a
+checkpoint directory is therefore complete by construction, and "latest" is simply the
+highest step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nexus.constants import METRICS_NAME
+from nexus.io import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+ADAPTER_SUBDIR = "adapter"
+TRAINER_STATE = "trainer_state.pt"
+STATE_JSON = "state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def rng_state() -> dict:
+    """This process's RNG states (python, numpy, torch CPU and CUDA), as tensors and plain types."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Every checkpoint of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint with the highest step, or None."""
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, save_adapter_fn, trainer_state: dict, state: dict, keep_last: int) -> Path:
+    """Write ``checkpoints/step-<step>/`` atomically, then delete all but the ``keep_last`` newest.
+
+    :param save_adapter_fn: ``path -> None``; writes the adapter directory at ``path``.
+    :param trainer_state: tensors and objects for ``trainer_state.pt`` (optimizer, scheduler, RNG, SFA).
+    :param state: small JSON-able facts (step, next batch, tokens seen).
+    :return: the checkpoint directory.
+    """
+    path = Path(run_dir) / CHECKPOINTS / f"step-{step}"
+    with atomic_dir(path) as tmp:
+        save_adapter_fn(tmp / ADAPTER_SUBDIR)
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+        write_json(tmp / STATE_JSON, state)
+    if keep_last > 0:
+        for old in checkpoint_dirs(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    log.info("saved checkpoint %s", path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
+    """Read a checkpoint's ``(trainer_state, state)``; its adapter is at ``path/adapter``."""
+    path = Path(path)
+    trainer_state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
+    state = json.loads((path / STATE_JSON).read_text())
+    return trainer_state, state
+
+
+class MetricsLog:
+    """``run/metrics.jsonl``: one JSON object per logging step, appended and flushed.
+
+    On resume, lines after the checkpoint's step are dropped, so the file reads as one run.
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int | None = None):
+        self.path = Path(run_dir) / METRICS_NAME
+        self.enabled = enabled
+        if not enabled:
+            return
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Every record of ``run/metrics.jsonl``."""
+    path = Path(run_dir) / METRICS_NAME
+    if not path.exists():
+        from nexus.errors import NexusError
+
+        raise NexusError(f"{run_dir} has no {METRICS_NAME}; is it a nexus train run directory?")
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]

@@ -1,0 +1,186 @@
+"""Distillation teachers: the base itself (``self``), another model (a path), or a teacher cache.
+
+Every teacher answers :meth:`outputs` for a batch with a :class:`TeacherOutput`: full logits
+(online teachers) or cached top-k log-probabilities, plus router probabilities per MoE layer
+when it can give them (needed by the router KL and the router drift metrics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nexus.constants import CACHE_METADATA_NAME
+from nexus.errors import NexusError
+from nexus.routing import RouterRecorder, router_probs
+from nexus.shared_expert import disable_shared_experts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherOutput:
+    """What a teacher gives for one batch of ``B`` rows of ``S`` tokens.
+
+    Attributes:
+        logits: ``Tensor[B, S, V]`` full teacher logits (online teachers), else None.
+        topk_logprobs: ``Tensor[B*(S-1), k]`` cached log-probs aligned with shifted positions, else None.
+        topk_indices: ``Tensor[B*(S-1), k]`` their vocabulary ids.
+        router_probs: per MoE layer ``Tensor[B*S, E]`` teacher router probabilities (may be empty).
+    """
+
+    logits: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+    topk_indices: torch.Tensor | None = None
+    router_probs: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """16 hex chars identifying a tokenizer's vocabulary (token -> id, added tokens included)."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def router_parameters(model: nn.Module, family, blocks) -> dict[str, nn.Parameter]:
+    """The routers' parameters by ``named_parameters`` name (the ones ``--train-routers`` trains)."""
+    ids = {id(p) for b in blocks for p in family.router_capture(b).module.parameters()}
+    return {n: p for n, p in model.named_parameters() if id(p) in ids}
+
+
+@contextlib.contextmanager
+def base_view(model: nn.Module, router_originals: dict[str, torch.Tensor] | None = None):
+    """Run ``model`` as its base: shared experts disabled and, when routers were trained (or
+    loaded from an adapter), the original router weights swapped in for the duration.
+
+    :param router_originals: ``name -> tensor`` of the base routers, from :func:`router_parameters`
+        before any training; None or empty when the routers are untouched.
+    """
+    params = dict(model.named_parameters()) if router_originals else {}
+    saved = {}
+    with torch.no_grad():
+        for name, original in (router_originals or {}).items():
+            saved[name] = params[name].detach().clone()
+            params[name].copy_(original)
+    try:
+        with disable_shared_experts(model):
+            yield model
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+
+
+def _forward_logits(model, batch, device, autocast) -> torch.Tensor:
+    with autocast():
+        out = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
+        )
+    return out.logits
+
+
+class SelfTeacher:
+    """The student's own base: the same model with its shared experts (and trained routers) off.
+
+    No second copy of the base is held; the teacher pass runs under ``no_grad``.
+    """
+
+    kind = "self"
+
+    def __init__(self, model: nn.Module, family, blocks, router_originals=None, autocast=contextlib.nullcontext):
+        self.model, self.family, self.blocks = model, family, blocks
+        self.router_originals = router_originals or {}
+        self.autocast = autocast
+
+    def outputs(self, batch: dict, device, want_routers: bool = True) -> TeacherOutput:
+        """Teacher logits ``Tensor[B, S, V]`` and router probabilities for ``batch``."""
+        with torch.no_grad(), base_view(self.model, self.router_originals):
+            recorder = RouterRecorder(self.family, self.blocks if want_routers else [], detach=True)
+            with recorder:
+                logits = _forward_logits(self.model, batch, device, self.autocast)
+            probs = {layer: recorder.probs(layer) for layer in recorder.logits}
+        return TeacherOutput(logits=logits, router_probs=probs)
+
+
+class ModelTeacher:
+    """Another causal LM (a bigger sibling, say) with the same tokenizer, run under ``no_grad``.
+
+    Its router probabilities are used only when its MoE layers have the student's layout
+    (same layer indices and expert counts); otherwise router KL and drift are unavailable.
+    """
+
+    kind = "model"
+
+    def __init__(self, model: nn.Module, family=None, blocks=(), autocast=contextlib.nullcontext):
+        self.model, self.family, self.blocks = model, family, list(blocks)
+        self.autocast = autocast
+
+    def outputs(self, batch: dict, device, want_routers: bool = True) -> TeacherOutput:
+        with torch.no_grad():
+            recorder = RouterRecorder(self.family, self.blocks if (want_routers and self.family) else [], detach=True)
+            with recorder:
+                logits = _forward_logits(self.model, batch, device, self.autocast)
+            probs = {layer: recorder.probs(layer) for layer in recorder.logits}
+        return TeacherOutput(logits=logits, router_probs=probs)
+
+
+class CacheTeacher:
+    """Teacher outputs read from a teacher cache; the batches themselves carry them."""
+
+    kind = "cache"
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def outputs(self, batch: dict, device, want_routers: bool = True) -> TeacherOutput:
+        k = batch["teacher_topk_logprobs"].shape[-1]
+        out = TeacherOutput(
+            topk_logprobs=batch["teacher_topk_logprobs"].reshape(-1, k).to(device),
+            topk_indices=batch["teacher_topk_indices"].reshape(-1, k).to(device),
+        )
+        if want_routers and "teacher_router_logits" in batch:
+            logits = batch["teacher_router_logits"]  # [L, B, S, E]
+            for i, layer in enumerate(self.cache.meta["router_layers"]):
+                out.router_probs[layer] = router_probs(logits[i].reshape(-1, logits.shape[-1]).to(device), self.cache.meta["router_scoring"])
+        return out
+
+
+def is_teacher_cache(path) -> bool:
+    """Whether ``path`` is a teacher cache directory (it holds ``metadata.json``)."""
+    return Path(str(path), CACHE_METADATA_NAME).is_file()
+
+
+def check_same_vocab(student_config, student_tokenizer, teacher_path: str | Path, teacher_config) -> None:
+    """Refuse a teacher whose vocabulary differs from the student's.
+
+    :raises NexusError: vocabulary sizes differ, or both tokenizers exist and map tokens differently.
+    """
+    sv, tv = student_config.vocab_size, teacher_config.vocab_size
+    if sv != tv:
+        raise NexusError(
+            f"teacher {teacher_path} has vocabulary size {tv} but the model has {sv}: distillation needs the "
+            f"same tokenizer; use a teacher from the same model family and tokenizer"
+        )
+    try:
+        from transformers import AutoTokenizer
+
+        teacher_tok = AutoTokenizer.from_pretrained(str(teacher_path))
+    except Exception:  # noqa: BLE001 - a teacher without a tokenizer is checked by size only
+        log.warning("teacher %s has no tokenizer; only the vocabulary size could be checked (%d)", teacher_path, tv)
+        return
+    if tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(student_tokenizer):
+        raise NexusError(
+            f"the tokenizer of teacher {teacher_path} differs from the model's (same size {tv}, different tokens): "
+            f"distillation needs the same tokenizer; use a teacher that shares it"
+        )
+
+
+def same_router_layout(student_blocks, teacher_blocks) -> bool:
+    """Whether two models' MoE layers line up (same layer indices and expert counts)."""
+    return [(b.layer, b.num_experts) for b in student_blocks] == [(b.layer, b.num_experts) for b in teacher_blocks]

@@ -1,0 +1,448 @@
+"""``nexus train``: distil the base (or another teacher) into the shared experts.
+
+Loss per optimizer step, over the whole gradient-accumulation window and every process::
+
+    loss = ce_weight * CE + kd_weight * T^2 * KL(teacher || student) + router_kl_weight * router KL
+
+CE and KL are summed over predicted tokens and divided by the number of predicted tokens of the
+window on all processes; the router KL is summed over input tokens and layers and divided by
+(input tokens x layers). Each micro-batch's backward therefore contributes its exact share of
+the big-batch gradient (no 1/GA scaling, no 1/GA^2 bug, ranks with unequal token counts
+weighted correctly), multiplied by the world size to undo DDP's gradient averaging.
+
+The distributed engine is accelerate's: run under ``accelerate launch`` or ``torchrun`` for
+DDP. Only the trainable parameters (shared experts, optionally routers) are optimised, by
+AdamW; the base stays frozen and in ``eval()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nexus import __version__
+from nexus.adapter import load_adapter, read_adapter_config, save_adapter
+from nexus.constants import RUN_CONFIG_NAME
+from nexus.engines.average import SFA
+from nexus.engines.checkpointing import (
+    ADAPTER_SUBDIR,
+    MetricsLog,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from nexus.engines.train_config import RESUME_MUST_MATCH, TrainConfig
+from nexus.engines.train_step import distill_losses, micro_batches
+from nexus.errors import NexusError
+from nexus.io import write_json
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(NexusError):
+    """The loss or the gradient norm became NaN/inf; training stopped without an optimizer step."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` leaves behind.
+
+    Attributes:
+        run_dir: the run directory.
+        step: optimizer steps done in total.
+        final: the final adapter directory, or None when the run stopped early.
+        checkpoint: the last checkpoint written, or None.
+        interrupted: stopped by SIGINT/SIGTERM or ``stop_after``.
+        model: the trained (unwrapped) model, for in-process callers.
+    """
+
+    run_dir: Path
+    step: int
+    final: Path | None
+    checkpoint: Path | None
+    interrupted: bool
+    model: torch.nn.Module | None = field(default=None, repr=False)
+
+
+def lr_lambda(config: TrainConfig):
+    """The learning-rate multiplier ``step -> factor`` (``torch.optim.lr_scheduler.LambdaLR``):
+    linear warmup to 1 over ``warmup_steps`` (``(step+1)/warmup``), then constant or cosine
+    down to ``min_lr_ratio`` at ``max_steps``."""
+    warm, total, floor = config.warmup_steps, config.max_steps, config.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if config.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM; checked after each optimizer step. A second SIGINT aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.warning("received %s: saving a checkpoint after this step, then stopping", signal.Signals(signum).name)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _check_resume(run_dir: Path, config: TrainConfig, world_size: int) -> None:
+    import json
+
+    path = run_dir / RUN_CONFIG_NAME
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    diff = [k for k in RESUME_MUST_MATCH if old.get("config", {}).get(k) != getattr(config, k)]
+    if old.get("world_size") != world_size:
+        diff.append(f"world_size ({old.get('world_size')} vs {world_size})")
+    if diff:
+        raise NexusError(
+            f"cannot resume {run_dir}: these settings differ from the original run: {', '.join(diff)}; "
+            f"use the same arguments, or a new --output"
+        )
+
+
+def _enable_checkpointing(model) -> None:
+    """Gradient checkpointing that works with the base in ``eval()``.
+
+    transformers only checkpoints a decoder layer when ``layer.training`` is True. Setting that
+    flag on the layer modules alone (not recursively) turns checkpointing on while every
+    submodule (attention dropout, routers) stays in eval mode.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.training = True
+
+
+def _build_teacher(config, model, family, blocks, tokenizer, router_originals, device, autocast):
+    """The teacher for ``config.teacher`` and, for a cache, the cache (its rows are the data)."""
+    from nexus.engines.teacher_cache import TeacherCache
+    from nexus.engines.teachers import (
+        CacheTeacher,
+        ModelTeacher,
+        SelfTeacher,
+        check_same_vocab,
+        is_teacher_cache,
+        same_router_layout,
+    )
+    from nexus.loading import load_config, load_model
+
+    if config.teacher == "self":
+        return SelfTeacher(model, family, blocks, router_originals, autocast), None
+    if is_teacher_cache(config.teacher):
+        cache = TeacherCache(config.teacher)
+        cache.check(model.config, tokenizer, need_routers=config.router_kl_weight > 0)
+        if cache.meta["temperature"] != config.temperature and config.kd_weight > 0:
+            raise NexusError(
+                f"teacher cache {config.teacher} holds log-probs at temperature {cache.meta['temperature']}, "
+                f"but --temperature is {config.temperature}; train with --temperature {cache.meta['temperature']} or precompute again"
+            )
+        return CacheTeacher(cache), cache
+    teacher_config = load_config(config.teacher)
+    check_same_vocab(model.config, tokenizer, config.teacher, teacher_config)
+    teacher_model = load_model(config.teacher, dtype=torch.bfloat16 if config.bf16 else torch.float32, device=device)
+    teacher_model.requires_grad_(False)
+    t_family, t_blocks = None, []
+    try:
+        from nexus.family import resolve_family
+
+        t_family = resolve_family(teacher_model.config)
+        t_blocks = t_family.moe_blocks(teacher_model)
+        if not same_router_layout(blocks, t_blocks):
+            t_family, t_blocks = None, []
+    except NexusError:
+        t_family, t_blocks = None, []
+    if config.router_kl_weight > 0 and not t_blocks:
+        raise NexusError(f"--router-kl-weight needs a teacher with the model's MoE layout; {config.teacher} differs. Set it to 0")
+    return ModelTeacher(teacher_model, t_family, t_blocks, autocast), None
+
+
+def _load_data(config, tokenizer, cache):
+    """``(ordering TokenData, collate(indices) -> batch)`` for the training rows."""
+    from nexus.data import TokenData, collate, load_token_data
+    from nexus.engines.teacher_cache import rows_fingerprint
+
+    if cache is not None:
+        if config.data is not None:
+            rows = load_token_data(config.data, tokenizer, cache.meta["seq_len"], config.text_column).rows
+            if rows_fingerprint(rows) != cache.meta["data_fingerprint"]:
+                raise NexusError(
+                    f"--data {config.data} does not match the rows of teacher cache {config.teacher} "
+                    f"(made from {cache.meta['data']} at seq_len {cache.meta['seq_len']}); omit --data to train on the cache's rows"
+                )
+        return TokenData(cache.rows, cache.pad_id), cache.collate
+    if config.data is None:
+        raise NexusError("--data is required unless --teacher is a teacher cache")
+    data = load_token_data(config.data, tokenizer, config.seq_len, config.text_column)
+    return data, lambda idx: collate([data.rows[i] for i in idx], data.pad_id)
+
+
+def train(config: TrainConfig, accelerator=None) -> TrainResult:
+    """Run (or resume) a training run described by ``config``; see the module docstring.
+
+    :param accelerator: an ``accelerate.Accelerator``; default one built from ``config``.
+    :return: a :class:`TrainResult`.
+    :raises NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object, set_seed
+
+    from nexus.data import load_tokenizer
+    from nexus.engines.teachers import router_parameters
+    from nexus.family import resolve_family
+    from nexus.fingerprint import config_fingerprint
+    from nexus.loading import load_model
+    from nexus.shared_expert import freeze_base
+
+    accelerator = accelerator or Accelerator(
+        mixed_precision="bf16" if config.bf16 else "no", log_with=config.report_to, project_dir=config.output
+    )
+    main, world, rank, device = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index, accelerator.device
+    run_dir = Path(config.output)
+    checkpoint = latest_checkpoint(run_dir) if config.resume else None
+    if config.resume and checkpoint is None:
+        log.warning("--resume: no checkpoint in %s, starting from the beginning", run_dir)
+    if checkpoint is not None:
+        _check_resume(run_dir, config, world)
+    set_seed(config.seed)
+
+    # Model, adapter, trainable parameters.
+    adapter_cfg = read_adapter_config(config.adapter)
+    model = load_model(config.model, dtype=torch.bfloat16 if config.bf16 else torch.float32, device=device)
+    family = resolve_family(model.config, name=adapter_cfg.family)
+    blocks = family.moe_blocks(model)
+    routers = router_parameters(model, family, blocks)
+    touched_routers = config.train_routers or bool(adapter_cfg.router_keys)
+    router_originals = {n: p.detach().clone() for n, p in routers.items()} if touched_routers else {}
+    load_adapter(model, checkpoint / ADAPTER_SUBDIR if checkpoint else config.adapter, family=family)
+    router_modules = [family.router_capture(b).module for b in blocks] if config.train_routers else []
+    if config.train_routers and config.bf16:
+        for m in router_modules:
+            m.float()  # optimise fp32 copies; autocast feeds them bf16 activations
+    freeze_base(model, router_modules)
+    model.config.use_cache = False
+    if config.gradient_checkpointing:
+        _enable_checkpointing(model)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    router_names = sorted(n for n in named if n in routers)
+    groups = [{"params": [p for n, p in named.items() if n not in routers], "lr": config.lr, "name": "shared"}]
+    if router_names:
+        groups.append({"params": [named[n] for n in router_names], "lr": config.router_lr or config.lr, "name": "routers"})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    sfa = SFA(named, config.sfa_interval, config.sfa_beta)
+    save_cfg = copy.deepcopy(adapter_cfg)
+    save_cfg.router_keys = sorted(set(adapter_cfg.router_keys) | set(router_names))
+    save_cfg.args = {"command": "train", **config.to_dict()}
+
+    tokenizer = load_tokenizer(config.tokenizer or config.model, model.config)
+    need_teacher = config.kd_weight > 0 or config.router_kl_weight > 0
+    teacher, cache = _build_teacher(config, model, family, blocks, tokenizer, router_originals, device, accelerator.autocast)
+    if not need_teacher and cache is None:
+        teacher = None
+    data, collate = _load_data(config, tokenizer, cache)
+
+    step, next_batch, tokens_seen = 0, 0, 0
+    if checkpoint is not None:
+        trainer_state, state = load_checkpoint(checkpoint)
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        sfa.load_state_dict(trainer_state["sfa"])
+        rngs = trainer_state["rng"]
+        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        step, next_batch, tokens_seen = state["step"], state["next_batch"], state["tokens"]
+        log.info("resuming %s from step %d (next batch %d)", run_dir, step, next_batch)
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / RUN_CONFIG_NAME, {
+            "nexus_version": __version__, "family": family.name, "base_fingerprint": config_fingerprint(model.config),
+            "world_size": world, "global_batch_size": config.batch_size * world * config.grad_accum,
+            "trainable_parameters": sum(p.numel() for p in named.values()), "teacher_kind": getattr(teacher, "kind", None),
+            "num_rows": len(data.rows), "config": config.to_dict(),
+        })
+    metrics = MetricsLog(run_dir, enabled=main, resume_step=step if checkpoint else None)
+    if config.report_to:
+        accelerator.init_trackers("nexus", config={k: v for k, v in config.to_dict().items() if v is not None})
+    student = accelerator.prepare_model(model)
+
+    def save(at_step: int, nb: int) -> Path | None:
+        rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
+        path = None
+        if main:
+            path = save_checkpoint(
+                run_dir, at_step, lambda p: save_adapter(model, p, copy.deepcopy(save_cfg)),
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "sfa": sfa.state_dict(), "rng": rngs},
+                {"step": at_step, "next_batch": nb, "tokens": tokens_seen, "world_size": world, "nexus_version": __version__},
+                config.keep_last,
+            )
+        accelerator.wait_for_everyone()
+        return path
+
+    batches = micro_batches(data, collate, config.batch_size, config.seed, next_batch, rank, world)
+    params = list(named.values())
+    n_layers = max(1, len(blocks))
+    acc = _Accumulator()
+    last_ckpt, interrupted, steps_here = checkpoint, False, 0
+    t_start = time.perf_counter()
+    with _StopFlag() as stop:
+        while step < config.max_steps:
+            window = [next(batches) for _ in range(config.grad_accum)]
+            local = torch.tensor(
+                [[float((b["labels"][:, 1:] != -100).sum()), 0.0 if b["empty"] else float(b["attention_mask"].sum())]
+                 for _, b in window]
+            ).sum(0)
+            n_pred_g, n_in_g = (accelerator.reduce(local.to(device), reduction="sum") if world > 1 else local).tolist()
+            sums = None
+            for i, (_, batch) in enumerate(window):
+                sync = contextlib.nullcontext() if i == len(window) - 1 else accelerator.no_sync(student)
+                with sync:
+                    parts = distill_losses(
+                        student, batch, teacher, device, kd=config.kd_weight > 0 and teacher is not None,
+                        temperature=config.temperature, family=family, blocks=blocks if teacher is not None else [],
+                        router_grad=config.router_kl_weight > 0, autocast=accelerator.autocast,
+                    )
+                    loss = (config.ce_weight * parts.ce + config.kd_weight * config.temperature**2 * parts.kd) / max(n_pred_g, 1.0)
+                    if config.router_kl_weight > 0:
+                        loss = loss + config.router_kl_weight * parts.router_kl / (max(n_in_g, 1.0) * n_layers)
+                    accelerator.backward(loss * world)
+                sums = _add(sums, parts)
+            reduced = accelerator.reduce(sums.to(device), reduction="sum") if world > 1 else sums
+            ce, kd, rkl = (reduced[:3] / torch.tensor([max(n_pred_g, 1), max(n_pred_g, 1), max(n_in_g, 1) * n_layers], device=reduced.device)).tolist()
+            if not all(math.isfinite(v) for v in (ce, kd, rkl)):
+                _raise_non_finite(step, "loss", (ce, kd, rkl), last_ckpt)
+            if config.max_grad_norm > 0:
+                grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
+            else:
+                grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+            if not math.isfinite(grad_norm):
+                _raise_non_finite(step, "gradient norm", (grad_norm,), last_ckpt)
+            lrs = [g["lr"] for g in optimizer.param_groups]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, steps_here, next_batch = step + 1, steps_here + 1, window[-1][0] + 1
+            tokens_seen += int(n_in_g)
+            merged = sfa.maybe_merge(step)
+            acc.add(reduced, n_pred_g, n_in_g, grad_norm, merged, step)
+            if step % config.log_every == 0 or step == config.max_steps:
+                record = acc.record(step, config, lrs, tokens_seen, time.perf_counter() - t_start, sfa, [b.layer for b in blocks], n_layers)
+                metrics.write(record)
+                if config.report_to:
+                    accelerator.log(_flat(record), step=step)
+                log.info("step %d loss %.4f ce %.4f kd %.4f lr %.3g", step, record["loss"], record["ce"], record["kd"], lrs[0])
+                acc, t_start = _Accumulator(), time.perf_counter()
+            stop_now = stop.requested or (config.stop_after is not None and steps_here >= config.stop_after)
+            if world > 1:
+                stop_now = bool(accelerator.reduce(torch.tensor([float(stop_now)], device=device), reduction="sum").item())
+            if (config.save_every and step % config.save_every == 0) or step == config.max_steps or stop_now:
+                last_ckpt = save(step, next_batch)
+            if stop_now:
+                interrupted = step < config.max_steps
+                break
+    final = None
+    if step >= config.max_steps:
+        final = run_dir / "final"
+        if main:
+            save_adapter(model, final, copy.deepcopy(save_cfg))
+        accelerator.wait_for_everyone()
+    if config.report_to:
+        accelerator.end_training()
+    return TrainResult(run_dir, step, final, last_ckpt, interrupted, model)
+
+
+def _raise_non_finite(step, what, values, last_ckpt):
+    where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+    raise NonFiniteLossError(
+        f"the {what} became non-finite ({', '.join(f'{v:.4g}' for v in values)}) at step {step + 1}; stopped without "
+        f"updating the weights, {where}. Lower --lr, check the data, or resume with --resume"
+    )
+
+
+def _add(sums, parts) -> torch.Tensor:
+    """Stack a micro-batch's detached sums into one vector: ce, kd, router_kl, drift[L], ent_s[L], ent_t[L]."""
+    vec = [parts.ce.detach().float().reshape(1), parts.kd.detach().float().reshape(1), parts.router_kl.detach().float().reshape(1)]
+    if parts.drift is not None:
+        vec += [parts.drift.float(), parts.ent_student.float(), parts.ent_teacher.float()]
+    v = torch.cat(vec)
+    return v if sums is None else sums + v
+
+
+class _Accumulator:
+    """Sums between two metrics lines."""
+
+    def __init__(self):
+        self.sums, self.n_pred, self.n_in, self.grad_norms, self.merge_steps, self.steps = None, 0.0, 0.0, [], [], 0
+
+    def add(self, reduced, n_pred, n_in, grad_norm, merged, step):
+        self.sums = reduced.detach().cpu() if self.sums is None else self.sums + reduced.detach().cpu()
+        self.n_pred, self.n_in, self.steps = self.n_pred + n_pred, self.n_in + n_in, self.steps + 1
+        self.grad_norms.append(grad_norm)
+        if merged:
+            self.merge_steps.append(step)
+
+    def record(self, step, config, lrs, tokens, seconds, sfa, layers, n_layers) -> dict:
+        s, n_pred, n_in = self.sums, max(self.n_pred, 1.0), max(self.n_in, 1.0)
+        ce, kd, rkl = float(s[0]) / n_pred, float(s[1]) / n_pred, float(s[2]) / (n_in * n_layers)
+        rec = {
+            "step": step,
+            "loss": config.ce_weight * ce + config.kd_weight * config.temperature**2 * kd + config.router_kl_weight * rkl,
+            "ce": ce, "kd": kd, "router_kl": rkl,
+            "lr": lrs[0], "router_lr": lrs[1] if len(lrs) > 1 else None,
+            "grad_norm": sum(self.grad_norms) / len(self.grad_norms),
+            "tokens": tokens, "tokens_per_s": self.n_in / max(seconds, 1e-9),
+            "sfa_merges": sfa.merges, "sfa_merge_steps": self.merge_steps,
+        }
+        if len(s) > 3:
+            L = (len(s) - 3) // 3
+            drift, ent_s, ent_t = s[3 : 3 + L] / n_in, s[3 + L : 3 + 2 * L] / n_in, s[3 + 2 * L :] / n_in
+            rec.update(router_layers=layers[:L], router_drift=drift.tolist(),
+                       router_entropy_student=ent_s.tolist(), router_entropy_teacher=ent_t.tolist())
+        return rec
+
+
+def _flat(record: dict) -> dict:
+    """Scalars only, per-layer lists expanded (``router_drift/layer_3``), for trackers."""
+    out = {}
+    layers = record.get("router_layers", [])
+    for k, v in record.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = v
+        elif isinstance(v, list) and k.startswith("router_") and k != "router_layers":
+            out.update({f"{k}/layer_{layer}": x for layer, x in zip(layers, v)})
+    return out

@@ -1,0 +1,74 @@
+"""The arguments of ``nexus train``: one dataclass whose field help is also the CLI's ``--help``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from nexus.errors import NexusError
+
+
+def _f(default, help: str, **meta):
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; recorded in ``run/run_config.json``."""
+
+    model: str = _f(None, "Base model checkpoint directory.", required=True)
+    adapter: str = _f(None, "Adapter directory to start from (from nexus convert).", required=True)
+    output: str = _f(None, "Run directory: run_config.json, metrics.jsonl, checkpoints/, final/.", required=True)
+    teacher: str = _f("self", "Teacher: 'self' (the base, adapter off; no second copy), a model directory with the same tokenizer, or a teacher cache from nexus precompute.")
+    data: str | None = _f(None, "Training data: .jsonl/.parquet/.txt file, a directory of them, or a cached dataset (optional with a teacher cache).")
+    tokenizer: str | None = _f(None, "Tokenizer directory (default: the model's).")
+    text_column: str | None = _f(None, "Text column of the data (default: text, or chat messages).")
+    seq_len: int = _f(512, "Tokens per row (documents are packed).")
+    batch_size: int = _f(4, "Rows per micro-batch per process.")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step (the loss is normalised by the tokens of the whole window).")
+    max_steps: int = _f(100, "Optimizer steps in total.")
+    lr: float = _f(1e-4, "Peak learning rate of the shared experts.")
+    router_lr: float | None = _f(None, "Learning rate of the routers with --train-routers (default: --lr).")
+    train_routers: bool = _f(False, "Also train the routers (saved in the adapter).")
+    warmup_steps: int = _f(0, "Linear warmup steps.")
+    schedule: str = _f("cosine", "Learning-rate schedule after warmup: cosine or constant.", choices=("cosine", "constant"))
+    min_lr_ratio: float = _f(0.0, "Cosine floor as a fraction of the peak learning rate.")
+    max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    ce_weight: float = _f(1.0, "Weight of the cross-entropy on the data.")
+    kd_weight: float = _f(1.0, "Weight of the distillation KL(teacher || student), multiplied by T^2.")
+    temperature: float = _f(1.0, "Distillation temperature T.")
+    router_kl_weight: float = _f(0.0, "Weight of the router KL(teacher || student), averaged over MoE layers.")
+    sfa_interval: int = _f(0, "SFA: average the trainable weights with the previous merge point every N steps (0: off).")
+    sfa_beta: float = _f(0.5, "SFA: weight of the earlier snapshot in each merge.")
+    save_every: int = _f(100, "Checkpoint every N steps (0: only at the end).")
+    keep_last: int = _f(3, "Checkpoints kept (older ones are deleted; 0 keeps all).")
+    resume: bool = _f(False, "Resume from the latest checkpoint in --output.")
+    stop_after: int | None = _f(None, "Stop after this many steps in this invocation, with a checkpoint (resume later).")
+    log_every: int = _f(10, "Write a metrics.jsonl line every N steps.")
+    report_to: str | None = _f(None, "Also log to accelerate trackers: tensorboard, wandb, ... or all.")
+    gradient_checkpointing: bool = _f(False, "Recompute decoder-layer activations in backward to save memory.")
+    seed: int = _f(0, "Seed of the data order and of torch.")
+    bf16: bool = _f(False, "Base weights in bfloat16 and bf16 autocast (shared experts and optimizer stay fp32).")
+
+    def __post_init__(self):
+        positive = {"seq_len": 2, "batch_size": 1, "grad_accum": 1, "max_steps": 1, "log_every": 1}
+        for name, low in positive.items():
+            if getattr(self, name) < low:
+                raise NexusError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        if self.schedule not in ("cosine", "constant"):
+            raise NexusError(f"--schedule must be cosine or constant, got {self.schedule!r}")
+        if self.temperature <= 0:
+            raise NexusError(f"--temperature must be positive, got {self.temperature}")
+        if min(self.ce_weight, self.kd_weight, self.router_kl_weight) < 0 or self.ce_weight + self.kd_weight + self.router_kl_weight == 0:
+            raise NexusError("loss weights must be non-negative and not all zero (--ce-weight, --kd-weight, --router-kl-weight)")
+        if self.sfa_interval < 0 or not 0 <= self.sfa_beta <= 1:
+            raise NexusError("--sfa-interval must be >= 0 and --sfa-beta in [0, 1]")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Changing these between a run and its resume would silently change what is trained.
+RESUME_MUST_MATCH = ("model", "adapter", "teacher", "data", "seq_len", "batch_size", "grad_accum", "seed",
+                     "train_routers", "sfa_interval", "text_column", "tokenizer")

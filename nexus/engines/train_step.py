@@ -1,0 +1,141 @@
+"""One distillation micro-step: teacher pass, student pass, the loss parts as token sums.
+
+Kept apart from the training loop so that the loss can be tested on its own and reused (the
+benchmark runs it on other layouts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from nexus.losses import (
+    IGNORE_INDEX,
+    cross_entropy_sum,
+    entropy_sum,
+    kl_div_sum,
+    l1_drift_sum,
+    router_kl_sum,
+    shift_for_next_token,
+    topk_kl_sum,
+)
+from nexus.routing import RouterRecorder, router_probs
+
+
+@dataclass
+class LossParts:
+    """Token sums of one micro-batch (``Tensor`` scalars) and its token counts.
+
+    ``ce``, ``kd``: sums over predicted tokens (``n_pred`` of them); ``router_kl``: sum over
+    input tokens (``n_in``) and MoE layers. ``drift``/``ent_student``/``ent_teacher``: per
+    layer ``Tensor[L]`` sums over input tokens (detached, for metrics).
+    """
+
+    ce: torch.Tensor
+    kd: torch.Tensor
+    router_kl: torch.Tensor
+    n_pred: torch.Tensor
+    n_in: torch.Tensor
+    drift: torch.Tensor | None = None
+    ent_student: torch.Tensor | None = None
+    ent_teacher: torch.Tensor | None = None
+    layers: list[int] = field(default_factory=list)
+
+
+def micro_batches(
+    data, collate: Callable[[list[int]], dict], batch_size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1
+) -> Iterator[tuple[int, dict]]:
+    """Yield ``(global_batch_index, batch)`` forever from ``start``, epochs reshuffled by ``seed``.
+
+    The rows of global batch ``i`` are ``order[i*G:(i+1)*G]`` (``G = batch_size*world_size``,
+    ``order = data.order(seed, epoch)``), rank ``r`` taking its ``batch_size`` slice, exactly as
+    :meth:`nexus.data.TokenData.batches`. A rank whose slice of a short last batch is empty
+    gets a placeholder row with nothing to predict (``batch["empty"] = True``), so that every
+    process runs the same number of forward/backward passes (DDP needs it) while the loss, a
+    global token sum, is the one a single process would compute.
+    """
+    n = len(data.rows)
+    global_bs = batch_size * world_size
+    per_epoch = max(1, -(-n // global_bs))
+    index, epoch_cached, order = start, None, []
+    while True:
+        epoch, pos = divmod(index, per_epoch)
+        if epoch != epoch_cached:
+            order, epoch_cached = data.order(seed, epoch), epoch
+        chunk = order[pos * global_bs : (pos + 1) * global_bs]
+        mine = chunk[rank * batch_size : (rank + 1) * batch_size]
+        if mine:
+            batch = collate(mine)
+            batch["empty"] = False
+        else:
+            batch = collate(chunk[:1])
+            batch["labels"].fill_(IGNORE_INDEX)
+            batch["empty"] = True
+        yield index, batch
+        index += 1
+
+
+def distill_losses(
+    student: torch.nn.Module,
+    batch: dict,
+    teacher,
+    device,
+    *,
+    kd: bool,
+    temperature: float,
+    family=None,
+    blocks=(),
+    router_grad: bool = False,
+    autocast=None,
+) -> LossParts:
+    """Run the teacher and the student on ``batch`` and return the loss parts as token sums.
+
+    :param student: the (possibly DDP-wrapped) adapted model; its forward carries the gradient.
+    :param batch: ``input_ids``/``attention_mask``/``labels`` ``Tensor[B, S]`` (+ cached teacher tensors).
+    :param teacher: a teacher from :mod:`nexus.engines.teachers`, or None (CE only).
+    :param kd: compute the distillation KL (needs a teacher).
+    :param temperature: distillation temperature T (the KL sum is *not* multiplied by T^2 here).
+    :param family, blocks: for recording the student's routers; empty to skip router terms.
+    :param router_grad: keep the student's router logits in the graph (router KL weight > 0).
+    :param autocast: a context-manager factory for mixed precision (default: none).
+    """
+    import contextlib
+
+    autocast = autocast or contextlib.nullcontext
+    want_routers = bool(blocks) and teacher is not None
+    tout = teacher.outputs(batch, device, want_routers=want_routers) if teacher is not None else None
+    layers = [b.layer for b in blocks if tout is not None and b.layer in tout.router_probs]
+    recorder = RouterRecorder(family, [b for b in blocks if b.layer in layers], detach=not router_grad)
+    ids, mask_in = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    with recorder, autocast():
+        logits = student(input_ids=ids, attention_mask=mask_in, use_cache=False).logits
+    s_logits, labels = shift_for_next_token(logits, batch["labels"].to(device))
+    pred_mask = labels != IGNORE_INDEX
+    ce, n_pred = cross_entropy_sum(s_logits, labels)
+    zero = ce.new_zeros(())
+    kd_sum = zero
+    if kd and tout is not None:
+        if tout.logits is not None:
+            t_logits, _ = shift_for_next_token(tout.logits, batch["labels"])
+            kd_sum = kl_div_sum(t_logits, s_logits, pred_mask, temperature)
+        else:
+            kd_sum = topk_kl_sum(tout.topk_logprobs, tout.topk_indices, s_logits, pred_mask, temperature)
+    in_mask = mask_in.reshape(-1).bool()
+    if batch.get("empty"):
+        in_mask = torch.zeros_like(in_mask)
+    parts = LossParts(ce=ce, kd=kd_sum, router_kl=zero, n_pred=n_pred, n_in=in_mask.sum(), layers=layers)
+    if layers:
+        rkl, drift, ent_s, ent_t = zero, [], [], []
+        for layer in layers:
+            p_t = tout.router_probs[layer]
+            p_s = router_probs(recorder.logits[layer], recorder.scoring[layer])
+            rkl = rkl + router_kl_sum(p_t, p_s, in_mask, recorder.scoring[layer])
+            with torch.no_grad():
+                drift.append(l1_drift_sum(p_t, p_s, in_mask))
+                ent_s.append(entropy_sum(p_s, in_mask))
+                ent_t.append(entropy_sum(p_t, in_mask))
+        parts.router_kl = rkl
+        parts.drift, parts.ent_student, parts.ent_teacher = torch.stack(drift), torch.stack(ent_s), torch.stack(ent_t)
+    return parts

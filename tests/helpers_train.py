@@ -1,0 +1,54 @@
+"""Builders for the training tests: a tiny GPT-OSS base with a tokenizer, a random adapter, text data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from nexus.demo import demo_text_path, train_tokenizer
+
+
+def demo_paragraphs(n: int = 40) -> list[str]:
+    """The first ``n`` non-empty paragraphs of the shipped demo text."""
+    paras = [p.strip() for p in demo_text_path().read_text().split("\n\n") if p.strip()]
+    return paras[:n]
+
+
+def make_base(src: Path, dst: Path, vocab_size: int = 256) -> Path:
+    """Copy the checkpoint at ``src`` to ``dst`` and save a BPE tokenizer of ``vocab_size`` beside it."""
+    shutil.copytree(src, dst)
+    tok = train_tokenizer(demo_paragraphs(200), vocab_size)
+    tok.save_pretrained(dst)
+    return dst
+
+
+def make_adapter(model_dir: Path, out: Path, gate_mode: str = "scalar", seed: int = 0, intermediate_size: int | None = 32,
+                 scale: float = 0.05) -> Path:
+    """A random adapter for ``model_dir``: shared experts with N(0, scale) weights and non-zero gates."""
+    from nexus.adapter import AdapterConfig, save_adapter
+    from nexus.family import resolve_family
+    from nexus.fingerprint import config_fingerprint
+    from nexus.loading import load_model
+    from nexus.shared_expert import attach_shared_experts, is_shared_parameter
+
+    model = load_model(model_dir)
+    family = resolve_family(model.config)
+    blocks = attach_shared_experts(model, family, intermediate_size, gate_mode)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_shared_parameter(name):
+                p.copy_(torch.randn(p.shape, generator=g) * scale + (0.5 if "scale" in name else 0.0))
+    cfg = AdapterConfig(family=family.name, base_fingerprint=config_fingerprint(model.config),
+                        shared_intermediate_size=intermediate_size or blocks[0].intermediate_size, gate_mode=gate_mode,
+                        base_model=str(model_dir), model_type=model.config.model_type)
+    return save_adapter(model, out, cfg)
+
+
+def make_data(path: Path, n: int = 40) -> Path:
+    """A ``.jsonl`` with ``n`` demo paragraphs in a ``text`` column."""
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in demo_paragraphs(n)))
+    return path

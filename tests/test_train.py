@@ -1,0 +1,162 @@
+"""Training engine: resume bit-identity, gradient accumulation, frozen base, teacher self, NaN and vocab errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers_train import make_adapter, make_base, make_data
+from nexus.constants import ADAPTER_WEIGHTS_NAME
+from nexus.engines.checkpointing import checkpoint_dirs
+from nexus.engines.train import NonFiniteLossError, train
+from nexus.engines.train_config import TrainConfig
+from nexus.errors import NexusError
+
+
+@pytest.fixture(scope="module")
+def work(gpt_oss_mxfp4_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    base = make_base(gpt_oss_mxfp4_dir, root / "base")
+    return {
+        "root": root,
+        "base": base,
+        "adapter": make_adapter(base, root / "adapter"),
+        "data": make_data(root / "data.jsonl", n=12),
+    }
+
+
+def _config(work, out, **kw) -> TrainConfig:
+    args = dict(model=str(work["base"]), adapter=str(work["adapter"]), data=str(work["data"]), output=str(out),
+                seq_len=32, batch_size=2, max_steps=4, lr=3e-3, log_every=1, save_every=0, seed=3)
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+def _adapter(path):
+    return load_file(str(path / ADAPTER_WEIGHTS_NAME))
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_is_bit_identical(work, tmp_path):
+    kw = dict(max_steps=10, grad_accum=2, sfa_interval=3, train_routers=True, router_lr=1e-3,
+              router_kl_weight=0.5, warmup_steps=2, weight_decay=0.01)
+    straight = train(_config(work, tmp_path / "a", **kw))
+    first = train(_config(work, tmp_path / "b", stop_after=5, save_every=2, keep_last=2, **kw))
+    assert first.interrupted and first.final is None and first.step == 5
+    assert [p.name for p in checkpoint_dirs(tmp_path / "b")] == ["step-4", "step-5"]  # rotated, keep_last=2
+    resumed = train(_config(work, tmp_path / "b", resume=True, **kw))
+    assert resumed.step == 10 and not resumed.interrupted
+    a, b = _adapter(straight.final), _adapter(resumed.final)
+    assert a.keys() == b.keys() and any("router" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ma, mb = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert [m["step"] for m in mb] == list(range(1, 11))
+    for x, y in zip(ma, mb):
+        assert (x["loss"], x["kd"], x["router_kl"], x["sfa_merges"]) == (y["loss"], y["kd"], y["router_kl"], y["sfa_merges"])
+    assert ma[2]["sfa_merge_steps"] == [3]
+
+
+def test_grad_accum_matches_big_batch(work, tmp_path):
+    big = train(_config(work, tmp_path / "big", batch_size=4, grad_accum=1, max_steps=3, router_kl_weight=0.3))
+    acc = train(_config(work, tmp_path / "acc", batch_size=1, grad_accum=4, max_steps=3, router_kl_weight=0.3))
+    a, b = _adapter(big.final), _adapter(acc.final)
+    init = _adapter(work["adapter"])
+    for k in a:
+        assert not torch.equal(a[k], init[k]), f"{k} did not train"
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    for x, y in zip(_metrics(tmp_path / "big"), _metrics(tmp_path / "acc")):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+
+
+def test_frozen_base_untouched_and_self_teacher_is_base(work, tmp_path):
+    from nexus.data import collate
+    from nexus.engines.teachers import SelfTeacher
+    from nexus.loading import load_model
+    from nexus.shared_expert import is_shared_parameter
+
+    result = train(_config(work, tmp_path / "run", max_steps=3, train_routers=True, router_lr=1e-2, weight_decay=0.1))
+    model = result.model
+    base = load_model(work["base"])
+    base_params = dict(base.named_parameters())
+    changed = []
+    for name, p in model.named_parameters():
+        if is_shared_parameter(name):
+            continue
+        if "router" in name:
+            changed.append(not torch.equal(p, base_params[name]))
+        else:
+            assert torch.equal(p, base_params[name]), f"frozen parameter {name} changed"
+    assert changed and all(changed), "trained routers should differ from the base"
+    # The self teacher (shared experts off, original routers swapped in) is exactly the base.
+    from nexus.engines.train import _build_teacher  # noqa: F401 - the teacher the engine builds
+    from nexus.family import resolve_family
+    from nexus.engines.teachers import router_parameters
+
+    family = resolve_family(model.config)
+    blocks = family.moe_blocks(model)
+    originals = {n: p.detach().clone() for n, p in router_parameters(base, family, family.moe_blocks(base)).items()}
+    teacher = SelfTeacher(model, family, blocks, originals)
+    batch = collate([[5, 9, 17, 33, 2, 40], [7, 8, 9]], 0)
+    with torch.no_grad():
+        want = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        adapted = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    got = teacher.outputs(batch, "cpu")
+    assert torch.equal(got.logits, want)
+    assert not torch.allclose(adapted, want)
+    assert sorted(got.router_probs) == [b.layer for b in blocks]
+    # ... and the model is left as it was (routers restored, shared experts on).
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, adapted)
+
+
+def test_gradient_checkpointing_gives_same_result(work, tmp_path):
+    plain = train(_config(work, tmp_path / "p", max_steps=2, router_kl_weight=0.2))
+    ckpt = train(_config(work, tmp_path / "c", max_steps=2, router_kl_weight=0.2, gradient_checkpointing=True))
+    a, b = _adapter(plain.final), _adapter(ckpt.final)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+    assert ckpt.model.training is False  # the base stays in eval mode
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(work, tmp_path, monkeypatch):
+    import nexus.engines.train as engine
+
+    real, calls = engine.distill_losses, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        parts = real(*args, **kwargs)
+        if calls["n"] == 3:
+            parts.ce = parts.ce * float("nan")
+        return parts
+
+    monkeypatch.setattr(engine, "distill_losses", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite .* at step 3.*step-2"):
+        train(_config(work, tmp_path / "run", max_steps=6, save_every=2))
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-2"]
+    tensors = _adapter(tmp_path / "run" / "checkpoints" / "step-2" / "adapter")
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_teacher_with_other_vocab_is_refused(work, tmp_path, gpt_oss_config):
+    from transformers import AutoModelForCausalLM
+
+    cfg = gpt_oss_config.__class__.from_dict(gpt_oss_config.to_dict())
+    cfg.vocab_size = 300
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "teacher")
+    with pytest.raises(NexusError, match="vocabulary size 300"):
+        train(_config(work, tmp_path / "run", teacher=str(tmp_path / "teacher")))
+
+
+def test_resume_with_other_settings_is_refused(work, tmp_path):
+    train(_config(work, tmp_path / "run", max_steps=2))
+    with pytest.raises(NexusError, match="batch_size"):
+        train(_config(work, tmp_path / "run", max_steps=3, batch_size=3, resume=True))
