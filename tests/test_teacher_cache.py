@@ -1,0 +1,114 @@
+"""Teacher cache: training from it equals online distillation; resumable shards; refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers_train import make_adapter, make_base, make_data
+from nexus.constants import ADAPTER_WEIGHTS_NAME
+from nexus.engines.teacher_cache import PrecomputeConfig, TeacherCache, precompute
+from nexus.engines.train import train
+from nexus.engines.train_config import TrainConfig
+from nexus.errors import NexusError
+
+
+@pytest.fixture(scope="module")
+def work(gpt_oss_mxfp4_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    base = make_base(gpt_oss_mxfp4_dir, root / "base")
+    data = make_data(root / "data.jsonl", n=8)
+    cache = precompute(PrecomputeConfig(teacher=str(base), data=str(data), output=str(root / "cache"), top_k=256,
+                                        seq_len=32, batch_size=3, rows_per_shard=4, router_logits=True))
+    return {"root": root, "base": base, "adapter": make_adapter(base, root / "adapter"), "data": data, "cache": cache}
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cache_layout_and_contents(work):
+    from nexus.data import load_token_data, load_tokenizer
+    from nexus.loading import load_model
+
+    meta = json.loads((work["cache"] / "metadata.json").read_text())
+    assert meta["complete"] and meta["top_k"] == 256 and meta["router_layers"] == [0, 1, 2]
+    cache = TeacherCache(work["cache"])
+    model = load_model(work["base"])
+    tok = load_tokenizer(work["base"], model.config)
+    rows = load_token_data(work["data"], tok, 32).rows
+    assert cache.rows == rows and meta["num_shards"] == -(-len(rows) // 4)
+    batch = cache.collate([1, len(rows) - 1])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want = torch.log_softmax(logits[0, :-1], -1)
+    got = torch.full_like(want, float("nan")).scatter(-1, batch["teacher_topk_indices"][0], batch["teacher_topk_logprobs"][0])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_training_from_cache_equals_online_teacher(work, tmp_path):
+    common = dict(model=str(work["base"]), adapter=str(work["adapter"]), seq_len=32, batch_size=2, max_steps=3,
+                  log_every=1, save_every=0, lr=3e-3, router_kl_weight=0.5, temperature=1.0)
+    online = train(TrainConfig(output=str(tmp_path / "online"), teacher=str(work["base"]), data=str(work["data"]), **common))
+    own = train(TrainConfig(output=str(tmp_path / "self"), teacher="self", data=str(work["data"]), **common))
+    cached = train(TrainConfig(output=str(tmp_path / "cached"), teacher=str(work["cache"]), **common))
+    mo, ms, mc = _metrics(tmp_path / "online"), _metrics(tmp_path / "self"), _metrics(tmp_path / "cached")
+    for a, b, c in zip(mo, ms, mc):
+        for key in ("loss", "ce", "kd", "router_kl"):
+            assert a[key] == pytest.approx(c[key], rel=1e-5, abs=1e-7), key
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+        assert a["router_drift"] == pytest.approx(c["router_drift"], rel=1e-4, abs=1e-7)
+    fa = load_file(str(online.final / ADAPTER_WEIGHTS_NAME))
+    fc = load_file(str(cached.final / ADAPTER_WEIGHTS_NAME))
+    for k in fa:
+        torch.testing.assert_close(fa[k], fc[k], rtol=1e-4, atol=1e-6)
+
+
+def test_precompute_resumes_missing_shards_only(work, tmp_path):
+    import shutil
+
+    out = tmp_path / "cache"
+    shutil.copytree(work["cache"], out)
+    shard = out / "shard-00001.parquet"
+    reference = shard.read_bytes()
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet") if p != shard}
+    shard.unlink()
+    meta = json.loads((out / "metadata.json").read_text())
+    meta["complete"] = False
+    (out / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(NexusError, match="incomplete"):
+        TeacherCache(out)
+    args = dict(teacher=str(work["base"]), data=str(work["data"]), output=str(out), top_k=256, seq_len=32,
+                batch_size=3, rows_per_shard=4, router_logits=True)
+    precompute(PrecomputeConfig(**args))
+    assert shard.read_bytes() == reference
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet") if p != shard} == stamps
+    assert TeacherCache(out).meta["complete"]
+    with pytest.raises(NexusError, match="top_k"):
+        precompute(PrecomputeConfig(**{**args, "top_k": 8}))
+
+
+def test_cache_refuses_other_tokenizer_data_or_temperature(work, tmp_path):
+    import shutil
+
+    from nexus.demo import train_tokenizer
+    from helpers_train import demo_paragraphs
+
+    other = tmp_path / "other"
+    shutil.copytree(work["base"], other)
+    for name in os.listdir(other):
+        if name.startswith("tokenizer") or name == "special_tokens_map.json":
+            os.unlink(other / name)
+    train_tokenizer(demo_paragraphs(200)[::-1][:50], 256).save_pretrained(other)
+    common = dict(adapter=str(work["adapter"]), teacher=str(work["cache"]), max_steps=1, seq_len=32)
+    with pytest.raises(NexusError, match="tokenizer"):
+        train(TrainConfig(model=str(other), output=str(tmp_path / "r1"), **common))
+    wrong = make_data(tmp_path / "wrong.jsonl", n=5)
+    with pytest.raises(NexusError, match="does not match the rows"):
+        train(TrainConfig(model=str(work["base"]), output=str(tmp_path / "r2"), data=str(wrong), **common))
+    with pytest.raises(NexusError, match="temperature"):
+        train(TrainConfig(model=str(work["base"]), output=str(tmp_path / "r3"), temperature=2.0, **common))
