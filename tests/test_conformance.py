@@ -28,7 +28,16 @@ from nexus.fingerprint import config_fingerprint
 from nexus.loading import load_model
 from nexus.shared_expert import attach_shared_experts, freeze_base, is_shared_parameter
 
-FAMILIES = registered_family_names()
+# -- start conformance_families --
+FAMILIES = registered_family_names()  # every family the installed plugins register
+
+
+@pytest.fixture(params=FAMILIES)
+def case(request, family_checkpoint):
+    """``(family, checkpoint dir, freshly loaded model)`` for one family."""
+    family, path = family_checkpoint(request.param)
+    return family, path, load_model(path)
+# -- end conformance_families --
 
 
 @pytest.fixture(scope="session")
@@ -43,13 +52,6 @@ def family_checkpoint(tmp_path_factory):
         return cache[name]
 
     return get
-
-
-@pytest.fixture(params=FAMILIES)
-def case(request, family_checkpoint):
-    """``(family, checkpoint dir, freshly loaded model)`` for one family."""
-    family, path = family_checkpoint(request.param)
-    return family, path, load_model(path)
 
 
 def test_matrix_covers_every_first_party_family():

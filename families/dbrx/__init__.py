@@ -21,6 +21,7 @@ def example_config():
     )
 
 
+# -- start dbrx_spec --
 SPEC = FamilySpec(
     name="dbrx",
     model_types=("dbrx",),
@@ -45,3 +46,4 @@ SPEC = FamilySpec(
 )
 
 plugin = SpecFamily(SPEC)
+# -- end dbrx_spec --

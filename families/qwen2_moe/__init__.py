@@ -23,6 +23,7 @@ def example_config():
     )
 
 
+# -- start qwen2_moe_spec --
 SPEC = FamilySpec(
     name="qwen2_moe",
     model_types=("qwen2_moe",),
@@ -37,3 +38,4 @@ SPEC = FamilySpec(
 )
 
 plugin = SpecFamily(SPEC)
+# -- end qwen2_moe_spec --
