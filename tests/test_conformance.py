@@ -212,3 +212,55 @@ def test_adapter_round_trip_gives_identical_logits(case, tmp_path):
     with torch.no_grad():
         assert torch.equal(base(ids).logits, adapted)
     assert len(blocks) == len(family.moe_blocks(base))
+
+
+def test_collect_select_convert_on_the_family(case, tmp_path):
+    """The engines run on every family: router statistics over padded batches equal per-row
+    recomputation, select picks K experts per MoE layer, and convert's shared experts are the
+    averages of the selected experts read from disk; the converted adapter loads and, with its
+    zero gate, leaves the logits unchanged."""
+    from nexus.data import TokenData
+    from nexus.engines.convert import convert
+    from nexus.engines.router_stats import CollectArgs, collect_router_stats
+    from nexus.engines.select import select_experts
+    from nexus.routing import record_routers
+
+    family, path, model = case
+    blocks = family.moe_blocks(model)
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, model.config.vocab_size, (n,), generator=gen).tolist() for n in (7, 4, 9, 6)]
+    stats = collect_router_stats(model, family, TokenData(rows, pad_id=0), CollectArgs(batch_size=2, checkpoint_every=0),
+                                 progress=False)
+    assert sorted(stats.layers) == [b.layer for b in blocks]
+    captures = {b.layer: family.router_capture(b) for b in blocks}
+    with torch.no_grad(), record_routers(family, blocks) as rec:
+        ref = {b.layer: 0 for b in blocks}
+        for r in rows:  # one row at a time: no padding at all
+            model(torch.tensor([r]))
+            for b in blocks:
+                ref[b.layer] = ref[b.layer] + captures[b.layer].probabilities(rec.logits[b.layer]).double().sum(0)
+    for b in blocks:
+        s = stats.layers[b.layer]
+        assert s.tokens == sum(len(r) for r in rows)
+        torch.testing.assert_close(s.sum_p, ref[b.layer], rtol=1e-4, atol=1e-4)
+
+    k = min(2, min(b.num_experts for b in blocks))
+    selection = select_experts(stats, top_k=k)
+    assert [x["layer"] for x in selection["layers"]] == [b.layer for b in blocks]
+    assert all(len(set(x["experts"])) == k for x in selection["layers"])
+
+    adapter = convert(path, tmp_path / "adapter", selection=selection, strategy="pca", progress=False)
+    base = load_model(path)
+    ids = input_ids(model.config)
+    with torch.no_grad():
+        before = base(ids).logits
+    load_adapter(base, adapter)
+    with torch.no_grad():
+        assert torch.equal(base(ids).logits, before)
+    reader = CheckpointReader(path)
+    for block, sel in zip(family.moe_blocks(base), selection["layers"]):
+        w = family.read_experts(reader, base.config, block.layer, sel["experts"])
+        shared = block.module.nexus_shared
+        torch.testing.assert_close(shared.gate_proj.weight, w.gate.mean(0))
+        torch.testing.assert_close(shared.up_proj.weight, w.up.mean(0))
+        torch.testing.assert_close(shared.down_proj.weight, w.down.mean(0))
