@@ -1,0 +1,482 @@
+"""``collect``: streaming statistics of router probabilities over the user's data.
+
+The frozen base runs forward (eval mode, no grad) over tokenised data; every MoE block's router
+logits are captured with forward hooks (:class:`nexus.routing.RouterRecorder`) and turned into
+probabilities with the family's scoring (softmax or sigmoid). Per MoE layer, float64 sums are
+accumulated on the model's device:
+
+- ``count``: tokens counted, ``N``;
+- ``sum_p``: ``sum_t p_t``, ``Tensor[E]``;
+- ``sum_pp``: ``sum_t p_t p_t^T``, ``Tensor[E, E]``;
+- ``topk_count``: how often each expert is among a token's top-k, ``Tensor[E]``;
+- ``topk_weight``: the sum of each expert's routing weight when selected, ``Tensor[E]``.
+
+Memory is ``O(L E^2)``, independent of the number of tokens (storing ``[N, L, E]`` probabilities
+instead takes 9 GB per million tokens for gpt-oss-120b). Because the statistics are sums, shards
+from several processes or from an interrupted and resumed run merge by addition
+(:meth:`RouterStats.merge`).
+
+Top-k rule: the block's ``top_k`` largest *probabilities* (for softmax and sigmoid scoring this
+is the same set as the top-k logits). Families that select with correction biases
+(DeepSeek-V3-style ``e_score_correction_bias``) are still counted with the plain top-k of the
+scores: the statistics describe the router's probabilities, not its load balancing. The routing
+weight of a selected expert is its probability renormalised over the token's top-k (sum 1 per
+token), as GPT-OSS and Mixtral weight their experts.
+
+Which tokens count: padding never does (``attention_mask == 0``). With ``target_tokens`` the run
+stops at exactly that many tokens: inside the last batch only the first real tokens in row-major
+order (row 0's tokens, then row 1's, ...) are counted; across processes the global batch is the
+ranks' rows in rank order, so ``accelerate launch`` with W processes of batch B counts the same
+tokens as one process of batch ``W * B``.
+
+Resuming: every ``checkpoint_every`` batches the partial sums, the next batch index and the
+run's identity (base fingerprint, data fingerprint, target, global batch size, seed) are written
+atomically to the output directory; a rerun with the same identity continues from there, a rerun
+with another identity is refused unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from nexus import __version__
+from nexus.constants import ROUTER_STATS_META_NAME, ROUTER_STATS_NAME
+from nexus.errors import NexusError
+from nexus.fingerprint import config_fingerprint
+from nexus.io import write_json, write_safetensors
+from nexus.routing import RouterRecorder, router_probs
+
+log = logging.getLogger(__name__)
+
+_FIELDS = ("count", "sum_p", "sum_pp", "topk_count", "topk_weight")
+
+
+@dataclass
+class LayerStats:
+    """The float64 sums of one MoE layer (see the module docstring).
+
+    Attributes:
+        layer: decoder layer index.
+        num_experts: E.
+        top_k: experts per token of the block.
+        scoring: ``"softmax"`` or ``"sigmoid"``.
+        count: ``Tensor[1]``, tokens counted.
+        sum_p: ``Tensor[E]``.
+        sum_pp: ``Tensor[E, E]``.
+        topk_count: ``Tensor[E]``.
+        topk_weight: ``Tensor[E]``.
+    """
+
+    layer: int
+    num_experts: int
+    top_k: int
+    scoring: str
+    count: torch.Tensor
+    sum_p: torch.Tensor
+    sum_pp: torch.Tensor
+    topk_count: torch.Tensor
+    topk_weight: torch.Tensor
+
+    @classmethod
+    def zeros(cls, layer: int, num_experts: int, top_k: int, scoring: str, device="cpu") -> "LayerStats":
+        """Empty sums for a layer of ``num_experts`` experts."""
+        z = dict(dtype=torch.float64, device=device)
+        e = num_experts
+        return cls(layer, e, top_k, scoring, torch.zeros(1, **z), torch.zeros(e, **z), torch.zeros(e, e, **z),
+                   torch.zeros(e, **z), torch.zeros(e, **z))
+
+    def update(self, probs: torch.Tensor) -> None:
+        """Add tokens: ``probs`` is ``Tensor[T, E]`` (already without padding), any float dtype."""
+        if probs.shape[0] == 0:
+            return
+        p = probs.to(torch.float64)
+        self.count += p.shape[0]
+        self.sum_p += p.sum(0)
+        self.sum_pp += p.T @ p
+        k = min(self.top_k, self.num_experts)
+        vals, idx = p.topk(k, dim=-1)
+        weights = vals / vals.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        self.topk_count += torch.bincount(idx.reshape(-1), minlength=self.num_experts).to(torch.float64)
+        self.topk_weight.index_add_(0, idx.reshape(-1), weights.reshape(-1))
+
+    @property
+    def tokens(self) -> int:
+        return int(self.count.item())
+
+    def mean(self) -> torch.Tensor:
+        """``E[p]``, ``Tensor[E]`` float64."""
+        return self.sum_p / self.count
+
+    def covariance(self, ddof: int = 1) -> torch.Tensor:
+        """Covariance of the probabilities, ``Tensor[E, E]`` float64, normalised by ``N - ddof``
+        (``ddof=1``: unbiased, as ``numpy.cov`` and sklearn's PCA).
+        """
+        n = self.count
+        if n.item() <= ddof:
+            raise NexusError(f"layer {self.layer}: {self.tokens} tokens are too few for a covariance; collect more data")
+        mu = self.sum_p / n
+        return (self.sum_pp - n * torch.outer(mu, mu)) / (n - ddof)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in _FIELDS}
+
+
+@dataclass
+class RouterStats:
+    """Per-layer router statistics plus what they were computed from.
+
+    Attributes:
+        layers: ``{layer_index: LayerStats}`` in layer order.
+        meta: provenance (family, base fingerprint, data, arguments, progress); see :func:`collect_router_stats`.
+    """
+
+    layers: dict[int, LayerStats]
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_blocks(cls, family, blocks, device="cpu", meta: dict | None = None) -> "RouterStats":
+        """Empty statistics for the MoE ``blocks`` of a model of ``family``."""
+        layers = {}
+        for b in blocks:
+            scoring = family.router_capture(b).scoring
+            layers[b.layer] = LayerStats.zeros(b.layer, b.num_experts, b.top_k, scoring, device)
+        return cls(layers, dict(meta or {}))
+
+    @property
+    def tokens(self) -> int:
+        """Tokens counted (the same in every layer)."""
+        return next(iter(self.layers.values())).tokens if self.layers else 0
+
+    def layout(self) -> list[dict]:
+        """``[{layer, num_experts, top_k, scoring}]``: what must agree for two stats to merge."""
+        return [{"layer": s.layer, "num_experts": s.num_experts, "top_k": s.top_k, "scoring": s.scoring}
+                for s in self.layers.values()]
+
+    def merge(self, other: "RouterStats") -> "RouterStats":
+        """Add ``other``'s sums into these (in place) and return ``self``.
+
+        :raises NexusError: the two were collected on models with different MoE layouts.
+        """
+        if self.layout() != other.layout():
+            raise NexusError("cannot merge router statistics of models with different MoE layers or expert counts")
+        fp, ofp = self.meta.get("base_fingerprint"), other.meta.get("base_fingerprint")
+        if fp and ofp and fp != ofp:
+            raise NexusError(f"cannot merge router statistics of base {fp} with those of base {ofp}")
+        for layer, s in self.layers.items():
+            o = other.layers[layer]
+            for name in _FIELDS:
+                getattr(s, name).add_(getattr(o, name).to(getattr(s, name).device))
+        self.meta["tokens"] = self.tokens
+        return self
+
+    def to(self, device) -> "RouterStats":
+        """These statistics with every tensor on ``device`` (a copy when the device changes)."""
+        layers = {}
+        for layer, s in self.layers.items():
+            t = {n: getattr(s, n).to(device) for n in _FIELDS}
+            layers[layer] = LayerStats(s.layer, s.num_experts, s.top_k, s.scoring, **t)
+        return RouterStats(layers, dict(self.meta))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat tensors ``layers.{i}.{count,sum_p,sum_pp,topk_count,topk_weight}``."""
+        return {f"layers.{layer}.{n}": t for layer, s in self.layers.items() for n, t in s.tensors().items()}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``router_stats.safetensors`` (sums + the metadata, so the file alone is complete)
+        and ``router_stats.json`` (the metadata, for people) into ``directory``, atomically each.
+
+        :return: the directory.
+        """
+        directory = Path(directory)
+        meta = dict(self.meta, nexus_version=__version__, tokens=self.tokens, layers=self.layout())
+        self.meta = meta
+        write_safetensors(directory / ROUTER_STATS_NAME, self.state_dict(),
+                          metadata={"format": "pt", "nexus_meta": json.dumps(meta, default=str)})
+        write_json(directory / ROUTER_STATS_META_NAME, meta)
+        return directory
+
+    @classmethod
+    def load(cls, path: str | Path, device="cpu") -> "RouterStats":
+        """Read statistics saved by :meth:`save` from a directory or the ``.safetensors`` file.
+
+        :raises NexusError: no statistics there, or a file not written by ``nexus collect``.
+        """
+        path = Path(path)
+        file = path / ROUTER_STATS_NAME if path.is_dir() else path
+        if not file.exists():
+            raise NexusError(f"no router statistics at {path} (expected {ROUTER_STATS_NAME}); run `nexus collect` first")
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            raw = (f.metadata() or {}).get("nexus_meta")
+            if raw is None:
+                raise NexusError(f"{file} was not written by `nexus collect` (no nexus metadata)")
+            meta = json.loads(raw)
+            layers = {}
+            for info in meta["layers"]:
+                i = info["layer"]
+                t = {n: f.get_tensor(f"layers.{i}.{n}") for n in _FIELDS}
+                layers[i] = LayerStats(i, info["num_experts"], info["top_k"], info["scoring"], **t)
+        return cls(layers, meta)
+
+
+def data_fingerprint(rows: list[list[int]]) -> str:
+    """16 hex chars identifying tokenised data: a hash of every token id, in order."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(torch.tensor(r, dtype=torch.int64).numpy().tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class CollectArgs:
+    """What a ``collect`` run does (the run's identity is made from these, minus the progress knobs).
+
+    Attributes:
+        target_tokens: stop after exactly this many (non-padding) tokens; None: the whole data, once.
+        batch_size: rows per forward, per process.
+        seed: shuffle the rows with this seed (None: data order). Matters only with ``target_tokens``.
+        checkpoint_every: save the partial statistics every this many batches (0: only at the end).
+    """
+
+    target_tokens: int | None = None
+    batch_size: int = 8
+    seed: int | None = None
+    checkpoint_every: int = 50
+
+    def __post_init__(self):
+        if self.target_tokens is not None and self.target_tokens < 1:
+            raise NexusError(f"--target-tokens must be positive, got {self.target_tokens}")
+        if self.batch_size < 1:
+            raise NexusError(f"--batch-size must be positive, got {self.batch_size}")
+
+
+def process_state():
+    """accelerate's process state; on a machine without an accelerator, processes started by
+    ``torchrun``/``accelerate launch`` join a CPU (gloo) process group."""
+    import os
+
+    from accelerate import PartialState
+
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.accelerator.is_available()
+    return PartialState(cpu=cpu)
+
+
+def _distributed():
+    """``(rank, world_size, reduce_sum, gather, barrier)`` from accelerate's process state."""
+    from accelerate.utils import gather, reduce
+
+    state = process_state()
+    if state.num_processes == 1:
+        return 0, 1, (lambda t: t), (lambda t: t), (lambda: None)
+    return state.process_index, state.num_processes, (lambda t: reduce(t.clone(), "sum")), gather, state.wait_for_everyone
+
+
+def _identity(model, data, args: CollectArgs, world_size: int) -> dict:
+    return {
+        "base_fingerprint": config_fingerprint(model.config),
+        "data_fingerprint": data_fingerprint(data.rows),
+        "target_tokens": args.target_tokens,
+        "global_batch_size": args.batch_size * world_size,
+        "seed": args.seed,
+    }
+
+
+def _resume(output: Path | None, identity: dict, overwrite: bool, device) -> RouterStats | None:
+    if output is None or not (output / ROUTER_STATS_NAME).exists() or overwrite:
+        return None
+    old = RouterStats.load(output, device=device)
+    prev = old.meta.get("identity", {})
+    diff = sorted(k for k in set(prev) | set(identity) if prev.get(k) != identity.get(k))
+    if diff:
+        details = ", ".join(f"{k}: {prev.get(k)!r} -> {identity.get(k)!r}" for k in diff)
+        raise NexusError(
+            f"{output} holds router statistics of another run ({details}); "
+            f"pass --overwrite to start over or choose another --output"
+        )
+    return old
+
+
+def _batches(data, batch_size: int, seed, start: int, rank: int, world_size: int):
+    """``(index, batch or None)`` for every global batch of one pass from ``start``: a rank whose
+    share of the last global batch is empty gets None, so every rank sees every index."""
+    per_pass = max(1, -(-len(data) // (batch_size * world_size)))
+    it = data.batches(batch_size, seed=seed, start=start, rank=rank, world_size=world_size)
+    pending = next(it, None)
+    for index in range(start, per_pass):
+        if pending is not None and pending[0] == index:
+            yield index, pending[1]
+            pending = next(it, None)
+        else:
+            yield index, None
+
+
+def collect_router_stats(
+    model,
+    family,
+    data,
+    args: CollectArgs,
+    output: str | Path | None = None,
+    *,
+    source: dict | None = None,
+    max_batches: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> RouterStats:
+    """Accumulate router statistics of ``model`` over ``data`` (see the module docstring).
+
+    Runs under every process of an ``accelerate launch`` (each its share of every global batch;
+    the sums are reduced across processes before each save), or alone.
+
+    :param model: the base ``*ForCausalLM`` (put in eval mode here), on its compute device.
+    :param family: its :class:`nexus.family.Family`.
+    :param data: a :class:`nexus.data.TokenData` (token id rows + padding id).
+    :param args: a :class:`CollectArgs`.
+    :param output: directory for ``router_stats.safetensors``/``.json`` and the resume
+        checkpoints; None keeps everything in memory (no resume).
+    :param source: informational provenance recorded in the metadata (model path, data path, ...).
+    :param max_batches: stop after this many batches in this call (the statistics are saved
+        incomplete; call again to continue). None: run to the end.
+    :param overwrite: discard statistics of a different run found in ``output``.
+    :param progress: show a tqdm bar in tokens (main process only).
+    :return: the :class:`RouterStats` (summed over processes), ``meta["complete"]`` telling
+        whether the target was reached or the data exhausted.
+    """
+    from tqdm.auto import tqdm
+
+    rank, world, reduce_sum, gather, barrier = _distributed()
+    device = next(model.parameters()).device
+    output = Path(output) if output is not None else None
+    model.eval()
+    blocks = family.moe_blocks(model)
+    identity = _identity(model, data, args, world)
+    meta = {
+        "family": family.name,
+        "base_fingerprint": identity["base_fingerprint"],
+        "model_type": getattr(model.config, "model_type", ""),
+        "identity": identity,
+        "args": asdict(args),
+        "source": dict(source or {}),
+        "world_size": world,
+        "topk_rule": "plain top-k of the probabilities (no correction biases); weights renormalised over the top-k",
+    }
+    resumed = _resume(output, identity, overwrite, device)
+    if resumed is not None and resumed.meta.get("complete"):
+        log.info("%s already holds complete statistics of this run (%d tokens); nothing to do", output, resumed.tokens)
+        return resumed.to("cpu")
+    start = resumed.meta.get("next_batch", 0) if resumed is not None else 0
+    seen = resumed.tokens if resumed is not None else 0
+    if resumed is not None:
+        log.info("resuming router statistics from batch %d (%d tokens)", start, seen)
+    # Rank 0 carries what was already counted; every rank adds only its own tokens, so the
+    # reduced sum counts each token once.
+    stats = RouterStats.for_blocks(family, blocks, device, meta)
+    if resumed is not None and rank == 0:
+        stats.merge(resumed)
+        stats.meta = meta
+
+    target = args.target_tokens
+    total = target if target is not None else data.num_tokens
+    bar = tqdm(total=total, initial=min(seen, total), unit="tok", unit_scale=True, desc="router stats",
+               disable=not progress or rank != 0)
+
+    def save(next_batch: int, complete: bool) -> RouterStats:
+        summed = stats if world == 1 else _reduced(stats, reduce_sum)
+        summed.meta.update(next_batch=next_batch, complete=complete, tokens=summed.tokens)
+        if output is not None and rank == 0:
+            summed.save(output)
+        barrier()
+        return summed
+
+    next_batch, done_batches, complete = start, 0, False
+    with RouterRecorder(family, blocks) as rec, torch.no_grad():
+        for index, batch in _batches(data, args.batch_size, args.seed, start, rank, world):
+            if max_batches is not None and done_batches >= max_batches:
+                break
+            mask = batch["attention_mask"].reshape(-1).bool() if batch is not None else torch.zeros(0, dtype=torch.bool)
+            local = int(mask.sum())
+            counts = gather(torch.tensor([local], device=device)).reshape(-1).tolist()
+            budget = sum(counts) if target is None else min(sum(counts), target - seen)
+            allowed = max(0, min(local, budget - sum(counts[:rank])))
+            if batch is not None and allowed > 0:
+                rec.clear()
+                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+                keep = (mask & (mask.cumsum(0) <= allowed)).to(device)
+                for block in blocks:
+                    logits = rec.logits[block.layer]
+                    if logits.shape[0] != keep.shape[0]:
+                        raise NexusError(
+                            f"family {family.name!r}: layer {block.layer}'s router returned {logits.shape[0]} rows "
+                            f"for {keep.shape[0]} tokens; its RouterCapture must give one row per token"
+                        )
+                    stats.layers[block.layer].update(router_probs(logits[keep], rec.scoring[block.layer]))
+            seen += budget
+            bar.update(budget)
+            done_batches += 1
+            next_batch = index + 1
+            if target is not None and seen >= target:
+                complete = True
+                break
+            if args.checkpoint_every and next_batch % args.checkpoint_every == 0:
+                save(next_batch, False)
+        else:
+            complete = True
+    bar.close()
+    result = save(next_batch, complete)
+    if complete and target is not None and result.tokens < target:
+        log.warning("the data ran out after %d tokens, short of --target-tokens %d; the statistics cover all of it",
+                    result.tokens, target)
+    if complete and result.tokens == 0:
+        raise NexusError("no tokens were counted: the data holds no non-padding tokens")
+    return result.to("cpu")
+
+
+def _reduced(stats: RouterStats, reduce_sum) -> RouterStats:
+    layers = {}
+    for layer, s in stats.layers.items():
+        t = {n: reduce_sum(getattr(s, n)) for n in _FIELDS}
+        layers[layer] = LayerStats(s.layer, s.num_experts, s.top_k, s.scoring, **t)
+    return RouterStats(layers, dict(stats.meta))
+
+
+def run_collect(
+    model_path: str | Path,
+    data_path: str | Path,
+    output: str | Path,
+    args: CollectArgs,
+    *,
+    family_name: str | None = None,
+    seq_len: int = 512,
+    text_column: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    max_batches: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> RouterStats:
+    """Load the base, its tokenizer and the data, then :func:`collect_router_stats` into ``output``.
+
+    The family is resolved (and a dense model refused) before anything heavy is loaded.
+    """
+    from nexus.data import load_token_data, load_tokenizer
+    from nexus.family import resolve_family
+    from nexus.loading import load_config, load_model
+
+    config = load_config(model_path)
+    family = resolve_family(config, name=family_name)
+    tokenizer = load_tokenizer(model_path, config)
+    try:
+        data = load_token_data(data_path, tokenizer, seq_len, text_column=text_column)
+    except StopIteration as exc:  # datasets' json builder on an empty file
+        raise NexusError(f"data {data_path} is empty") from exc
+    model = load_model(model_path, dtype=dtype, device=process_state().device)
+    family.moe_blocks(model)  # a clear error for a model without MoE blocks
+    source = {"base_model": str(model_path), "data": str(data_path), "seq_len": seq_len, "text_column": text_column,
+              "dtype": str(dtype).replace("torch.", "")}
+    return collect_router_stats(model, family, data, args, output, source=source, max_batches=max_batches,
+                                overwrite=overwrite, progress=progress)
