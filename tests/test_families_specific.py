@@ -8,6 +8,7 @@ top-2, DBRX's flat experts, native shared experts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -21,7 +22,7 @@ import nexus
 from helpers_conformance import build_checkpoint, input_ids, perturb_moe_blocks
 from nexus.checkpoint import CheckpointReader
 from nexus.cli import cli
-from nexus.errors import FamilyError
+from nexus.errors import FamilyError, NexusError
 from nexus.family import registered_families, resolve_family
 from nexus.plugins import get_plugin_manager
 from nexus.shared_expert import (
@@ -188,8 +189,6 @@ def test_a_rule_that_disagrees_with_the_model_is_a_clear_error():
     family = _family("qwen3_moe")
     plugin = get_plugin_manager().get_plugin("qwen3_moe")
     original = plugin.spec
-    import dataclasses
-
     plugin.spec = dataclasses.replace(original, is_moe_layer=lambda config, i: True)
     try:
         with pytest.raises(FamilyError, match=r"model\.layers\.1\.mlp .*has no router 'gate'"):
@@ -418,7 +417,7 @@ def test_granitemoe_reads_renamed_and_unrenamed_checkpoints(tmp_path):
 def test_missing_expert_tensors_name_what_was_tried(tmp_path):
     family = _family("mixtral")
     path = build_checkpoint(_family("olmoe"), tmp_path)  # an OLMoE checkpoint read as Mixtral
-    with pytest.raises(nexus.errors.NexusError, match="block_sparse_moe|mlp.experts.gate_up_proj"):
+    with pytest.raises(NexusError, match="block_sparse_moe|mlp.experts.gate_up_proj"):
         family.read_experts(CheckpointReader(path), _family("olmoe").example_config(), 0, [0])
 
 
