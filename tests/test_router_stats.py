@@ -245,3 +245,24 @@ def test_benchmark_router_stats_quick(tmp_path):
     out = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_router_stats.py"), "--quick",
                           "--results-dir", str(tmp_path)], check=True, capture_output=True, text=True)
     assert "ratio" in out.stdout and list(tmp_path.glob("router_stats-*.json"))
+
+
+def test_topk_counts_follow_the_family_selection():
+    """With a selection bias (DeepSeek-V3 style) the counted experts are the family's choice,
+    the weights the unbiased probabilities renormalised over them, the moments unchanged."""
+    from nexus.types import RouterCapture
+
+    logits = torch.randn(50, 6)
+    cap = RouterCapture(module=None, extract=None, scoring="sigmoid", selection_bias=torch.tensor([0, 0, 0, 0, 0, 5.0]))
+    biased, plain = LayerStats.zeros(0, 6, 2, "sigmoid"), LayerStats.zeros(0, 6, 2, "sigmoid")
+    p = cap.probabilities(logits)
+    biased.update(p, cap.select(logits, 2))
+    plain.update(p)
+    assert biased.topk_count[5].item() == 50  # the bias puts expert 5 in every token's top-2
+    assert plain.topk_count[5].item() < 50
+    torch.testing.assert_close(biased.sum_pp, plain.sum_pp, rtol=0, atol=0)
+    idx = cap.select(logits, 2)
+    w = p.double().gather(1, idx)
+    w = w / w.sum(1, keepdim=True)
+    ref = torch.zeros(6, dtype=torch.float64).index_add_(0, idx.reshape(-1), w.reshape(-1))
+    torch.testing.assert_close(biased.topk_weight, ref)

@@ -16,12 +16,13 @@ instead takes 9 GB per million tokens for gpt-oss-120b). Because the statistics 
 from several processes or from an interrupted and resumed run merge by addition
 (:meth:`RouterStats.merge`).
 
-Top-k rule: the block's ``top_k`` largest *probabilities* (for softmax and sigmoid scoring this
-is the same set as the top-k logits). Families that select with correction biases
-(DeepSeek-V3-style ``e_score_correction_bias``) are still counted with the plain top-k of the
-scores: the statistics describe the router's probabilities, not its load balancing. The routing
-weight of a selected expert is its probability renormalised over the token's top-k (sum 1 per
-token), as GPT-OSS and Mixtral weight their experts.
+Top-k rule: the experts the family's :class:`nexus.types.RouterCapture` selects, i.e. the
+block's ``top_k`` largest probabilities (for softmax and sigmoid scoring the same set as the
+top-k logits), plus the capture's ``selection_bias`` when the family chooses with one
+(DeepSeek-V3-style ``e_score_correction_bias``); group-limited routing is not applied. The
+routing weight of a selected expert is its *unbiased* probability renormalised over the token's
+top-k (sum 1 per token), as GPT-OSS and Mixtral weight their experts. The moments (``sum_p``,
+``sum_pp``) are always of the unbiased probabilities.
 
 Which tokens count: padding never does (``attention_mask == 0``). With ``target_tokens`` the run
 stops at exactly that many tokens: inside the last batch only the first real tokens in row-major
@@ -51,7 +52,7 @@ from nexus.constants import ROUTER_STATS_META_NAME, ROUTER_STATS_NAME
 from nexus.errors import NexusError
 from nexus.fingerprint import config_fingerprint
 from nexus.io import write_json, write_safetensors
-from nexus.routing import RouterRecorder, router_probs
+from nexus.routing import RouterRecorder
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +93,20 @@ class LayerStats:
         return cls(layer, e, top_k, scoring, torch.zeros(1, **z), torch.zeros(e, **z), torch.zeros(e, e, **z),
                    torch.zeros(e, **z), torch.zeros(e, **z))
 
-    def update(self, probs: torch.Tensor) -> None:
-        """Add tokens: ``probs`` is ``Tensor[T, E]`` (already without padding), any float dtype."""
+    def update(self, probs: torch.Tensor, selected: torch.Tensor | None = None) -> None:
+        """Add tokens.
+
+        :param probs: ``Tensor[T, E]`` probabilities of the counted tokens (no padding), any float dtype.
+        :param selected: ``Tensor[T, k]`` the experts each token is routed to; None: the top-k of ``probs``.
+        """
         if probs.shape[0] == 0:
             return
         p = probs.to(torch.float64)
         self.count += p.shape[0]
         self.sum_p += p.sum(0)
         self.sum_pp += p.T @ p
-        k = min(self.top_k, self.num_experts)
-        vals, idx = p.topk(k, dim=-1)
+        idx = selected if selected is not None else p.topk(min(self.top_k, self.num_experts), dim=-1).indices
+        vals = p.gather(1, idx)
         weights = vals / vals.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
         self.topk_count += torch.bincount(idx.reshape(-1), minlength=self.num_experts).to(torch.float64)
         self.topk_weight.index_add_(0, idx.reshape(-1), weights.reshape(-1))
@@ -364,7 +369,8 @@ def collect_router_stats(
         "args": asdict(args),
         "source": dict(source or {}),
         "world_size": world,
-        "topk_rule": "plain top-k of the probabilities (no correction biases); weights renormalised over the top-k",
+        "topk_rule": "the family's selection (top-k of probabilities + selection_bias); weights: unbiased "
+                     "probabilities renormalised over the top-k",
     }
     resumed = _resume(output, identity, overwrite, device)
     if resumed is not None and resumed.meta.get("complete"):
@@ -394,6 +400,7 @@ def collect_router_stats(
         barrier()
         return summed
 
+    captures = {b.layer: family.router_capture(b) for b in blocks}
     next_batch, done_batches, complete = start, 0, False
     with RouterRecorder(family, blocks) as rec, torch.no_grad():
         for index, batch in _batches(data, args.batch_size, args.seed, start, rank, world):
@@ -415,7 +422,9 @@ def collect_router_stats(
                             f"family {family.name!r}: layer {block.layer}'s router returned {logits.shape[0]} rows "
                             f"for {keep.shape[0]} tokens; its RouterCapture must give one row per token"
                         )
-                    stats.layers[block.layer].update(router_probs(logits[keep], rec.scoring[block.layer]))
+                    kept = logits[keep]
+                    cap = captures[block.layer]
+                    stats.layers[block.layer].update(cap.probabilities(kept), cap.select(kept, block.top_k))
             seen += budget
             bar.update(budget)
             done_batches += 1
