@@ -20,14 +20,9 @@ from nexus.engines.router_stats import (
 )
 from nexus.errors import NexusError
 
+from helpers_prepare import random_rows, router_reference as reference
+
 FIELDS = ("count", "sum_p", "sum_pp", "topk_count", "topk_weight")
-
-
-def random_rows(n: int, lo: int, hi: int, seed: int, vocab: int = 256) -> list[list[int]]:
-    """``n`` rows of random token ids (never the padding id 0), lengths in ``[lo, hi]``."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
-    return [torch.randint(3, vocab, (k,), generator=g).tolist() for k in lengths]
 
 
 @pytest.fixture(scope="module")
@@ -40,34 +35,6 @@ def model(gpt_oss_mxfp4_dir):
 @pytest.fixture(scope="module")
 def data():
     return TokenData(random_rows(14, 8, 40, seed=0), pad_id=0)
-
-
-def reference(model, batches) -> dict[int, dict[str, torch.Tensor]]:
-    """Per layer, from hooks on transformers' ``GptOssTopKRouter`` (not NEXUS's recorder): the
-    non-padding tokens' probabilities ``p[N, E]`` (float64 of the float32 softmax), the router's
-    own top-k indices ``idx[N, k]`` and routing weights ``w[N, k]``."""
-    out: dict[int, dict[str, list]] = {}
-    captured = {}
-    handles = [
-        layer.mlp.router.register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(i, o))
-        for i, layer in enumerate(model.model.layers)
-    ]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                keep = batch["attention_mask"].reshape(-1).bool()
-                if "keep" in batch:
-                    keep = batch["keep"]
-                for i, (logits, scores, idx) in captured.items():
-                    d = out.setdefault(i, {"p": [], "idx": [], "w": []})
-                    d["p"].append(torch.softmax(logits.float(), -1).double()[keep])
-                    d["idx"].append(idx[keep])
-                    d["w"].append(scores[keep].double())
-    finally:
-        for h in handles:
-            h.remove()
-    return {i: {k: torch.cat(v) for k, v in d.items()} for i, d in out.items()}
 
 
 def assert_stats_equal(a: RouterStats, b: RouterStats, rtol: float = 1e-12, atol: float = 1e-12):
