@@ -14,6 +14,10 @@ from nexus.errors import NexusError
 # Each module defines ``register(cli)``; plugins add more through nexus_register_commands.
 COMMAND_MODULES = (
     "nexus.cli.info",
+    "nexus.cli.prepare",
+    "nexus.cli.train",
+    "nexus.cli.evaluate",
+    "nexus.cli.run",
 )
 
 

@@ -1,0 +1,1 @@
+"""The end-to-end job (``nexus run``): collect -> select -> convert -> train -> evaluate -> plot."""

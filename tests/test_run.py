@@ -1,0 +1,100 @@
+"""``nexus run`` end to end: the demo, a tiny float checkpoint, reruns that skip, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from nexus.cli import cli
+from tests.helpers_train import make_adapter, make_base, make_data
+
+SMALL = ["--max-steps", "4", "--seq-len", "32", "--batch-size", "4", "--target-tokens", "1500",
+         "--eval-batches", "2", "--warmup-steps", "1", "--top-k", "2"]
+
+
+def _run(args):
+    return CliRunner().invoke(cli, ["-q", *args], catch_exceptions=False)
+
+
+@pytest.mark.slow
+def test_run_demo_end_to_end_then_rerun_skips(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEXUS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    first = _run(["--family", "gpt_oss", "run", "--output", str(out), *SMALL])
+    assert first.exit_code == 0, first.output
+    assert "ran collect, select, convert, train, evaluate, plot" in first.output
+    for artifact in ("stats/router_stats.safetensors", "expert_selection.json", "adapter_init/nexus_config.json",
+                     "train/final/adapter_model.safetensors", "train/metrics.jsonl", "eval.json", "train/plots/loss.png"):
+        assert (out / artifact).exists(), artifact
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["adapted"]["perplexity"] > 0 and ev["base"]["perplexity"] > 0
+    selection = json.loads((out / "expert_selection.json").read_text())
+    assert all(len(layer["experts"]) == 2 for layer in selection["layers"])
+
+    again = _run(["--family", "gpt_oss", "run", "--output", str(out), *SMALL])
+    assert again.exit_code == 0, again.output
+    assert "ran nothing" in again.output and "skipped collect, select, convert, train, evaluate, plot" in again.output
+
+    # Changing a training argument reruns train and what follows, not the stages before it.
+    changed = _run(["--family", "gpt_oss", "run", "--output", str(out), *SMALL[:-2], "--top-k", "2", "--lr", "0.01"])
+    assert changed.exit_code == 0, changed.output
+    assert "ran train, evaluate, plot" in changed.output
+
+
+@pytest.mark.slow
+def test_run_on_a_float_checkpoint(gpt_oss_float_dir, tmp_path):
+    base = make_base(gpt_oss_float_dir, tmp_path / "base")
+    data = make_data(tmp_path / "train.jsonl", 30)
+    out = tmp_path / "run"
+    result = _run(["run", "--model", str(base), "--data", str(data), "--output", str(out), *SMALL,
+                   "--strategy", "mean_all", "--gate-mode", "none"])
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((out / "train/final/nexus_config.json").read_text())
+    assert cfg["family"] == "gpt_oss" and cfg["gate_mode"] == "none"
+
+
+def _error_line(result) -> str:
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_run_missing_data_column(gpt_oss_float_dir, tmp_path):
+    base = make_base(gpt_oss_float_dir, tmp_path / "base")
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"content": "hello there"}\n{"content": "general kenobi"}\n')
+    result = CliRunner().invoke(cli, ["-q", "run", "--model", str(base), "--data", str(data),
+                                      "--output", str(tmp_path / "run"), *SMALL])
+    line = _error_line(result)
+    assert "'text'" in line and "content" in line and "--text-column" in line
+
+
+def test_run_seq_len_above_the_model(gpt_oss_float_dir, tmp_path):
+    base = make_base(gpt_oss_float_dir, tmp_path / "base")
+    data = make_data(tmp_path / "train.jsonl", 5)
+    limit = json.loads((base / "config.json").read_text())["max_position_embeddings"]
+    result = CliRunner().invoke(cli, ["-q", "run", "--model", str(base), "--data", str(data),
+                                      "--output", str(tmp_path / "run"), "--seq-len", str(limit * 2)])
+    line = _error_line(result)
+    assert str(limit * 2) in line and str(limit) in line
+
+
+def test_adapter_for_another_base_is_refused(gpt_oss_float_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from nexus.family import resolve_family
+
+    base = make_base(gpt_oss_float_dir, tmp_path / "base")
+    other_cfg = resolve_family(name="gpt_oss").example_config()  # 2 layers, 4 experts: another architecture
+    other = tmp_path / "other"
+    AutoModelForCausalLM.from_config(other_cfg).save_pretrained(other)
+    adapter = make_adapter(other, tmp_path / "adapter")
+    data = make_data(tmp_path / "eval.jsonl", 5)
+    result = CliRunner().invoke(cli, ["-q", "evaluate", "--model", str(base), "--adapter", str(adapter),
+                                      "--data", str(data), "--seq-len", "32"])
+    line = _error_line(result)
+    assert "fingerprint" in line
