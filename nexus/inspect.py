@@ -15,6 +15,14 @@ def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _routed_expert_params(family, block) -> int:
+    """Parameters of one block that belong to routed experts: all but the router and native shared experts."""
+    excluded = {id(p) for p in family.router_capture(block).module.parameters()}
+    for path in block.native_shared:
+        excluded |= {id(p) for p in block.module.get_submodule(path).parameters()}
+    return sum(p.numel() for p in block.module.parameters() if id(p) not in excluded)
+
+
 def describe_checkpoint(path: str | Path, family=None, shared_intermediate_size: int | None = None) -> dict:
     """Summarise the checkpoint at ``path``; the model is built on the meta device only.
 
@@ -41,9 +49,7 @@ def describe_checkpoint(path: str | Path, family=None, shared_intermediate_size:
         with torch.device("meta"):
             shared = family.build_shared_expert(config, block, shared_intermediate_size or block.intermediate_size)
         shared_params += _count(shared)
-    expert_params = sum(
-        _count(m) for b in blocks for n, m in b.module.named_children() if "expert" in n and "shared" not in n
-    )
+    expert_params = sum(_routed_expert_params(family, b) for b in blocks)
     disk = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
     return {
         "path": str(path),
