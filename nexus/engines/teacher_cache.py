@@ -91,17 +91,17 @@ def precompute(config: PrecomputeConfig, accelerator=None) -> Path:
 
     :return: the cache directory.
     """
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from nexus.data import collate, load_token_data, load_tokenizer
+    from nexus.engines.distributed import make_accelerator
     from nexus.engines.teachers import tokenizer_fingerprint
     from nexus.fingerprint import config_fingerprint
     from nexus.loading import load_model
     from nexus.losses import topk_logprobs
     from nexus.routing import RouterRecorder
 
-    accelerator = accelerator or Accelerator(mixed_precision="bf16" if config.bf16 else "no")
+    accelerator = accelerator or make_accelerator(config.bf16)
     out = Path(config.output)
     model = load_model(config.teacher, dtype=torch.bfloat16 if config.bf16 else torch.float32, device=accelerator.device)
     tokenizer = load_tokenizer(config.tokenizer or config.teacher, model.config)

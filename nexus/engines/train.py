@@ -33,6 +33,7 @@ from nexus import __version__
 from nexus.adapter import load_adapter, read_adapter_config, save_adapter
 from nexus.constants import RUN_CONFIG_NAME
 from nexus.engines.average import SFA
+from nexus.engines.distributed import make_accelerator
 from nexus.engines.checkpointing import (
     ADAPTER_SUBDIR,
     MetricsLog,
@@ -219,7 +220,6 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     :return: a :class:`TrainResult`.
     :raises NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
     """
-    from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
 
     from nexus.data import load_tokenizer
@@ -229,9 +229,7 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     from nexus.loading import load_model
     from nexus.shared_expert import freeze_base
 
-    accelerator = accelerator or Accelerator(
-        mixed_precision="bf16" if config.bf16 else "no", log_with=config.report_to, project_dir=config.output
-    )
+    accelerator = accelerator or make_accelerator(config.bf16, log_with=config.report_to, project_dir=config.output)
     main, world, rank, device = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index, accelerator.device
     run_dir = Path(config.output)
     checkpoint = latest_checkpoint(run_dir) if config.resume else None

@@ -1,0 +1,18 @@
+"""The accelerate ``Accelerator`` the engines run under."""
+
+from __future__ import annotations
+
+import torch
+
+
+def make_accelerator(bf16: bool = False, **kwargs):
+    """An ``Accelerator`` for this machine: bf16 mixed precision when asked, and on a machine
+    without an accelerator the CPU, so that ``torchrun``/``accelerate launch`` processes form a
+    gloo process group (accelerate only detects multi-CPU runs when told to use the CPU).
+
+    :param kwargs: passed on to ``Accelerator`` (``log_with``, ``project_dir``...).
+    """
+    from accelerate import Accelerator
+
+    cpu = not torch.accelerator.is_available()
+    return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no", **kwargs)

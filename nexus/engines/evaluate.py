@@ -1,0 +1,195 @@
+"""``nexus evaluate`` and ``nexus generate``: held-out quality of an adapter against its base.
+
+Perplexity is ``exp(total NLL / predicted tokens)`` over every non-padding next-token target of
+the data (padding masked, each batch weighted by its predicted tokens). With an adapter, the
+same model is run twice per batch: adapted, and as the base (:func:`base_view`: shared experts
+off, original routers), so no second copy is loaded. Router health per MoE layer: mean entropy
+of the router probabilities and load, the fraction of (token, top-k slot) assignments each
+expert receives (sums to 1; uniform is ``1/E``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from nexus import __version__
+from nexus.errors import NexusError
+
+log = logging.getLogger(__name__)
+
+
+class _RouterTally:
+    """Per-layer sums for router entropy and top-k load over non-padding tokens."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+        self.tokens = 0
+        self.entropy = {b.layer: 0.0 for b in blocks}
+        self.load = {b.layer: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks}
+
+    def add(self, recorder, mask: torch.Tensor) -> dict[int, torch.Tensor]:
+        from nexus.losses import entropy_sum
+
+        probs = {}
+        for b in self.blocks:
+            p = recorder.probs(b.layer)
+            probs[b.layer] = p
+            self.entropy[b.layer] += float(entropy_sum(p, mask))
+            top = recorder.logits[b.layer].topk(b.top_k, dim=-1).indices[mask]
+            self.load[b.layer] += torch.bincount(top.reshape(-1).cpu(), minlength=b.num_experts).double()
+        self.tokens += int(mask.sum())
+        return probs
+
+    def summary(self) -> dict:
+        n = max(self.tokens, 1)
+        layers = [b.layer for b in self.blocks]
+        loads = [(self.load[layer] / self.load[layer].sum().clamp_min(1)).tolist() for layer in layers]
+        return {
+            "layers": layers,
+            "entropy": [self.entropy[layer] / n for layer in layers],
+            "load": loads,
+            "load_max": [max(x) for x in loads],
+            "load_min": [min(x) for x in loads],
+        }
+
+
+def evaluate(
+    model_path: str | Path,
+    data,
+    adapter: str | Path | None = None,
+    seq_len: int = 512,
+    batch_size: int = 4,
+    max_batches: int | None = None,
+    tokenizer: str | None = None,
+    text_column: str | None = None,
+    device: str | None = None,
+    bf16: bool = False,
+) -> dict:
+    """Evaluate the base (and the adapted model, with ``adapter``) on ``data``.
+
+    :return: a JSON-able dict: ``tokens``, ``base``/``adapted`` (``nll``, ``perplexity``,
+        ``router``), ``kl_base_adapted`` (mean per predicted token of KL(base || adapted)) and
+        ``router_drift`` (per layer mean ``|p_adapted - p_base|``), plus provenance.
+    """
+    from tqdm.auto import tqdm
+
+    from nexus.adapter import load_adapter, read_adapter_config
+    from nexus.data import load_token_data, load_tokenizer
+    from nexus.engines.teachers import base_view, router_parameters
+    from nexus.family import resolve_family
+    from nexus.fingerprint import config_fingerprint
+    from nexus.loading import load_model
+    from nexus.losses import cross_entropy_sum, kl_div_sum, l1_drift_sum, shift_for_next_token
+    from nexus.routing import RouterRecorder
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(model_path, dtype=torch.bfloat16 if bf16 else torch.float32, device=device)
+    adapter_cfg = read_adapter_config(adapter) if adapter else None
+    family = resolve_family(model.config, name=adapter_cfg.family if adapter_cfg else None)
+    blocks = family.moe_blocks(model)
+    originals = {n: p.detach().clone() for n, p in router_parameters(model, family, blocks).items()} if adapter_cfg and adapter_cfg.router_keys else {}
+    if adapter:
+        load_adapter(model, adapter, family=family)
+    model.eval()
+    tok = load_tokenizer(tokenizer or model_path, model.config)
+    tdata = load_token_data(data, tok, seq_len, text_column)
+    base_tally, adapted_tally = _RouterTally(blocks), _RouterTally(blocks)
+    nll = {"base": 0.0, "adapted": 0.0}
+    kl, drift, n_pred = 0.0, {b.layer: 0.0 for b in blocks}, 0
+    total = -(-len(tdata.rows) // batch_size)
+    if max_batches:
+        total = min(total, max_batches)
+    batches = tdata.batches(batch_size)
+    for i, (_, batch) in enumerate(tqdm(batches, total=total, desc="evaluate", unit="batch")):
+        if i >= total:
+            break
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        in_mask = mask.reshape(-1).bool()
+        with torch.no_grad():
+            with base_view(model, originals), RouterRecorder(family, blocks) as rec:
+                base_logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            base_probs = base_tally.add(rec, in_mask)
+            lg, labels = shift_for_next_token(base_logits, batch["labels"].to(device))
+            s, n = cross_entropy_sum(lg, labels)
+            nll["base"] += float(s)
+            n_pred += int(n)
+            if adapter:
+                with RouterRecorder(family, blocks) as rec:
+                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                probs = adapted_tally.add(rec, in_mask)
+                la, _ = shift_for_next_token(logits, batch["labels"].to(device))
+                nll["adapted"] += float(cross_entropy_sum(la, labels)[0])
+                kl += float(kl_div_sum(lg, la, labels != -100))
+                for layer in drift:
+                    drift[layer] += float(l1_drift_sum(base_probs[layer], probs[layer], in_mask))
+    if n_pred == 0:
+        raise NexusError(f"data {data} has no tokens to predict")
+    import math
+
+    def _ppl(x: float) -> dict:
+        return {"nll": x / n_pred, "perplexity": math.exp(x / n_pred)}
+
+    result = {
+        "nexus_version": __version__,
+        "family": family.name,
+        "base_fingerprint": config_fingerprint(model.config),
+        "model": str(model_path),
+        "adapter": str(adapter) if adapter else None,
+        "data": str(data),
+        "args": {"seq_len": seq_len, "batch_size": batch_size, "max_batches": max_batches, "bf16": bf16},
+        "tokens": n_pred,
+        "base": {**_ppl(nll["base"]), "router": base_tally.summary()},
+    }
+    if adapter:
+        result["adapted"] = {**_ppl(nll["adapted"]), "router": adapted_tally.summary()}
+        result["kl_base_adapted"] = kl / n_pred
+        result["router_drift"] = [drift[b.layer] / max(base_tally.tokens, 1) for b in blocks]
+        result["perplexity_ratio"] = result["adapted"]["perplexity"] / result["base"]["perplexity"]
+    return result
+
+
+def generate(
+    model_path: str | Path,
+    prompt: str,
+    adapter: str | Path | None = None,
+    chat: bool = False,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    tokenizer: str | None = None,
+    seed: int = 0,
+    device: str | None = None,
+) -> str:
+    """Continue ``prompt`` with the (adapted) model and return the new text only.
+
+    :param chat: wrap ``prompt`` as a user message with the tokenizer's chat template.
+    :param temperature: 0 for greedy decoding, else sampling at this temperature.
+    """
+    from nexus.adapter import load_adapter
+    from nexus.data import load_tokenizer
+    from nexus.loading import load_model
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(model_path, device=device)
+    if adapter:
+        load_adapter(model, adapter)
+    tok = load_tokenizer(tokenizer or model_path, model.config)
+    if chat:
+        if getattr(tok, "chat_template", None) is None:
+            raise NexusError(f"the tokenizer of {tokenizer or model_path} has no chat template; drop --chat")
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    if ids.shape[1] == 0:
+        raise NexusError("the prompt is empty after tokenisation; give some text")
+    torch.manual_seed(seed)
+    sample = temperature > 0
+    kwargs = {"do_sample": True, "temperature": temperature} if sample else {"do_sample": False}
+    with torch.no_grad():
+        out = model.generate(
+            ids.to(device), attention_mask=torch.ones_like(ids).to(device), max_new_tokens=max_new_tokens,
+            pad_token_id=tok.pad_token_id, **kwargs,
+        )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
