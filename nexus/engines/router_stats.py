@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -283,9 +284,10 @@ def _distributed():
     return state.process_index, state.num_processes, (lambda t: reduce(t.clone(), "sum")), gather, state.wait_for_everyone
 
 
-def _identity(model, data, args: CollectArgs, world_size: int) -> dict:
+def run_identity(config, data, args: CollectArgs, world_size: int) -> dict:
+    """What must match for a rerun to resume a run: base, data, target, global batch, seed."""
     return {
-        "base_fingerprint": config_fingerprint(model.config),
+        "base_fingerprint": config_fingerprint(config),
         "data_fingerprint": data_fingerprint(data.rows),
         "target_tokens": args.target_tokens,
         "global_batch_size": args.batch_size * world_size,
@@ -293,7 +295,18 @@ def _identity(model, data, args: CollectArgs, world_size: int) -> dict:
     }
 
 
+def check_writable(output: Path) -> None:
+    """Fail early, leaving nothing behind, when ``output`` cannot be created or written."""
+    existing = output
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise NexusError(f"cannot write {output}: {existing} is not a writable directory; choose a writable --output")
+
+
 def _resume(output: Path | None, identity: dict, overwrite: bool, device) -> RouterStats | None:
+    """The statistics in ``output`` when they belong to the run ``identity`` (None when there are
+    none, or with ``overwrite``); another run's raise :class:`NexusError`."""
     if output is None or not (output / ROUTER_STATS_NAME).exists() or overwrite:
         return None
     old = RouterStats.load(output, device=device)
@@ -358,9 +371,11 @@ def collect_router_stats(
     rank, world, reduce_sum, gather, barrier = _distributed()
     device = next(model.parameters()).device
     output = Path(output) if output is not None else None
+    if output is not None:
+        check_writable(output)
     model.eval()
     blocks = family.moe_blocks(model)
-    identity = _identity(model, data, args, world)
+    identity = run_identity(model.config, data, args, world)
     meta = {
         "family": family.name,
         "base_fingerprint": identity["base_fingerprint"],
@@ -483,7 +498,10 @@ def run_collect(
         data = load_token_data(data_path, tokenizer, seq_len, text_column=text_column)
     except StopIteration as exc:  # datasets' json builder on an empty file
         raise NexusError(f"data {data_path} is empty") from exc
-    model = load_model(model_path, dtype=dtype, device=process_state().device)
+    state = process_state()
+    check_writable(Path(output))
+    _resume(Path(output), run_identity(config, data, args, state.num_processes), overwrite, "cpu")  # fail before loading
+    model = load_model(model_path, dtype=dtype, device=state.device)
     family.moe_blocks(model)  # a clear error for a model without MoE blocks
     source = {"base_model": str(model_path), "data": str(data_path), "seq_len": seq_len, "text_column": text_column,
               "dtype": str(dtype).replace("torch.", "")}
