@@ -39,8 +39,11 @@ import click  # noqa: E402
               help="Run each adaptation in its own process (per-run peak RSS); default: the preset's (full: on).")
 @click.option("--workers", type=int, default=1, show_default=True, help="Concurrent runs (1 for honest timings).")
 @click.option("--threads", type=int, default=None, help="Torch threads per run (default the preset's).")
+@click.option("--lrs", default=None, help="Override the preset's LR grid, e.g. '1e-3,3e-3,1e-2' (finished runs are reused).")
+@click.option("--seeds", type=int, default=None, help="Override the preset's seed count.")
+@click.option("--lr-extensions", type=int, default=None, help="Override how often a grid may grow past an edge.")
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug.")
-def main(preset, quick, methods, models, out_dir, name, cache, isolate, workers, threads, verbose):
+def main(preset, quick, methods, models, out_dir, name, cache, isolate, workers, threads, lrs, seeds, lr_extensions, verbose):
     """Run the quality benchmark and write its results."""
     import dataclasses
 
@@ -57,6 +60,15 @@ def main(preset, quick, methods, models, out_dir, name, cache, isolate, workers,
         cfg = dataclasses.replace(cfg, threads=threads)
     if isolate is not None:
         cfg = dataclasses.replace(cfg, isolate=isolate)
+    if lrs:
+        try:
+            cfg = dataclasses.replace(cfg, lrs=tuple(sorted(float(x) for x in lrs.split(","))))
+        except ValueError as exc:
+            raise click.BadParameter(f"{lrs!r} is not a comma-separated list of numbers", param_hint="--lrs") from exc
+    if seeds is not None:
+        cfg = dataclasses.replace(cfg, seeds=max(1, seeds))
+    if lr_extensions is not None:
+        cfg = dataclasses.replace(cfg, lr_extensions=max(0, lr_extensions))
     if methods == "all":
         chosen = list(METHODS)
     else:

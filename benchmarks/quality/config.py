@@ -218,10 +218,12 @@ PRESETS = {
         isolate=False,
     ),
     # Hours: ~5.5M-parameter models pretrained ~10 min each, the full method list and LR sweep.
+    # One thread per run: on a shared 2-core machine two threads oversubscribe and run ~10x slower
+    # (measured); pass --threads 2 on an idle machine.
     "full": BenchConfig(
         preset="full",
         vocab_size=8192,
-        models=_models(128, 128, 16, 4, 8192, steps=600, batch_size=16, seq_len=256, warmup=60, eval_every=100, max_seconds=1800),
+        models=_models(128, 128, 16, 4, 8192, steps=450, batch_size=16, seq_len=256, warmup=45, eval_every=75, max_seconds=1800),
         steps=120,
         batch_size=8,
         seq_len=256,
@@ -233,6 +235,6 @@ PRESETS = {
         drift_rows=16,
         collect_rows=64,
         nexus_top_k=4,
-        threads=2,
+        threads=1,
     ),
 }

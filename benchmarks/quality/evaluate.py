@@ -8,18 +8,24 @@ import torch
 import torch.nn.functional as F
 
 
-def causal_ce(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy of ``logits[B, S, V]`` against ``ids[B, S]`` (positions 0..S-2 predict 1..S-1)."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction=reduction)
+def causal_ce(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy of ``logits[B, S, V]`` against ``labels[B, S]`` (positions
+    0..S-2 predict 1..S-1; label ``-100`` marks padding and is ignored)."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), reduction=reduction)
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """``T^2 * KL(teacher || student)`` per predicted token, averaged: logits ``[B, S, V]`` -> scalar."""
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``T^2 * KL(teacher || student)`` averaged over predicted tokens (``labels[:, 1:] != -100``).
+
+    :param student, teacher: logits ``[B, S, V]``.
+    :return: a scalar.
+    """
     t = temperature
     s_logp = F.log_softmax(student[:, :-1].float() / t, dim=-1)
     t_logp = F.log_softmax(teacher[:, :-1].float() / t, dim=-1)
     kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
-    return kl.mean() * t * t
+    mask = (labels[:, 1:] != -100).float()
+    return (kl * mask).sum() / mask.sum().clamp_min(1.0) * t * t
 
 
 @torch.no_grad()

@@ -35,7 +35,8 @@ def build_config(recipe: ModelRecipe):
 
 
 def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
-    """LR multiplier: linear warmup over ``warmup`` steps, then cosine from 1 down to ``floor``."""
+    """LR multiplier: linear warmup over ``warmup`` steps, then cosine from 1 down to ``floor``
+    (the training engine's ``lr_lambda`` with ``schedule="cosine"``)."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)

@@ -170,6 +170,7 @@ def plot(results: dict, out: Path) -> list[Path]:
     names = sorted({m for _, model in models for m in model["summary"]})
     cmap = plt.get_cmap("tab20")
     color = {n: cmap(i % 20) for i, n in enumerate(names)}
+    marker = {n: "o" if n.startswith("nexus") else ("s" if n.startswith("full") else "^") for n in names}
     paths = []
 
     def save(fig, suffix):
@@ -186,7 +187,7 @@ def plot(results: dict, out: Path) -> list[Path]:
         for n, s in model["summary"].items():
             d, g = s["domain_test_ppl"], s["general_test_ppl"]
             if math.isfinite(d["mean"]) and math.isfinite(g["mean"]):
-                ax.errorbar(d["mean"], g["mean"], xerr=d["std"], yerr=g["std"], fmt="o", color=color[n], label=n, capsize=3)
+                ax.errorbar(d["mean"], g["mean"], xerr=d["std"], yerr=g["std"], fmt=marker[n], color=color[n], label=n, capsize=3)
         ax.set(title=f"{mname}: best LR, mean ± std", xlabel="domain ppl (held-out Python) ↓", ylabel="general ppl (held-out SOTU) ↓")
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
@@ -208,7 +209,7 @@ def plot(results: dict, out: Path) -> list[Path]:
                     front.append((d, g))
                     best_g = g
             ax.scatter(*zip(*pts), s=8, alpha=0.35, color=color[n])
-            ax.plot(*zip(*front), "-o", ms=3, color=color[n], label=n)
+            ax.plot(*zip(*front), "-", marker=marker[n], ms=3, color=color[n], label=n)
         ax.set(title=f"{mname}: Pareto front over LRs and checkpoints", xlabel="domain ppl ↓", ylabel="general ppl ↓")
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -221,7 +222,7 @@ def plot(results: dict, out: Path) -> list[Path]:
         for n, s in model["summary"].items():
             pts = [(p["lr"], p["domain_val_ppl"]) for p in s["lr_curve"] if math.isfinite(p["domain_val_ppl"])]
             if pts:
-                ax.plot(*zip(*pts), "-o", ms=3, color=color[n], label=n)
+                ax.plot(*zip(*pts), "-", marker=marker[n], ms=3, color=color[n], label=n)
         ax.set(title=f"{mname}: LR sweep (seed 0)", xlabel="peak LR", ylabel="validation domain ppl ↓", xscale="log", yscale="log")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))

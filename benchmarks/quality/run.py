@@ -33,6 +33,7 @@ import torch
 from benchmarks.quality.config import BenchConfig, ModelRecipe, digest
 from benchmarks.quality.corpus import domain_corpus, general_corpus
 from benchmarks.quality.evaluate import perplexity, router_drift, router_probs
+from benchmarks.quality.nexus_path import engines_available
 from benchmarks.quality.methods import (
     METHODS,
     METHODS_BY_NAME,
@@ -48,11 +49,12 @@ from benchmarks.quality.pretrain import build_config, cached_base
 from benchmarks.quality.rows import spread, stream_rows
 from benchmarks.quality.tokenizer import cached_stream, cached_tokenizer
 from benchmarks.quality.trainer import TrainSettings, eval_steps, train
-from nexus.io import write_json
+from nexus.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
 EVAL_SPLITS = ("domain_val", "domain_test", "general_test")
+RUN_FORMAT = 2  # bump when a change to the runs invalidates cached run results
 
 
 def bench_cache() -> Path:
@@ -68,19 +70,29 @@ def bench_cache() -> Path:
 def prepare_inputs(cfg: BenchConfig, cache: Path) -> dict:
     """Corpora, the tokenizer and every split's cached token stream.
 
-    :return: ``general``/``domain`` corpora, ``tokenizer``, ``tokenizer_dir``, and
-        ``streams[(corpus, split)]`` -> path of a ``uint16`` ``.npy`` stream.
+    :return: ``general``/``domain`` corpora, ``tokenizer``, ``tokenizer_dir``,
+        ``streams[(corpus, split)]`` -> path of a ``uint16`` ``.npy`` stream (evaluation and
+        pretraining), and ``domain_train_jsonl``: the domain training documents, one JSON
+        ``{"text": ...}`` per line, which every adaptation method trains on (packed by
+        :func:`nexus.data.load_token_data`).
     """
     general = general_corpus(max_chars=cfg.general_max_chars)
     domain = domain_corpus(max_chars=cfg.domain_max_chars)
     tokenizer, tok_dir = cached_tokenizer(general.texts("train"), cfg.vocab_size, cache, general.fingerprint)
+    data_path = cache / "streams" / f"domain-train-{domain.fingerprint}.jsonl"
+    if not data_path.exists():
+        with atomic_path(data_path) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for text in domain.texts("train"):
+                    f.write(json.dumps({"text": text}) + "\n")
     streams = {}
     for corpus in (general, domain):
         for split in ("train", "val", "test"):
             key = f"stream-{digest(tok_dir.name, corpus.fingerprint, split)}"
             cached_stream(tokenizer, corpus.texts(split), cache / "streams", key)
             streams[(corpus.name, split)] = cache / "streams" / f"{key}.npy"
-    return {"general": general, "domain": domain, "tokenizer": tokenizer, "tokenizer_dir": tok_dir, "streams": streams}
+    return {"general": general, "domain": domain, "tokenizer": tokenizer, "tokenizer_dir": tok_dir, "streams": streams,
+            "domain_train_jsonl": data_path}
 
 
 def _rows(inputs: dict, corpus: str, split: str, seq_len: int) -> torch.Tensor:
@@ -112,6 +124,7 @@ def build_context(cfg: BenchConfig, recipe: ModelRecipe, inputs: dict, cache: Pa
     from transformers import AutoModelForCausalLM
 
     from benchmarks.quality import nexus_path
+    from nexus.data import load_token_data
     from nexus.loading import load_model
 
     path = work / "context.json"
@@ -155,10 +168,25 @@ def build_context(cfg: BenchConfig, recipe: ModelRecipe, inputs: dict, cache: Pa
     config = build_config(recipe)
     factory = lambda: AutoModelForCausalLM.from_config(config)  # noqa: E731
     engines = nexus_path.engine_status()
+    work.mkdir(parents=True, exist_ok=True)
+    data = load_token_data(inputs["domain_train_jsonl"], inputs["tokenizer"], cfg.seq_len)
+    torch.save(
+        {"ids": torch.tensor([t for r in data.rows for t in r], dtype=torch.int32),
+         "lengths": torch.tensor([len(r) for r in data.rows]), "pad_id": data.pad_id},
+        work / "train_rows.pt",
+    )
+    selection_path = None
+    use_engines = family is not None and engines["convert"] == "engine" and engines["train"] == "engine"
     if family is not None:
-        train_rows = _rows(inputs, "domain", "train", cfg.seq_len)
-        stats = nexus_path.collect_stats(model, family, spread(train_rows, cfg.collect_rows))
-        k = min(cfg.nexus_top_k, model.config.num_experts if hasattr(model.config, "num_experts") else model.config.num_local_experts)
+        full = torch.tensor([r for r in data.rows if len(r) == cfg.seq_len])
+        collect_rows = spread(full, cfg.collect_rows)
+        num_experts = family.moe_blocks(model)[0].num_experts
+        k = min(cfg.nexus_top_k, num_experts)
+        if use_engines:
+            selection_path = work / "expert_selection.json"
+            nexus_path.selection_document(model, family, collect_rows, k, selection_path)
+        # The local stand-in's selections too (cheap): the fallback path and the equivalence test use them.
+        stats = nexus_path.collect_stats(model, family, collect_rows)
         for strategy in ("pca", "top1", "mean_all", "zeros"):
             selections[strategy] = nexus_path.select(stats, strategy, k, seed=0)
         for seed in range(max(cfg.seeds, 1)):
@@ -175,7 +203,6 @@ def build_context(cfg: BenchConfig, recipe: ModelRecipe, inputs: dict, cache: Pa
     del model
 
     tensors_path = work / "context.pt"
-    work.mkdir(parents=True, exist_ok=True)
     torch.save({"eval_rows": eval_rows, "drift_rows": drift_rows, "base_probs": base_probs}, tensors_path)
     ctx = {
         "model": recipe.name,
@@ -192,8 +219,12 @@ def build_context(cfg: BenchConfig, recipe: ModelRecipe, inputs: dict, cache: Pa
         "nexus_budgets": budgets,
         "lora_ranks": ranks,
         "engines": engines,
+        "nexus_pipeline": "engines" if use_engines else "local",
+        "selection_path": str(selection_path) if selection_path else None,
         "tensors": str(tensors_path),
-        "train_stream": str(inputs["streams"][("domain", "train")]),
+        "train_rows": str(work / "train_rows.pt"),
+        "train_jsonl": str(inputs["domain_train_jsonl"]),
+        "domain_train_rows": len(data.rows),
         "seq_len": cfg.seq_len,
         "config": asdict(cfg),
     }
@@ -227,38 +258,16 @@ def prepare_method(ctx: dict, method: Method, model, seed: int):
     raise ValueError(f"unknown method kind {method.kind!r}")
 
 
-def run_one(job: dict) -> dict:
-    """Run one (method, LR, seed) adaptation and write its JSON (see the module docstring).
+def _train_rows(path) -> "TokenData":
+    from nexus.data import TokenData
 
-    :param job: ``context`` (path of context.json), ``method``, ``lr``, ``seed``, ``out`` (JSON
-        path), ``isolated`` (running in its own process), ``log_level``.
-    :return: the run's result dict.
-    """
-    logging.basicConfig(level=job.get("log_level", logging.WARNING), format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from nexus.loading import load_model
+    saved = torch.load(path)
+    rows = [r.tolist() for r in torch.split(saved["ids"].long(), saved["lengths"].tolist())]
+    return TokenData(rows, int(saved["pad_id"]))
 
-    ctx = json.loads(Path(job["context"]).read_text())
-    cfg = ctx["config"]
-    torch.set_num_threads(cfg["threads"])
-    method = METHODS_BY_NAME[job["method"]]
-    seed, lr = job["seed"], job["lr"]
-    tensors = torch.load(ctx["tensors"])
-    train_rows = stream_rows(np.load(ctx["train_stream"]), ctx["seq_len"])
-    t_start = time.perf_counter()
-    model = load_model(ctx["base_path"])
-    torch.manual_seed(seed)
-    prepared = prepare_method(ctx, method, model, seed)
-    setup_seconds = time.perf_counter() - t_start
 
-    def evaluate(step: int) -> dict:
-        prepared.model.eval()
-        return {f"{name}_ppl": perplexity(prepared.model, rows) for name, rows in tensors["eval_rows"].items()}
-
-    initial = {
-        f"{name}_ppl": perplexity(prepared.model, tensors["eval_rows"][name]) for name in ("domain_test", "general_test")
-    }
-    settings = TrainSettings(
+def _settings(cfg: dict, method: Method, lr: float, seed: int) -> TrainSettings:
+    return TrainSettings(
         steps=cfg["steps"],
         batch_size=cfg["batch_size"],
         lr=lr,
@@ -270,23 +279,80 @@ def run_one(job: dict) -> dict:
         sfa_every=max(1, round(cfg["sfa_every_frac"] * cfg["steps"])) if method.sfa else 0,
         eval_at=eval_steps(cfg["steps"], cfg["eval_points"]),
     )
-    record = train(prepared, train_rows, settings, evaluate)
+
+
+def run_one(job: dict) -> dict:
+    """Run one (method, LR, seed) adaptation and write its JSON (see the module docstring).
+
+    NEXUS methods go through ``convert`` + the training engine when the context says so
+    (``nexus_pipeline == "engines"``); everything else through :func:`trainer.train`.
+
+    :param job: ``context`` (path of context.json), ``method``, ``lr``, ``seed``, ``out`` (JSON
+        path), ``isolated`` (running in its own process), ``log_level``.
+    :return: the run's result dict.
+    """
+    import shutil
+
+    from benchmarks.quality import nexus_path
+    from nexus.loading import load_model
+
+    logging.basicConfig(level=job.get("log_level", logging.WARNING), format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ctx = json.loads(Path(job["context"]).read_text())
+    cfg = ctx["config"]
+    torch.set_num_threads(cfg["threads"])
+    method = METHODS_BY_NAME[job["method"]]
+    seed, lr = job["seed"], job["lr"]
+    tensors = torch.load(ctx["tensors"])
+    settings = _settings(cfg, method, lr, seed)
+
+    def evaluate_model(model, step: int) -> dict:
+        model.eval()
+        return {f"{name}_ppl": perplexity(model, rows) for name, rows in tensors["eval_rows"].items()}
+
+    t_start = time.perf_counter()
+    if method.kind == "nexus" and ctx.get("nexus_pipeline") == "engines":
+        width = shared_width(method, ctx["expert_width"], cfg["small_fraction"])
+        scratch = Path(job["out"]).with_suffix(".work")
+        shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            out = nexus_path.train_with_engines(
+                ctx["base_path"], ctx["train_jsonl"], ctx["selection_path"], method.init, method.gate, method.train_router,
+                width, settings, ctx["seq_len"], scratch, evaluate_model,
+            )
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        trained = out.pop("model")
+        initial = out.pop("initial")
+        trainable = out.pop("trainable")
+        info = {"pipeline": "engines", "shared_intermediate_size": width, "gate": method.gate, "init": method.init}
+        record = out
+    else:
+        data = _train_rows(ctx["train_rows"])
+        model = load_model(ctx["base_path"])
+        torch.manual_seed(seed)
+        prepared = prepare_method(ctx, method, model, seed)
+        initial = evaluate_model(prepared.model, 0)
+        record = train(prepared, data, settings, lambda step: evaluate_model(prepared.model, step))
+        trained, trainable = prepared.model, count_trainable(prepared)
+        info = {"pipeline": "benchmark loop", **prepared.info}
+    wall = time.perf_counter() - t_start
     drift = {}
     if not record["diverged"]:
         for name, rows in tensors["drift_rows"].items():
-            drift[name] = router_drift(router_probs(prepared.model, rows), tensors["base_probs"][name], ctx["top_k"])
+            drift[name] = router_drift(router_probs(trained, rows), tensors["base_probs"][name], ctx["top_k"])
     final = record["evals"][-1] if record["evals"] and not record["diverged"] else {}
     result = {
         "model": ctx["model"],
         "method": method.name,
         "lr": lr,
         "seed": seed,
-        "trainable_params": count_trainable(prepared),
-        "info": prepared.info,
-        "initial": initial,
+        "trainable_params": trainable,
+        "info": info,
+        "initial": {k: initial[k] for k in ("domain_test_ppl", "general_test_ppl")},
         "final": {k: final.get(f"{k}_ppl", float("inf")) for k in EVAL_SPLITS},
         "router_drift": drift,
-        "setup_seconds": round(setup_seconds, 2),
+        "wall_seconds": round(wall, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "rss_isolated": bool(job.get("isolated")),
         **record,
@@ -446,7 +512,7 @@ def run_benchmark(
         if models and recipe.name not in models:
             continue
         base_key = recipe.key(inputs["tokenizer_dir"].name, inputs["general"].fingerprint)
-        run_key = digest(cfg.adaptation_dict(), base_key, inputs["domain"].fingerprint)
+        run_key = digest(RUN_FORMAT, cfg.adaptation_dict(), base_key, inputs["domain"].fingerprint, engines_available())
         work = cache / "quality-runs" / f"{cfg.preset}-{recipe.name}-{run_key}"
         t_model = time.perf_counter()
         ctx = build_context(cfg, recipe, inputs, cache, work)

@@ -1,10 +1,12 @@
-"""The adaptation loop shared by every method: same data order, budget, schedule and loss.
+"""The adaptation loop of the baselines (and of NEXUS when its engines are not installed).
 
-Loss = CE on the domain data (+ ``kd_weight * T^2 * KL(teacher || student)`` when the method
-has self-distillation on; the teacher is the same model under ``Prepared.teacher``). AdamW
-(no weight decay) over the method's trainable parameters, linear warmup then cosine to 10%,
-gradient clipping at 1.0. SFA (arXiv 2501.05559): every ``sfa_every`` steps the trainable
-parameters become ``(1 - beta) * current + beta * initial``.
+It mirrors ``nexus.engines.train`` step for step, so every method sees the same batches in the
+same order under the same optimisation: batches from :meth:`nexus.data.TokenData.batches`
+(the engine's order), loss = CE over predicted tokens (+ ``kd_weight * T^2 * KL(teacher ||
+student)`` when the method distils; the teacher is the same model under ``Prepared.teacher``),
+AdamW without weight decay over the trainable parameters, linear warmup then cosine down to
+``min_lr_ratio``, gradient clipping at 1.0, and SFA (arXiv 2501.05559) as the engine's: every
+``sfa_every`` steps ``theta <- (1 - beta) theta + beta snapshot; snapshot <- theta``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import torch
 from benchmarks.quality.evaluate import causal_ce, kd_loss
 from benchmarks.quality.methods import Prepared
 from benchmarks.quality.pretrain import warmup_cosine
-from benchmarks.quality.rows import batches
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class TrainSettings:
         steps, batch_size: the budget (rows of the shared sequence length).
         lr, warmup_frac: peak LR and warmup share of the steps.
         seed: data order and any random init.
+        min_lr_ratio: the cosine floor (fraction of the peak LR).
         kd_weight, kd_temperature: distillation (0: CE only).
         sfa_beta, sfa_every: SFA averaging (``sfa_every`` 0: off).
         eval_at: steps after which ``evaluate`` is called (the last should be ``steps``).
@@ -43,6 +45,7 @@ class TrainSettings:
     lr: float
     seed: int
     warmup_frac: float = 0.1
+    min_lr_ratio: float = 0.1
     kd_weight: float = 0.0
     kd_temperature: float = 1.0
     sfa_beta: float = 0.0
@@ -51,12 +54,18 @@ class TrainSettings:
 
 
 def eval_steps(steps: int, points: int) -> tuple[int, ...]:
-    """``points`` evaluation steps evenly spread over training, the last one at ``steps``."""
-    return tuple(sorted({max(1, round(steps * (i + 1) / points)) for i in range(points)}))
+    """Evaluation steps: every ``steps // points`` steps, and ``steps`` (a multiple, so the
+    training engine's periodic checkpoints fall on them)."""
+    every = max(1, steps // max(1, points))
+    return tuple(sorted(set(range(every, steps + 1, every)) | {steps}))
 
 
-def train(prepared: Prepared, rows: torch.Tensor, s: TrainSettings, evaluate: Callable[[int], dict]) -> dict:
-    """Train ``prepared`` on ``rows[N, S]`` for ``s.steps`` steps.
+def warmup_steps(s: TrainSettings) -> int:
+    return max(1, round(s.warmup_frac * s.steps))
+
+
+def train(prepared: Prepared, data, s: TrainSettings, evaluate: Callable[[int], dict]) -> dict:
+    """Train ``prepared`` on ``data`` (a :class:`nexus.data.TokenData`) for ``s.steps`` steps.
 
     :param evaluate: called with the step number at each of ``s.eval_at``; returns a dict of
         metrics (not counted in the training time).
@@ -65,25 +74,26 @@ def train(prepared: Prepared, rows: torch.Tensor, s: TrainSettings, evaluate: Ca
     """
     model, params = prepared.model, prepared.trainable
     opt = torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.999), weight_decay=0.0)
-    warmup = max(1, round(s.warmup_frac * s.steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: warmup_cosine(i, s.steps, warmup))
-    initial = [p.detach().clone() for p in params] if s.sfa_every else None
-    data = batches(rows, s.batch_size, s.seed)
+    warmup = warmup_steps(s)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: warmup_cosine(i, s.steps, warmup, s.min_lr_ratio))
+    snapshot = [p.detach().clone() for p in params] if s.sfa_every else None
+    stream = data.batches(s.batch_size, seed=s.seed)
     use_kd = s.kd_weight > 0 and prepared.teacher is not None
     curve, evals = [], []
     train_seconds, diverged = 0.0, False
     tokens = 0
     for step in range(1, s.steps + 1):
         t0 = time.perf_counter()
-        ids = next(data)
-        logits = model(input_ids=ids).logits
-        ce = causal_ce(logits, ids)
+        _, batch = next(stream)
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        ce = causal_ce(logits, labels)
         loss = ce
         kd = None
         if use_kd:
             with torch.no_grad(), prepared.teacher():
-                teacher_logits = model(input_ids=ids).logits
-            kd = kd_loss(logits, teacher_logits, s.kd_temperature)
+                teacher_logits = model(input_ids=ids, attention_mask=mask).logits
+            kd = kd_loss(logits, teacher_logits, labels, s.kd_temperature)
             loss = ce + s.kd_weight * kd
         if not torch.isfinite(loss):
             diverged = True
@@ -95,12 +105,13 @@ def train(prepared: Prepared, rows: torch.Tensor, s: TrainSettings, evaluate: Ca
         lr = sched.get_last_lr()[0]
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if initial is not None and step % s.sfa_every == 0:
+        if snapshot is not None and step % s.sfa_every == 0:
             with torch.no_grad():
-                for p, p0 in zip(params, initial):
-                    p.mul_(1 - s.sfa_beta).add_(p0, alpha=s.sfa_beta)
+                for p, snap in zip(params, snapshot):
+                    p.mul_(1 - s.sfa_beta).add_(snap, alpha=s.sfa_beta)
+                    snap.copy_(p)
         train_seconds += time.perf_counter() - t0
-        tokens += ids.numel()
+        tokens += int(mask.sum())
         curve.append({
             "step": step,
             "loss": float(loss.detach()),
