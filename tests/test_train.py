@@ -160,3 +160,36 @@ def test_resume_with_other_settings_is_refused(work, tmp_path):
     train(_config(work, tmp_path / "run", max_steps=2))
     with pytest.raises(NexusError, match="batch_size"):
         train(_config(work, tmp_path / "run", max_steps=3, batch_size=3, resume=True))
+
+
+def test_bf16_base_with_fp32_shared_experts(work, tmp_path):
+    result = train(_config(work, tmp_path / "bf16", max_steps=2, bf16=True, train_routers=True, router_kl_weight=0.2))
+    model = result.model
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["model.layers.0.self_attn.q_proj.weight"] == torch.bfloat16
+    assert all(d == torch.float32 for n, d in dtypes.items() if "nexus_shared" in n or "router" in n)
+    rec = _metrics(tmp_path / "bf16")[-1]
+    assert all(map(torch.isfinite, map(torch.tensor, (rec["loss"], rec["kd"], rec["router_kl"]))))
+    # Back to fp32 in the same process: accelerate's global state is reset between engine calls.
+    train(_config(work, tmp_path / "fp32", max_steps=1))
+
+
+def test_cli_train_options_come_from_the_config(work, tmp_path):
+    from click.testing import CliRunner
+
+    from nexus.cli import cli
+
+    help_text = CliRunner().invoke(cli, ["train", "--help"]).output
+    for field in ("--grad-accum", "--router-kl-weight", "--sfa-interval", "--keep-last", "--gradient-checkpointing"):
+        assert field in help_text
+    run = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["train", "--model", str(work["base"]), "--adapter", str(work["adapter"]),
+                                 "--data", str(work["data"]), "--output", str(run), "--seq-len", "32",
+                                 "--batch-size", "2", "--max-steps", "2", "--schedule", "constant", "--train-routers"])
+    assert r.exit_code == 0, r.output
+    assert "trained 2 steps" in r.output
+    saved = json.loads((run / "run_config.json").read_text())["config"]
+    assert saved["schedule"] == "constant" and saved["train_routers"] is True and saved["max_steps"] == 2
+    r = CliRunner().invoke(cli, ["train", "--model", str(work["base"]), "--adapter", str(work["adapter"]),
+                                 "--output", str(tmp_path / "x"), "--seq-len", "32"])
+    assert r.exit_code == 1 and "--data is required" in r.output

@@ -13,6 +13,11 @@ def make_accelerator(bf16: bool = False, **kwargs):
     :param kwargs: passed on to ``Accelerator`` (``log_with``, ``project_dir``...).
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
 
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        # One process calling several engines (tests, notebooks, ``nexus run``) with different
+        # precisions: accelerate's state is a process-wide singleton, so start it afresh.
+        AcceleratorState._reset_state()
     cpu = not torch.accelerator.is_available()
     return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no", **kwargs)

@@ -269,10 +269,14 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     save_cfg.args = {"command": "train", **config.to_dict()}
 
     tokenizer = load_tokenizer(config.tokenizer or config.model, model.config)
-    need_teacher = config.kd_weight > 0 or config.router_kl_weight > 0
-    teacher, cache = _build_teacher(config, model, family, blocks, tokenizer, router_originals, device, accelerator.autocast)
-    if not need_teacher and cache is None:
-        teacher = None
+    teacher, cache = None, None
+    from nexus.engines.teachers import is_teacher_cache
+
+    if config.kd_weight > 0 or config.router_kl_weight > 0 or is_teacher_cache(config.teacher):
+        # A teacher cache is also the data source, so it is opened even for CE-only training.
+        teacher, cache = _build_teacher(config, model, family, blocks, tokenizer, router_originals, device, accelerator.autocast)
+        if config.kd_weight == 0 and config.router_kl_weight == 0:
+            teacher = None
     data, collate = _load_data(config, tokenizer, cache)
 
     step, next_batch, tokens_seen = 0, 0, 0
