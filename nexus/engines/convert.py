@@ -40,6 +40,7 @@ writes (``<block path>.nexus_shared.{gate,up,down}_proj.{weight,bias}``,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -135,14 +136,19 @@ def plan_experts(blocks, strategy: str, selection: dict | None, weighted: bool, 
 def average_experts(family, reader, config, layer: int, ids: list[int], weights: list[float]):
     """``sum_j weights[j] * expert_{ids[j]}`` of one layer, read and added one expert at a time.
 
+    :param reader: a :class:`nexus.checkpoint.CheckpointReader`, or a zero-argument callable
+        opening one: then a fresh reader serves each expert and is closed after it, so the
+        checkpoint pages it mapped leave the process's resident memory too.
     :return: :class:`nexus.types.ExpertWeights` with k = 1 (``gate[1, I, H]`` ...), fp32.
     """
+    from nexus.checkpoint import CheckpointReader
     from nexus.types import ExpertWeights
 
+    open_reader = (lambda: reader) if isinstance(reader, CheckpointReader) else reader
     acc: dict[str, torch.Tensor] = {}
     names = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
     for e, w in zip(ids, weights):
-        ew = family.read_experts(reader, config, layer, [e])
+        ew = family.read_experts(open_reader(), config, layer, [e])
         for name in names:
             t = getattr(ew, name)
             if t is None:
@@ -190,10 +196,13 @@ def fill_shared_expert(shared, avg, size: int) -> None:
         gate, up, down = gate[keep], up[keep], down[:, keep]
         gb, ub = (None if t is None else t[keep] for t in (gb, ub))
     n = min(size, inter)
-    gate_l.weight[:n] = gate
-    up_l.weight[:n] = up
-    down_l.weight.zero_()
-    down_l.weight[:, :n] = down
+    if size == inter:  # take the averaged tensors over instead of copying them (one expert less)
+        gate_l.weight.data, up_l.weight.data, down_l.weight.data = gate, up, down
+    else:
+        gate_l.weight[:n] = gate
+        up_l.weight[:n] = up
+        down_l.weight.zero_()
+        down_l.weight[:, :n] = down
     for lin, b, rows in ((gate_l, gb, n), (up_l, ub, n), (down_l, db, None)):
         if lin.bias is None:
             continue
@@ -205,14 +214,31 @@ def fill_shared_expert(shared, avg, size: int) -> None:
             lin.bias[:rows] = b
 
 
+_COPIED = {f"{p}.{t}" for p in ("gate_proj", "up_proj", "down_proj") for t in ("weight", "bias")}
+
+
+def _build(family, config, block, size: int, seed: int, every_value_copied: bool):
+    """The family's shared expert, fp32. Its default initialisation is seeded by (seed, layer);
+    when every value will be overwritten by the average it is built on the meta device and
+    only allocated (no initialisation, and no second copy of an expert's size alive while the
+    experts are being read)."""
+    if every_value_copied:
+        with torch.device("meta"):
+            shared = family.build_shared_expert(config, block, size)
+        names = {n for n, _ in shared.named_parameters()}
+        if names <= _COPIED and not list(shared.buffers()):
+            return shared.to_empty(device="cpu").to(torch.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + block.layer)
+        return family.build_shared_expert(config, block, size).to(torch.float32)
+
+
 def layer_tensors(family, reader, config, block, ids, weights, size: int, gate_mode: str, seed: int) -> dict[str, torch.Tensor]:
     """The adapter tensors of one block: its shared expert (and gate), keyed as in the adapted model."""
     from nexus.shared_expert import SharedScale
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 1_000_003 + block.layer)
-        shared = family.build_shared_expert(config, block, size).to(torch.float32)
     avg = average_experts(family, reader, config, block.layer, ids, weights) if ids else None
+    shared = _build(family, config, block, size, seed, every_value_copied=avg is not None and size <= avg.gate.shape[1])
     fill_shared_expert(shared, avg, size)
     del avg
     out = {f"{block.path}.{SHARED_MODULE_NAME}.{n}": p.detach() for n, p in shared.named_parameters()}
@@ -316,7 +342,8 @@ def convert(
         check_selection(selection, config, blocks)
     plan = plan_experts(blocks, strategy, selection, weighted, seed)
     size = shared_intermediate_size or blocks[0].intermediate_size
-    reader = CheckpointReader(model_path)
+    CheckpointReader(model_path)  # a clear error now for a directory without safetensors weights
+    reader = functools.partial(CheckpointReader, model_path)  # one per expert: see average_experts
     fp = config_fingerprint(config)
     args = {"strategy": strategy, "gate_mode": gate_mode, "shared_intermediate_size": size, "weighted": weighted,
             "seed": seed, "selection": selection.get("_path") if selection else None}
