@@ -193,3 +193,33 @@ def test_cli_train_options_come_from_the_config(work, tmp_path):
     r = CliRunner().invoke(cli, ["train", "--model", str(work["base"]), "--adapter", str(work["adapter"]),
                                  "--output", str(tmp_path / "x"), "--seq-len", "32"])
     assert r.exit_code == 1 and "--data is required" in r.output
+
+
+def test_report_to_logs_through_accelerate_trackers(work, tmp_path):
+    from accelerate.tracking import GeneralTracker
+
+    from nexus.engines.distributed import make_accelerator
+
+    class Recorder(GeneralTracker):
+        name, requires_logging_directory = "recorder", False
+
+        def __init__(self):
+            super().__init__()
+            self.config, self.logged = None, []
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            self.config = values
+
+        def log(self, values, step=None, **kwargs):
+            self.logged.append((step, values))
+
+    tracker = Recorder()
+    accelerator = make_accelerator(log_with=[tracker])
+    train(_config(work, tmp_path / "run", max_steps=2, router_kl_weight=0.1, report_to="recorder"), accelerator=accelerator)
+    assert tracker.config["max_steps"] == 2
+    assert [s for s, _ in tracker.logged] == [1, 2]
+    assert {"loss", "kd", "lr", "grad_norm", "router_drift/layer_1"} <= set(tracker.logged[0][1])

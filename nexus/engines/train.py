@@ -206,6 +206,8 @@ def _load_data(config, tokenizer, cache):
                     f"--data {config.data} does not match the rows of teacher cache {config.teacher} "
                     f"(made from {cache.meta['data']} at seq_len {cache.meta['seq_len']}); omit --data to train on the cache's rows"
                 )
+        if cache.meta["seq_len"] != config.seq_len:
+            log.info("training on the teacher cache's rows (seq_len %d; --seq-len is ignored)", cache.meta["seq_len"])
         return TokenData(cache.rows, cache.pad_id), cache.collate
     if config.data is None:
         raise NexusError("--data is required unless --teacher is a teacher cache")

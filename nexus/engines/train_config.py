@@ -52,6 +52,9 @@ class TrainConfig:
     bf16: bool = _f(False, "Base weights in bfloat16 and bf16 autocast (shared experts and optimizer stay fp32).")
 
     def __post_init__(self):
+        for name in ("model", "adapter", "output"):
+            if not getattr(self, name):
+                raise NexusError(f"--{name} is required")
         positive = {"seq_len": 2, "batch_size": 1, "grad_accum": 1, "max_steps": 1, "log_every": 1}
         for name, low in positive.items():
             if getattr(self, name) < low:
