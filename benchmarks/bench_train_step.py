@@ -50,6 +50,12 @@ def model_config(quick: bool):
     )
 
 
+def threads() -> int:
+    """Torch threads per variant: ``$BENCH_THREADS``, default 1. One thread keeps the ratios
+    stable on a shared machine (OpenMP barriers stall badly when cores are oversubscribed)."""
+    return int(os.environ.get("BENCH_THREADS", "1"))
+
+
 def _rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -98,7 +104,7 @@ def run_variant(variant: str, model_dir: str, batch_size: int, seq_len: int, ste
     import transformers.models.gpt_oss.modeling_gpt_oss  # noqa: F401
 
     torch.manual_seed(0)
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
+    torch.set_num_threads(threads())
     rss0 = _rss_mb()
     model = load_model(model_dir)
     family = resolve_family(model.config)
@@ -178,21 +184,24 @@ def main(argv=None) -> dict:
         return {}
 
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from nexus.demo import build_checkpoint
+    from nexus.family import resolve_family
 
     config = model_config(args.quick)
     h, i, e, layers = config.hidden_size, config.intermediate_size, config.num_local_experts, config.num_hidden_layers
     nexus_params = layers * (3 * h * i + 2 * i + h + 1)  # SwiGLU with biases + scalar gate, at I_shared = I
     r = lora_rank(nexus_params, layers, e, h, i)
     results = {"benchmark": "train_step", "quick": args.quick, "host": platform.node(), "cpu_count": os.cpu_count(),
-               "torch": torch.__version__, "device": "cpu", "batch_size": batch_size, "seq_len": seq_len, "steps": steps,
+               "torch": torch.__version__, "device": "cpu", "threads": threads(), "batch_size": batch_size, "seq_len": seq_len, "steps": steps,
                "repeats": args.repeats, "load_average_at_start": os.getloadavg(),
                "config": {"hidden": h, "intermediate": i, "experts": e, "top_k": config.num_experts_per_tok,
                           "layers": layers, "vocab": config.vocab_size},
                "variants": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+        # The released GPT-OSS format (MXFP4 experts): loading dequantises into memory, so the
+        # weights count in RSS from the start (a float checkpoint would be mmapped and paged in lazily).
+        build_checkpoint(resolve_family(name="gpt_oss"), tmp, config, seed=0)
         # Variants interleaved, each run `repeats` times; the fastest run (median step) of each is kept,
         # which filters out slowdowns caused by other load on the machine.
         for rep in range(args.repeats):
