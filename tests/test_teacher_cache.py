@@ -54,7 +54,7 @@ def test_training_from_cache_equals_online_teacher(work, tmp_path):
     common = dict(model=str(work["base"]), adapter=str(work["adapter"]), seq_len=32, batch_size=2, max_steps=3,
                   log_every=1, save_every=0, lr=3e-3, router_kl_weight=0.5, temperature=1.0)
     online = train(TrainConfig(output=str(tmp_path / "online"), teacher=str(work["base"]), data=str(work["data"]), **common))
-    own = train(TrainConfig(output=str(tmp_path / "self"), teacher="self", data=str(work["data"]), **common))
+    train(TrainConfig(output=str(tmp_path / "self"), teacher="self", data=str(work["data"]), **common))
     cached = train(TrainConfig(output=str(tmp_path / "cached"), teacher=str(work["cache"]), **common))
     mo, ms, mc = _metrics(tmp_path / "online"), _metrics(tmp_path / "self"), _metrics(tmp_path / "cached")
     for a, b, c in zip(mo, ms, mc):

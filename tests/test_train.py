@@ -95,7 +95,6 @@ def test_frozen_base_untouched_and_self_teacher_is_base(work, tmp_path):
             assert torch.equal(p, base_params[name]), f"frozen parameter {name} changed"
     assert changed and all(changed), "trained routers should differ from the base"
     # The self teacher (shared experts off, original routers swapped in) is exactly the base.
-    from nexus.engines.train import _build_teacher  # noqa: F401 - the teacher the engine builds
     from nexus.family import resolve_family
     from nexus.engines.teachers import router_parameters
 
@@ -223,3 +222,41 @@ def test_report_to_logs_through_accelerate_trackers(work, tmp_path):
     assert tracker.config["max_steps"] == 2
     assert [s for s, _ in tracker.logged] == [1, 2]
     assert {"loss", "kd", "lr", "grad_norm", "router_drift/layer_1"} <= set(tracker.logged[0][1])
+
+
+def test_teacher_with_other_tokenizer_of_same_size_is_refused(work, tmp_path):
+    import shutil
+
+    from helpers_train import demo_paragraphs
+    from nexus.data import load_tokenizer
+    from nexus.demo import train_tokenizer
+    from nexus.engines.teachers import check_same_vocab
+    from nexus.loading import load_config
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(work["base"], teacher)
+    train_tokenizer(demo_paragraphs(200)[::-1][:40], 256).save_pretrained(teacher)
+    config = load_config(work["base"])
+    check_same_vocab(config, load_tokenizer(work["base"]), work["base"], config)  # itself: accepted
+    with pytest.raises(NexusError, match="tokenizer of teacher .* differs"):
+        check_same_vocab(config, load_tokenizer(work["base"]), teacher, load_config(teacher))
+
+
+def test_sfa_merges_with_previous_merge_point():
+    from nexus.engines.average import SFA
+
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    sfa = SFA({"w": p}, interval=2, beta=0.25)
+    with torch.no_grad():
+        p.copy_(torch.tensor([5.0, 6.0]))
+    assert not sfa.maybe_merge(1)
+    assert sfa.maybe_merge(2)
+    torch.testing.assert_close(p.detach(), torch.tensor([4.0, 5.0]))  # 0.75*[5,6] + 0.25*[1,2]
+    with torch.no_grad():
+        p.copy_(torch.tensor([8.0, 9.0]))
+    sfa.maybe_merge(4)
+    torch.testing.assert_close(p.detach(), torch.tensor([7.0, 8.0]))  # snapshot is now the step-2 merge
+    state = sfa.state_dict()
+    other = SFA({"w": torch.nn.Parameter(torch.zeros(2))}, interval=2, beta=0.25)
+    other.load_state_dict(state)
+    assert other.merges == 2 and other.merge_steps == [2, 4] and torch.equal(other.snapshot["w"], p.detach())
