@@ -38,7 +38,8 @@ class AdapterConfig:
         shared_intermediate_size: width of every shared expert.
         gate_mode: ``none``, ``scalar`` or ``token``.
         layers: decoder layer indices that carry a shared expert.
-        router_keys: names of base router parameters stored in the adapter (trained routers).
+        base_keys: names of base-model parameters the adapter replaces (trained routers, a
+            family's trained native shared expert); loading copies them over the base's.
         base_model: where the base was loaded from (informational).
         model_type: the base's ``config.model_type`` (informational).
         init: how the shared experts were initialised (strategy, selected experts).
@@ -51,7 +52,7 @@ class AdapterConfig:
     shared_intermediate_size: int
     gate_mode: str = "scalar"
     layers: list[int] = field(default_factory=list)
-    router_keys: list[str] = field(default_factory=list)
+    base_keys: list[str] = field(default_factory=list)
     base_model: str = ""
     model_type: str = ""
     init: dict = field(default_factory=dict)
@@ -82,9 +83,9 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
     return AdapterConfig.from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path))
 
 
-def adapter_state_dict(model: nn.Module, router_keys: list[str] = ()) -> dict[str, torch.Tensor]:
-    """The adapter's tensors: every shared-expert parameter plus the named router parameters."""
-    wanted = set(router_keys)
+def adapter_state_dict(model: nn.Module, base_keys: list[str] = ()) -> dict[str, torch.Tensor]:
+    """The adapter's tensors: every shared-expert parameter plus the named base parameters."""
+    wanted = set(base_keys)
     return {n: p.detach() for n, p in model.named_parameters() if is_shared_parameter(n) or n in wanted}
 
 
@@ -96,7 +97,7 @@ def save_adapter(model: nn.Module, path: str | Path, config: AdapterConfig) -> P
     :param config: the adapter's description; ``layers`` is filled in when empty.
     :return: ``path``.
     """
-    tensors = adapter_state_dict(model, config.router_keys)
+    tensors = adapter_state_dict(model, config.base_keys)
     if not any(is_shared_parameter(n) for n in tensors):
         raise NexusError("the model has no shared experts attached; nothing to save")
     if not config.layers:

@@ -72,7 +72,7 @@ def test_trained_routers_are_saved_and_restored(gpt_oss, gpt_oss_model, gpt_oss_
     router = gpt_oss_model.model.layers[1].mlp.router
     with torch.no_grad():
         router.weight.add_(0.5)
-    config.router_keys = ["model.layers.1.mlp.router.weight"]
+    config.base_keys = ["model.layers.1.mlp.router.weight"]
     save_adapter(gpt_oss_model, tmp_path / "a", config)
     assert "model.layers.1.mlp.router.weight" in load_file(tmp_path / "a" / ADAPTER_WEIGHTS_NAME)
     fresh = load_adapter(load_model(gpt_oss_mxfp4_dir), tmp_path / "a")

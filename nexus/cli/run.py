@@ -2,31 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import click
 
-
-def _options(fn):
-    from nexus.pipeline.run import RunConfig
-
-    types = {"int": int, "float": float, "str": str, "bool": bool, "int | None": int, "str | None": str,
-             "float | None": float}
-    for f in reversed(dataclasses.fields(RunConfig)):
-        if f.name in ("family",):
-            continue
-        name = "--" + f.name.replace("_", "-")
-        kind = types[str(f.type)]
-        if kind is bool:
-            fn = click.option(name, is_flag=True, default=f.default, help=f.metadata["help"])(fn)
-        else:
-            fn = click.option(name, type=kind, default=f.default, required=f.name == "output",
-                              show_default=f.default is not None, help=f.metadata["help"])(fn)
-    return fn
+from nexus.cli.options import dataclass_options
+from nexus.pipeline.run import RunConfig
 
 
 @click.command()
-@_options
+@dataclass_options(RunConfig, skip=("family",))
 @click.pass_context
 def run(ctx, **kwargs):
     """Collect router statistics, select experts, convert, train, evaluate and plot.
@@ -40,7 +23,7 @@ def run(ctx, **kwargs):
       nexus run --model ~/models/gpt-oss-20b --data domain.jsonl --eval-data heldout.jsonl \\
           --output runs/domain --top-k 24 --max-steps 2000 --seq-len 1024
     """
-    from nexus.pipeline.run import RunConfig, run_pipeline
+    from nexus.pipeline.run import run_pipeline
 
     cfg = RunConfig(family=ctx.find_root().obj.get("family"), **kwargs)
     result = run_pipeline(cfg)

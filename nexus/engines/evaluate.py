@@ -78,7 +78,7 @@ def evaluate(
 
     from nexus.adapter import load_adapter, read_adapter_config
     from nexus.data import load_token_data, load_tokenizer
-    from nexus.engines.teachers import base_view, router_parameters
+    from nexus.engines.teachers import base_view, base_parameters
     from nexus.family import resolve_family
     from nexus.fingerprint import config_fingerprint
     from nexus.loading import load_model
@@ -90,7 +90,7 @@ def evaluate(
     adapter_cfg = read_adapter_config(adapter) if adapter else None
     family = resolve_family(model.config, name=adapter_cfg.family if adapter_cfg else None)
     blocks = family.moe_blocks(model)
-    originals = {n: p.detach().clone() for n, p in router_parameters(model, family, blocks).items()} if adapter_cfg and adapter_cfg.router_keys else {}
+    originals = {n: p.detach().clone() for n, p in base_parameters(model, family, blocks).items()} if adapter_cfg and adapter_cfg.base_keys else {}
     if adapter:
         load_adapter(model, adapter, family=family)
     model.eval()

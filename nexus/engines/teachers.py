@@ -54,18 +54,31 @@ def router_parameters(model: nn.Module, family, blocks) -> dict[str, nn.Paramete
     return {n: p for n, p in model.named_parameters() if id(p) in ids}
 
 
-@contextlib.contextmanager
-def base_view(model: nn.Module, router_originals: dict[str, torch.Tensor] | None = None):
-    """Run ``model`` as its base: shared experts disabled and, when routers were trained (or
-    loaded from an adapter), the original router weights swapped in for the duration.
+def native_shared_parameters(model: nn.Module, blocks) -> dict[str, nn.Parameter]:
+    """The family's own shared experts' parameters by name (``--train-native-shared``); empty if none."""
+    from nexus.shared_expert import native_shared_modules
 
-    :param router_originals: ``name -> tensor`` of the base routers, from :func:`router_parameters`
-        before any training; None or empty when the routers are untouched.
+    ids = {id(p) for m in native_shared_modules(blocks) for p in m.parameters()}
+    return {n: p for n, p in model.named_parameters() if id(p) in ids}
+
+
+def base_parameters(model: nn.Module, family, blocks) -> dict[str, nn.Parameter]:
+    """Every base parameter an adapter may replace: routers and native shared experts."""
+    return {**router_parameters(model, family, blocks), **native_shared_parameters(model, blocks)}
+
+
+@contextlib.contextmanager
+def base_view(model: nn.Module, base_originals: dict[str, torch.Tensor] | None = None):
+    """Run ``model`` as its base: shared experts disabled and, when base parameters were trained
+    (routers, native shared experts) or loaded from an adapter, the originals swapped in for the duration.
+
+    :param base_originals: ``name -> tensor`` of those base parameters, from :func:`base_parameters`
+        before any training; None or empty when they are untouched.
     """
-    params = dict(model.named_parameters()) if router_originals else {}
+    params = dict(model.named_parameters()) if base_originals else {}
     saved = {}
     with torch.no_grad():
-        for name, original in (router_originals or {}).items():
+        for name, original in (base_originals or {}).items():
             saved[name] = params[name].detach().clone()
             params[name].copy_(original)
     try:
@@ -93,14 +106,14 @@ class SelfTeacher:
 
     kind = "self"
 
-    def __init__(self, model: nn.Module, family, blocks, router_originals=None, autocast=contextlib.nullcontext):
+    def __init__(self, model: nn.Module, family, blocks, base_originals=None, autocast=contextlib.nullcontext):
         self.model, self.family, self.blocks = model, family, blocks
-        self.router_originals = router_originals or {}
+        self.base_originals = base_originals or {}
         self.autocast = autocast
 
     def outputs(self, batch: dict, device, want_routers: bool = True) -> TeacherOutput:
         """Teacher logits ``Tensor[B, S, V]`` and router probabilities for ``batch``."""
-        with torch.no_grad(), base_view(self.model, self.router_originals):
+        with torch.no_grad(), base_view(self.model, self.base_originals):
             recorder = RouterRecorder(self.family, self.blocks if want_routers else [], detach=True)
             with recorder:
                 logits = _forward_logits(self.model, batch, device, self.autocast)

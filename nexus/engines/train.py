@@ -150,7 +150,7 @@ def _enable_checkpointing(model) -> None:
             module.training = True
 
 
-def _build_teacher(config, model, family, blocks, tokenizer, router_originals, device, autocast):
+def _build_teacher(config, model, family, blocks, tokenizer, base_originals, device, autocast):
     """The teacher for ``config.teacher`` and, for a cache, the cache (its rows are the data)."""
     from nexus.engines.teacher_cache import TeacherCache
     from nexus.engines.teachers import (
@@ -164,7 +164,7 @@ def _build_teacher(config, model, family, blocks, tokenizer, router_originals, d
     from nexus.loading import load_config, load_model
 
     if config.teacher == "self":
-        return SelfTeacher(model, family, blocks, router_originals, autocast), None
+        return SelfTeacher(model, family, blocks, base_originals, autocast), None
     if is_teacher_cache(config.teacher):
         cache = TeacherCache(config.teacher)
         cache.check(model.config, tokenizer, need_routers=config.router_kl_weight > 0)
@@ -225,11 +225,11 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     from accelerate.utils import gather_object, set_seed
 
     from nexus.data import load_tokenizer
-    from nexus.engines.teachers import router_parameters
+    from nexus.engines.teachers import base_parameters, router_parameters
     from nexus.family import resolve_family
     from nexus.fingerprint import config_fingerprint
     from nexus.loading import load_model
-    from nexus.shared_expert import freeze_base
+    from nexus.shared_expert import freeze_base, native_shared_modules
 
     accelerator = accelerator or make_accelerator(config.bf16, log_with=config.report_to, project_dir=config.output)
     main, world, rank, device = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index, accelerator.device
@@ -247,19 +247,23 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     family = resolve_family(model.config, name=adapter_cfg.family)
     blocks = family.moe_blocks(model)
     routers = router_parameters(model, family, blocks)
-    touched_routers = config.train_routers or bool(adapter_cfg.router_keys)
-    router_originals = {n: p.detach().clone() for n, p in routers.items()} if touched_routers else {}
+    touched_base = config.train_routers or config.train_native_shared or bool(adapter_cfg.base_keys)
+    base_originals = {n: p.detach().clone() for n, p in base_parameters(model, family, blocks).items()} if touched_base else {}
     load_adapter(model, checkpoint / ADAPTER_SUBDIR if checkpoint else config.adapter, family=family)
     router_modules = [family.router_capture(b).module for b in blocks] if config.train_routers else []
-    if config.train_routers and config.bf16:
-        for m in router_modules:
+    native = native_shared_modules(blocks) if config.train_native_shared else []
+    if config.train_native_shared and not native:
+        raise NexusError(f"--train-native-shared: family {family.name!r} has no shared expert of its own")
+    if config.bf16:
+        for m in (*router_modules, *native):
             m.float()  # optimise fp32 copies; autocast feeds them bf16 activations
-    freeze_base(model, router_modules)
+    freeze_base(model, router_modules, native)
     model.config.use_cache = False
     if config.gradient_checkpointing:
         _enable_checkpointing(model)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     router_names = sorted(n for n in named if n in routers)
+    native_names = sorted(n for n in named if n in base_originals and n not in routers)
     groups = [{"params": [p for n, p in named.items() if n not in routers], "lr": config.lr, "name": "shared"}]
     if router_names:
         groups.append({"params": [named[n] for n in router_names], "lr": config.router_lr or config.lr, "name": "routers"})
@@ -267,7 +271,7 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     sfa = SFA(named, config.sfa_interval, config.sfa_beta)
     save_cfg = copy.deepcopy(adapter_cfg)
-    save_cfg.router_keys = sorted(set(adapter_cfg.router_keys) | set(router_names))
+    save_cfg.base_keys = sorted(set(adapter_cfg.base_keys) | set(router_names) | set(native_names))
     save_cfg.args = {"command": "train", **config.to_dict()}
 
     tokenizer = load_tokenizer(config.tokenizer or config.model, model.config)
@@ -276,7 +280,7 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
 
     if config.kd_weight > 0 or config.router_kl_weight > 0 or is_teacher_cache(config.teacher):
         # A teacher cache is also the data source, so it is opened even for CE-only training.
-        teacher, cache = _build_teacher(config, model, family, blocks, tokenizer, router_originals, device, accelerator.autocast)
+        teacher, cache = _build_teacher(config, model, family, blocks, tokenizer, base_originals, device, accelerator.autocast)
         if config.kd_weight == 0 and config.router_kl_weight == 0:
             teacher = None
     data, collate = _load_data(config, tokenizer, cache)

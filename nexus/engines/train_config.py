@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nexus.errors import NexusError
-
-
-def _f(default, help: str, **meta):
-    return field(default=default, metadata={"help": help, **meta})
+from nexus.options import option as _f
 
 
 @dataclass
@@ -30,6 +27,7 @@ class TrainConfig:
     lr: float = _f(1e-4, "Peak learning rate of the shared experts.")
     router_lr: float | None = _f(None, "Learning rate of the routers with --train-routers (default: --lr).")
     train_routers: bool = _f(False, "Also train the routers (saved in the adapter).")
+    train_native_shared: bool = _f(False, "Also train the shared expert the family already has (Qwen2-MoE, DeepSeek-V3, ...; saved in the adapter).")
     warmup_steps: int = _f(0, "Linear warmup steps.")
     schedule: str = _f("cosine", "Learning-rate schedule after warmup: cosine or constant.", choices=("cosine", "constant"))
     min_lr_ratio: float = _f(0.0, "Cosine floor as a fraction of the peak learning rate.")
@@ -74,4 +72,4 @@ class TrainConfig:
 
 # Changing these between a run and its resume would silently change what is trained.
 RESUME_MUST_MATCH = ("model", "adapter", "teacher", "data", "seq_len", "batch_size", "grad_accum", "seed",
-                     "train_routers", "sfa_interval", "text_column", "tokenizer")
+                     "train_routers", "train_native_shared", "sfa_interval", "text_column", "tokenizer")

@@ -17,24 +17,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from nexus.errors import NexusError
+from nexus.options import option as _f
 from nexus.pipeline.stages import StageRunner
 
 log = logging.getLogger(__name__)
-
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class RunConfig:
     """The arguments of ``nexus run`` (each stage gets the subset it needs)."""
 
-    output: str = _f(None, "Run directory.")
+    output: str = _f(None, "Run directory.", required=True)
     model: str | None = _f(None, "Base checkpoint directory (default: the family's demo checkpoint).")
     data: str | None = _f(None, "Training data (default with the demo: the shipped text sample).")
     eval_data: str | None = _f(None, "Held-out data for evaluate (default: --data, or the demo's held-out sample).")
