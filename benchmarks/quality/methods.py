@@ -177,6 +177,7 @@ def prepare_full_experts(model) -> Prepared:
 
 
 def count_trainable(prepared: Prepared) -> int:
+    """Trainable parameters (elements) of ``prepared``."""
     return sum(p.numel() for p in prepared.trainable)
 
 

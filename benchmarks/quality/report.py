@@ -21,9 +21,26 @@ def _ms(values: list[float]) -> dict:
     return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
 
 
+FORGETTING_LIMITS = (1.1, 1.25, 1.5)
+TABLE_LIMIT = 1.25
+
+
+def domain_at_forgetting(points: list[dict], base_general: float, limit: float) -> float | None:
+    """The lowest domain ppl among evaluation ``points`` whose general ppl is at most
+    ``limit * base_general`` (any LR, seed or checkpoint): a read-out of the Pareto front.
+    None when no point qualifies."""
+    ok = [p["domain_test_ppl"] for p in points if math.isfinite(p["general_test_ppl"]) and p["general_test_ppl"] <= limit * base_general]
+    return min(ok) if ok else None
+
+
 def summarize_method(entry: dict, base_ppl: dict) -> dict:
     """Aggregate one method's runs: the seeds at its best LR (mean +- std) and the seed-0 LR curve."""
     best = [r for r in entry["runs"] if r["lr"] == entry["best_lr"]]
+    points = [
+        {"lr": r["lr"], "seed": r["seed"], "step": e["step"], "domain_test_ppl": e["domain_test_ppl"],
+         "general_test_ppl": e["general_test_ppl"]}
+        for r in entry["runs"] for e in r["evals"]
+    ]
     seed0 = sorted((r for r in entry["runs"] if r["seed"] == 0), key=lambda r: r["lr"])
     dom = _ms([r["final"]["domain_test"] for r in best])
     gen = _ms([r["final"]["general_test"] for r in best])
@@ -52,11 +69,8 @@ def summarize_method(entry: dict, base_ppl: dict) -> dict:
         "rss_isolated": all(r["rss_isolated"] for r in best),
         "lr_curve": [{"lr": r["lr"], "domain_val_ppl": r["final"]["domain_val"], "domain_test_ppl": r["final"]["domain_test"],
                       "general_test_ppl": r["final"]["general_test"], "diverged": r["diverged"]} for r in seed0],
-        "pareto_points": [
-            {"lr": r["lr"], "seed": r["seed"], "step": e["step"], "domain_test_ppl": e["domain_test_ppl"],
-             "general_test_ppl": e["general_test_ppl"]}
-            for r in entry["runs"] for e in r["evals"]
-        ],
+        "pareto_points": points,
+        "domain_at_forgetting": {str(x): domain_at_forgetting(points, base_ppl["general_test"], x) for x in FORGETTING_LIMITS},
     }
 
 
@@ -74,6 +88,11 @@ def _fmt(ms: dict, digits: int = 2) -> str:
     if ms["n"] > 1:
         return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
     return f"{ms['mean']:.{digits}f}"
+
+
+def _at(summary: dict) -> str:
+    v = summary["domain_at_forgetting"][str(TABLE_LIMIT)]
+    return "–" if v is None else f"{v:.2f}"
 
 
 def markdown(results: dict) -> str:
@@ -111,9 +130,10 @@ def markdown(results: dict) -> str:
             f"written by {pre['written_by']}. Held-out general ppl {pre['float_ppl']['general_test']:.2f} in float, "
             f"{pre['stored_ppl']['general_test']:.2f} as stored and reloaded.",
             "",
-            "| method | trainable | best LR | domain ppl ↓ | general ppl ↓ | general vs base | router TV (gen) | top-k changed (gen) | train s | tok/s | peak RSS MB |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-            f"| base (no adaptation) | 0 | – | {base['domain_test']:.2f} | {base['general_test']:.2f} | 1.000 | 0 | 0 | – | – | – |",
+            f"| method | trainable | best LR | domain ppl ↓ | general ppl ↓ | general vs base | domain ppl at general ≤ {TABLE_LIMIT}x base ↓ "
+            "| router TV (gen) | top-k changed (gen) | train s | tok/s | peak RSS MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| base (no adaptation) | 0 | – | {base['domain_test']:.2f} | {base['general_test']:.2f} | 1.000 | {base['domain_test']:.2f} | 0 | 0 | – | – | – |",
         ]
         flags = []
         shared_rss = False
@@ -125,13 +145,14 @@ def markdown(results: dict) -> str:
                 flags.append(f"{mname}: best LR {s['best_lr']:g} is on the {s['edge']} edge of {s['grid']}")
             lines.append(
                 f"| {mname}{mark} | {s['trainable_params']:,} | {s['best_lr']:g} | {_fmt(s['domain_test_ppl'])} | "
-                f"{_fmt(s['general_test_ppl'])} | {s['general_vs_base']:.3f} | {_fmt(s['router_drift_tv_general'], 3)} | "
+                f"{_fmt(s['general_test_ppl'])} | {s['general_vs_base']:.3f} | {_at(s)} | {_fmt(s['router_drift_tv_general'], 3)} | "
                 f"{_fmt(s['topk_changed_general'], 3)} | {_fmt(s['train_seconds'], 1)} | {s['tokens_per_second']['mean']:.0f} | "
                 f"{rss} |"
             )
         lines.append("")
         if shared_rss:
-            lines += ["\\* Run in-process (no `--isolate`): the benchmark process's peak RSS so far, not the run's own.", ""]
+            lines += ["\\* Run in-process: the benchmark process's peak RSS during the run, its own baseline "
+                      "included (`--isolate` measures each run in its own process).", ""]
         if flags:
             lines += ["‡ Best LR on the grid edge even after growing the grid:", ""] + [f"- {f}" for f in flags] + [""]
         if model["skipped"]:
@@ -147,10 +168,12 @@ def markdown(results: dict) -> str:
             ]
     lines += [
         "Columns: *domain/general ppl* held-out test perplexity (mean ± std over seeds at the best LR); *general vs "
-        "base* general ppl / base general ppl (forgetting, 1 = none); *router TV* mean total-variation distance "
+        "base* general ppl / base general ppl (forgetting, 1 = none); *domain ppl at general ≤ "
+        f"{TABLE_LIMIT}x base* the best domain ppl of any evaluation (LR, seed, checkpoint) that kept general ppl "
+        f"within {TABLE_LIMIT}x the base's (a read-out of the Pareto plot; – none did); *router TV* mean total-variation distance "
         "between adapted and base router probabilities on general text; *top-k changed* share of (layer, token) "
         "pairs whose top-k experts changed; *train s* training wall time without evaluation; *peak RSS* of the "
-        "run's own process.",
+        "run's own process (VmHWM).",
         "",
     ]
     return "\n".join(lines)

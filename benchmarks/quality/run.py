@@ -54,7 +54,7 @@ from nexus.io import atomic_path, write_json
 log = logging.getLogger(__name__)
 
 EVAL_SPLITS = ("domain_val", "domain_test", "general_test")
-RUN_FORMAT = 2  # bump when a change to the runs invalidates cached run results
+RUN_FORMAT = 3  # bump when a change to the runs invalidates cached run results
 
 
 def bench_cache() -> Path:
@@ -258,6 +258,35 @@ def prepare_method(ctx: dict, method: Method, model, seed: int):
     raise ValueError(f"unknown method kind {method.kind!r}")
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS counter (``VmHWM``) by writing 5 to ``/proc/self/clear_refs``.
+
+    :return: whether it worked (Linux >= 4.0); when not, :func:`peak_rss_mb` is the process's
+        peak since it started.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB: ``VmHWM`` from ``/proc/self/status``.
+
+    Not ``getrusage``: its ``ru_maxrss`` survives ``exec``, so a spawned worker would report the
+    parent's resident size at fork time.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _train_rows(path) -> "TokenData":
     from nexus.data import TokenData
 
@@ -303,6 +332,7 @@ def run_one(job: dict) -> dict:
     torch.set_num_threads(cfg["threads"])
     method = METHODS_BY_NAME[job["method"]]
     seed, lr = job["seed"], job["lr"]
+    rss_reset = reset_peak_rss()
     tensors = torch.load(ctx["tensors"])
     settings = _settings(cfg, method, lr, seed)
 
@@ -353,8 +383,9 @@ def run_one(job: dict) -> dict:
         "final": {k: final.get(f"{k}_ppl", float("inf")) for k in EVAL_SPLITS},
         "router_drift": drift,
         "wall_seconds": round(wall, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "rss_isolated": bool(job.get("isolated")),
+        "rss_reset": rss_reset,
         **record,
     }
     write_json(job["out"], result)

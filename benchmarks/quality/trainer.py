@@ -61,6 +61,7 @@ def eval_steps(steps: int, points: int) -> tuple[int, ...]:
 
 
 def warmup_steps(s: TrainSettings) -> int:
+    """Warmup length in steps (at least 1), the same for the loop and the training engine."""
     return max(1, round(s.warmup_frac * s.steps))
 
 
