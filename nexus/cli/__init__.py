@@ -35,10 +35,15 @@ class NexusGroup(click.Group):
 
 EPILOG = """\b
 Examples:
-  nexus --family gpt_oss inspect                  # the built-in tiny demo checkpoint
-  nexus inspect --model ~/models/gpt-oss-20b --json
-  nexus families                                  # every registered model family
-  nexus plugins                                   # plugins, versions, hooks
+  nexus --family gpt_oss run --output runs/demo   # whole pipeline on the built-in demo
+  nexus run --model ~/models/gpt-oss-20b --data domain.jsonl --output runs/domain
+  nexus collect --model M --data D --target-tokens 2000000 --output stats/
+  nexus select --stats stats/ --top-k 24 --output selection.json
+  nexus convert --model M --selection selection.json --output adapter/
+  nexus train --model M --adapter adapter/ --data D --teacher self --output run/
+  nexus evaluate --model M --adapter run/final --data heldout.jsonl
+  nexus inspect --model M --json                  # layers, experts, sizes, quantisation
+  nexus families / nexus plugins                  # what is installed
 """
 
 
