@@ -63,8 +63,9 @@ class RouterCapture:
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Router probabilities from raw logits: ``Tensor[T, E]`` -> ``Tensor[T, E]`` (fp32)."""
-        logits = logits.float()
-        return torch.sigmoid(logits) if self.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+        from nexus.routing import router_probs
+
+        return router_probs(logits, self.scoring)
 
     def select(self, logits: torch.Tensor, k: int) -> torch.Tensor:
         """The ``k`` experts each token is routed to: ``Tensor[T, E]`` -> indices ``Tensor[T, k]``.
