@@ -67,12 +67,16 @@ def test_collect_select_convert(pipeline, model_dir):
     load_adapter(load_model(model_dir), pipeline / "adapter")
 
 
-def test_collect_resumes_and_refuses_other_arguments(model_dir, data_file, tmp_path):
+def test_collect_resumes_and_refuses_other_arguments(model_dir, data_file, tmp_path, monkeypatch):
     base = ["collect", "--model", model_dir, "--data", data_file, "--output", tmp_path, "--seq-len", 32,
             "--batch-size", 2, "--target-tokens", 300]
     r = invoke(*base, "--max-batches", 2)
     assert r.exit_code == 0 and "128 tokens, 3 MoE layers (partial, resume from batch 2)" in r.output
     r = invoke(*base)
+    assert r.exit_code == 0 and "300 tokens, 3 MoE layers (complete)" in r.output
+    with monkeypatch.context() as m:  # complete statistics of the same run: the model is not even loaded
+        m.setattr("nexus.loading.load_model", lambda *a, **k: pytest.fail("loaded the model again"))
+        r = invoke(*base)
     assert r.exit_code == 0 and "300 tokens, 3 MoE layers (complete)" in r.output
     r = invoke(*base[:-1], 100)
     assert_one_line_error(r, "holds router statistics of another run", "target_tokens: 300 -> 100", "--overwrite")

@@ -500,7 +500,10 @@ def run_collect(
         raise NexusError(f"data {data_path} is empty") from exc
     state = process_state()
     check_writable(Path(output))
-    _resume(Path(output), run_identity(config, data, args, state.num_processes), overwrite, "cpu")  # fail before loading
+    done = _resume(Path(output), run_identity(config, data, args, state.num_processes), overwrite, "cpu")  # fail early
+    if done is not None and done.meta.get("complete"):
+        log.info("%s already holds complete statistics of this run (%d tokens); nothing to do", output, done.tokens)
+        return done
     model = load_model(model_path, dtype=dtype, device=state.device)
     family.moe_blocks(model)  # a clear error for a model without MoE blocks
     source = {"base_model": str(model_path), "data": str(data_path), "seq_len": seq_len, "text_column": text_column,
