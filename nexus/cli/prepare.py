@@ -192,6 +192,7 @@ def convert(ctx, model_path, selection_path, output, strategy, gate_mode, shared
 
 
 def register(cli):
+    """Add ``collect``, ``select`` and ``convert`` to the ``nexus`` group."""
     cli.add_command(collect)
     cli.add_command(select)
     cli.add_command(convert)

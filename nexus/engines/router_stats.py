@@ -114,6 +114,7 @@ class LayerStats:
 
     @property
     def tokens(self) -> int:
+        """Tokens counted in this layer."""
         return int(self.count.item())
 
     def mean(self) -> torch.Tensor:
@@ -131,6 +132,7 @@ class LayerStats:
         return (self.sum_pp - n * torch.outer(mu, mu)) / (n - ddof)
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The five sums by name (``count``, ``sum_p``, ``sum_pp``, ``topk_count``, ``topk_weight``)."""
         return {name: getattr(self, name) for name in _FIELDS}
 
 
@@ -408,6 +410,7 @@ def collect_router_stats(
                disable=not progress or rank != 0)
 
     def save(next_batch: int, complete: bool) -> RouterStats:
+        """Sum over processes, record the position, write (main process); every rank gets the sum."""
         summed = stats if world == 1 else _reduced(stats, reduce_sum)
         summed.meta.update(next_batch=next_batch, complete=complete, tokens=summed.tokens)
         if output is not None and rank == 0:
