@@ -31,6 +31,18 @@ def load_rows(data: str | Path):
 
     path = Path(str(data)).expanduser()
     datasets.disable_progress_bars()
+    if path.is_file() and path.stat().st_size == 0:
+        raise NexusError(f"data {data} is empty")
+    try:
+        ds = _load(datasets, path, data)
+    except StopIteration as exc:  # datasets' json builder on a file without rows
+        raise NexusError(f"data {data} is empty") from exc
+    if len(ds) == 0:
+        raise NexusError(f"data {data} is empty")
+    return ds
+
+
+def _load(datasets, path: Path, data):
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS)
         if not files:
@@ -48,8 +60,6 @@ def load_rows(data: str | Path):
             ds = datasets.load_dataset(str(data), split="train")
         except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
             raise NexusError(f"data {data!r} is not a local file or directory, nor a cached dataset: {exc}") from exc
-    if len(ds) == 0:
-        raise NexusError(f"data {data} is empty")
     return ds
 
 

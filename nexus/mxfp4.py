@@ -11,6 +11,7 @@ import torch
 
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 BLOCK = 32
+CHUNK_ROWS = 1 << 16
 
 
 def decode_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -23,11 +24,16 @@ def decode_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype 
     if blocks.shape[:-1] != scales.shape:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
     lut = torch.tensor(FP4_VALUES, dtype=dtype)
-    b = blocks.to(torch.int64)
-    out = torch.empty(*blocks.shape[:-1], blocks.shape[-1] * 2, dtype=dtype)
-    out[..., 0::2] = lut[b & 0x0F]
-    out[..., 1::2] = lut[b >> 4]
-    out = torch.ldexp(out, (scales.to(torch.int32) - 127).unsqueeze(-1).to(dtype))
+    rows = blocks.reshape(-1, blocks.shape[-1])
+    exps = scales.reshape(-1, 1)
+    out = torch.empty(rows.shape[0], rows.shape[1] * 2, dtype=dtype)
+    # Row chunks bound the int64 index temporaries (8 bytes per packed byte) to a few MB.
+    for r0 in range(0, rows.shape[0], CHUNK_ROWS):
+        b = rows[r0 : r0 + CHUNK_ROWS].to(torch.int64)
+        sub = out[r0 : r0 + CHUNK_ROWS]
+        sub[:, 0::2] = lut[b & 0x0F]
+        sub[:, 1::2] = lut[b >> 4]
+        torch.ldexp(sub, (exps[r0 : r0 + CHUNK_ROWS].to(torch.int32) - 127).to(dtype), out=sub)
     return out.reshape(*blocks.shape[:-2], -1)
 
 

@@ -497,10 +497,7 @@ def run_collect(
     config = load_config(model_path)
     family = resolve_family(config, name=family_name)
     tokenizer = load_tokenizer(model_path, config)
-    try:
-        data = load_token_data(data_path, tokenizer, seq_len, text_column=text_column)
-    except StopIteration as exc:  # datasets' json builder on an empty file
-        raise NexusError(f"data {data_path} is empty") from exc
+    data = load_token_data(data_path, tokenizer, seq_len, text_column=text_column)
     state = process_state()
     check_writable(Path(output))
     done = _resume(Path(output), run_identity(config, data, args, state.num_processes), overwrite, "cpu")  # fail early
