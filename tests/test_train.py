@@ -242,11 +242,28 @@ def test_teacher_with_other_tokenizer_of_same_size_is_refused(work, tmp_path):
         check_same_vocab(config, load_tokenizer(work["base"]), teacher, load_config(teacher))
 
 
+def test_sfa_start_anchor_pulls_toward_the_starting_weights():
+    from nexus.engines.average import SFA
+
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    sfa = SFA({"w": p}, interval=2, beta=0.25)  # the paper's rule: the anchor never moves
+    with torch.no_grad():
+        p.copy_(torch.tensor([5.0, 6.0]))
+    assert sfa.maybe_merge(2)
+    torch.testing.assert_close(p.detach(), torch.tensor([4.0, 5.0]))  # 0.75*[5,6] + 0.25*[1,2]
+    with torch.no_grad():
+        p.copy_(torch.tensor([9.0, 10.0]))
+    sfa.maybe_merge(4)
+    torch.testing.assert_close(p.detach(), torch.tensor([7.0, 8.0]))  # 0.75*[9,10] + 0.25*[1,2]
+    with pytest.raises(NexusError, match="sfa-anchor"):
+        SFA({"w": p}, interval=2, beta=0.25, anchor="nope")
+
+
 def test_sfa_merges_with_previous_merge_point():
     from nexus.engines.average import SFA
 
     p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
-    sfa = SFA({"w": p}, interval=2, beta=0.25)
+    sfa = SFA({"w": p}, interval=2, beta=0.25, anchor="previous")
     with torch.no_grad():
         p.copy_(torch.tensor([5.0, 6.0]))
     assert not sfa.maybe_merge(1)

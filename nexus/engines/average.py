@@ -1,14 +1,17 @@
-"""SFA: periodic averaging of the trainable weights with an earlier point of the trajectory
-(after arXiv 2501.05559).
+"""SFA, Sequential Fine-tuning with Averaging (arXiv 2501.05559): periodic averaging of the
+trainable weights with an earlier checkpoint.
 
-Every ``interval`` optimizer steps the trainable parameters are pulled back toward the
-*snapshot*, the parameters at the previous merge point (the starting adapter before the first
-merge)::
+Every ``interval`` optimizer steps the trainable parameters are pulled toward an *anchor*::
 
-    theta <- (1 - beta) * theta + beta * snapshot;   snapshot <- theta
+    theta <- (1 - beta) * theta + beta * anchor
 
-so each merge averages the current weights with those of ``interval`` steps earlier, keeping
-the adapter in a flatter region near its trajectory. The optimizer state is left as it is.
+- ``anchor="start"`` (the paper's rule, the default): the anchor is the adapter training started
+  from, fixed for the whole run. Repeated merges act like an L2 pull toward the starting point,
+  the paper's link to L2 regularisation, which is what limits forgetting.
+- ``anchor="previous"``: the anchor becomes the merged weights after every merge, so each merge
+  averages with the weights of ``interval`` steps earlier (a smoothing of the trajectory).
+
+The optimizer state is left as it is.
 
 Under data parallelism every process holds the same parameters, so every process computes the
 same merge. Parameters are addressed by the *unwrapped* model's ``named_parameters`` names, so
@@ -20,20 +23,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+ANCHORS = ("start", "previous")
+
 
 class SFA:
     """Stateful periodic averager over ``named`` parameters.
 
     :param named: ``name -> parameter`` (the unwrapped model's trainable parameters).
     :param interval: merge every ``interval`` steps; ``0`` disables.
-    :param beta: weight of the snapshot in a merge, in ``[0, 1]``.
+    :param beta: weight of the anchor in a merge, in ``[0, 1]``.
+    :param anchor: ``"start"`` (fixed starting weights) or ``"previous"`` (the last merge).
     """
 
-    def __init__(self, named: dict[str, nn.Parameter], interval: int, beta: float):
+    def __init__(self, named: dict[str, nn.Parameter], interval: int, beta: float, anchor: str = "start"):
         if not 0.0 <= beta <= 1.0:
             from nexus.errors import NexusError
 
             raise NexusError(f"--sfa-beta must be in [0, 1], got {beta}")
+        if anchor not in ANCHORS:
+            from nexus.errors import NexusError
+
+            raise NexusError(f"--sfa-anchor must be one of {', '.join(ANCHORS)}, got {anchor!r}")
+        self.anchor = anchor
         self.params = dict(named)
         self.interval = int(interval)
         self.beta = float(beta)
@@ -58,11 +69,12 @@ class SFA:
 
     @torch.no_grad()
     def merge(self) -> None:
-        """``theta <- (1-beta) theta + beta snapshot``, then the snapshot becomes ``theta``."""
+        """``theta <- (1-beta) theta + beta anchor``; with ``anchor="previous"`` the anchor becomes ``theta``."""
         for name, p in self.params.items():
             snap = self.snapshot[name]
             p.mul_(1.0 - self.beta).add_(snap.to(p.dtype), alpha=self.beta)
-            snap.copy_(p)
+            if self.anchor == "previous":
+                snap.copy_(p)
         self.merges += 1
 
     def state_dict(self) -> dict:

@@ -269,7 +269,7 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
         groups.append({"params": [named[n] for n in router_names], "lr": config.router_lr or config.lr, "name": "routers"})
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    sfa = SFA(named, config.sfa_interval, config.sfa_beta)
+    sfa = SFA(named, config.sfa_interval, config.sfa_beta, config.sfa_anchor)
     save_cfg = copy.deepcopy(adapter_cfg)
     save_cfg.base_keys = sorted(set(adapter_cfg.base_keys) | set(router_names) | set(native_names))
     save_cfg.args = {"command": "train", **config.to_dict()}

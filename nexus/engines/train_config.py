@@ -37,8 +37,9 @@ class TrainConfig:
     kd_weight: float = _f(1.0, "Weight of the distillation KL(teacher || student), multiplied by T^2.")
     temperature: float = _f(1.0, "Distillation temperature T.")
     router_kl_weight: float = _f(0.0, "Weight of the router KL(teacher || student), averaged over MoE layers.")
-    sfa_interval: int = _f(0, "SFA: average the trainable weights with the previous merge point every N steps (0: off).")
-    sfa_beta: float = _f(0.5, "SFA: weight of the earlier snapshot in each merge.")
+    sfa_interval: int = _f(0, "SFA: every N steps pull the trainable weights toward the anchor (0: off).")
+    sfa_beta: float = _f(0.5, "SFA: weight of the anchor in each merge.")
+    sfa_anchor: str = _f("start", "SFA anchor: start (the adapter training began from, as in the paper) or previous (the last merge).", choices=("start", "previous"))
     save_every: int = _f(100, "Checkpoint every N steps (0: only at the end).")
     keep_last: int = _f(3, "Checkpoints kept (older ones are deleted; 0 keeps all).")
     resume: bool = _f(False, "Resume from the latest checkpoint in --output.")
@@ -72,4 +73,4 @@ class TrainConfig:
 
 # Changing these between a run and its resume would silently change what is trained.
 RESUME_MUST_MATCH = ("model", "adapter", "teacher", "data", "seq_len", "batch_size", "grad_accum", "seed",
-                     "train_routers", "train_native_shared", "sfa_interval", "text_column", "tokenizer")
+                     "train_routers", "train_native_shared", "sfa_interval", "sfa_anchor", "text_column", "tokenizer")
