@@ -135,6 +135,19 @@ class ExpertLayout:
         return self.gate_up_bias is not None
 
 
+def per_expert_names(prefix: str = "model.layers.{layer}.mlp.experts.{e}",
+                     names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> tuple[str, str, str]:
+    """``(gate, up, down)`` weight-name templates of experts saved one by one under ``prefix``."""
+    return tuple(f"{prefix}.{n}.weight" for n in names)
+
+
+# What save_pretrained writes for the families with a per-expert conversion mapping (families.md §7).
+PER_EXPERT_PROJ = ExpertLayout(per_expert=per_expert_names())
+PER_EXPERT_W1_W3_W2 = ExpertLayout(
+    per_expert=per_expert_names("model.layers.{layer}.block_sparse_moe.experts.{e}", ("w1", "w3", "w2"))
+)
+
+
 def _split(t: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Split ``t[k, 2I, ...]`` into gate and up halves along dim 1."""
     if interleaved:

@@ -5,9 +5,7 @@ choose the top-k, and the first ``first_k_dense_replace`` layers are dense. Each
 already has ungated ``shared_experts``.
 """
 
-from nexus.spec import ExpertLayout, FamilySpec, SpecFamily, dense_prefix_layers
-
-PER_EXPERT = tuple(f"model.layers.{{layer}}.mlp.experts.{{e}}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj"))
+from nexus.spec import FamilySpec, PER_EXPERT_PROJ, SpecFamily, dense_prefix_layers
 
 
 def example_config():
@@ -35,7 +33,7 @@ SPEC = FamilySpec(
     is_moe_layer=dense_prefix_layers("first_k_dense_replace"),
     native_shared="shared_experts",
     example_config=example_config,
-    experts=ExpertLayout(per_expert=PER_EXPERT),
+    experts=PER_EXPERT_PROJ,
 )
 
 plugin = SpecFamily(SPEC)

@@ -6,9 +6,7 @@ the unbiased probabilities). MoE layers are every ``moe_layer_interval``-th laye
 ``shared_experts`` when ``moe_num_shared_experts > 0``.
 """
 
-from nexus.spec import ExpertLayout, FamilySpec, SpecFamily, interval_layers
-
-PER_EXPERT = tuple(f"model.layers.{{layer}}.mlp.experts.{{e}}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj"))
+from nexus.spec import FamilySpec, PER_EXPERT_PROJ, SpecFamily, interval_layers
 
 
 def example_config():
@@ -34,7 +32,7 @@ SPEC = FamilySpec(
     is_moe_layer=interval_layers("moe_layer_interval", "moe_layer_start_index", "moe_layer_end_index"),
     native_shared="shared_experts",
     example_config=example_config,
-    experts=ExpertLayout(per_expert=PER_EXPERT),
+    experts=PER_EXPERT_PROJ,
 )
 
 plugin = SpecFamily(SPEC)

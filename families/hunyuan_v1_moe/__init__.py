@@ -1,8 +1,6 @@
 """HunYuan-MoE-V1 family plugin (Hunyuan-A13B): fp32 softmax router ``gate.wg``, native ungated ``shared_mlp``."""
 
-from nexus.spec import ExpertLayout, FamilySpec, SpecFamily
-
-PER_EXPERT = tuple(f"model.layers.{{layer}}.mlp.experts.{{e}}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj"))
+from nexus.spec import FamilySpec, PER_EXPERT_PROJ, SpecFamily
 
 
 def example_config():
@@ -25,7 +23,7 @@ SPEC = FamilySpec(
     intermediate_size="intermediate_size",
     native_shared="shared_mlp",
     example_config=example_config,
-    experts=ExpertLayout(per_expert=PER_EXPERT),
+    experts=PER_EXPERT_PROJ,
 )
 
 plugin = SpecFamily(SPEC)

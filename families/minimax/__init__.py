@@ -4,7 +4,7 @@ The decoder computes ``residual * mlp_alpha_factor + block_out * mlp_beta_factor
 expert added to the block output is scaled by ``mlp_beta_factor`` like the routed experts.
 """
 
-from nexus.spec import ExpertLayout, FamilySpec, SpecFamily
+from nexus.spec import FamilySpec, PER_EXPERT_W1_W3_W2, SpecFamily
 
 
 def example_config():
@@ -28,13 +28,7 @@ SPEC = FamilySpec(
     top_k="num_experts_per_tok",
     intermediate_size="intermediate_size",
     example_config=example_config,
-    experts=ExpertLayout(
-        per_expert=(
-            "model.layers.{layer}.block_sparse_moe.experts.{e}.w1.weight",
-            "model.layers.{layer}.block_sparse_moe.experts.{e}.w3.weight",
-            "model.layers.{layer}.block_sparse_moe.experts.{e}.w2.weight",
-        ),
-    ),
+    experts=PER_EXPERT_W1_W3_W2,
 )
 
 plugin = SpecFamily(SPEC)

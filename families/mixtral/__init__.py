@@ -1,6 +1,6 @@
 """Mixtral family plugin (Mixtral-8x7B/8x22B): softmax top-k router, experts saved per expert as w1/w3/w2."""
 
-from nexus.spec import ExpertLayout, FamilySpec, SpecFamily
+from nexus.spec import FamilySpec, PER_EXPERT_W1_W3_W2, SpecFamily
 
 
 def example_config():
@@ -22,13 +22,7 @@ SPEC = FamilySpec(
     top_k="num_experts_per_tok",
     intermediate_size="intermediate_size",
     example_config=example_config,
-    experts=ExpertLayout(
-        per_expert=(
-            "model.layers.{layer}.block_sparse_moe.experts.{e}.w1.weight",
-            "model.layers.{layer}.block_sparse_moe.experts.{e}.w3.weight",
-            "model.layers.{layer}.block_sparse_moe.experts.{e}.w2.weight",
-        ),
-    ),
+    experts=PER_EXPERT_W1_W3_W2,
 )
 
 plugin = SpecFamily(SPEC)

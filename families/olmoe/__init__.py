@@ -1,8 +1,6 @@
 """OLMoE family plugin (OLMoE-1B-7B): softmax top-k router, 64 small experts per layer."""
 
-from nexus.spec import ExpertLayout, FamilySpec, SpecFamily
-
-PER_EXPERT = tuple(f"model.layers.{{layer}}.mlp.experts.{{e}}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj"))
+from nexus.spec import FamilySpec, PER_EXPERT_PROJ, SpecFamily
 
 
 def example_config():
@@ -24,7 +22,7 @@ SPEC = FamilySpec(
     top_k="num_experts_per_tok",
     intermediate_size="intermediate_size",
     example_config=example_config,
-    experts=ExpertLayout(per_expert=PER_EXPERT),
+    experts=PER_EXPERT_PROJ,
 )
 
 plugin = SpecFamily(SPEC)

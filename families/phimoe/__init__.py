@@ -4,7 +4,7 @@
 the spec fixes ``top_k=2``. In train mode the router samples (Gumbel); keep the base in eval.
 """
 
-from nexus.spec import ExpertLayout, FamilySpec, SpecFamily
+from nexus.spec import FamilySpec, PER_EXPERT_W1_W3_W2, SpecFamily
 
 
 def example_config():
@@ -27,13 +27,7 @@ SPEC = FamilySpec(
     intermediate_size="intermediate_size",
     router="router",
     example_config=example_config,
-    experts=ExpertLayout(
-        per_expert=(
-            "model.layers.{layer}.block_sparse_moe.experts.{e}.w1.weight",
-            "model.layers.{layer}.block_sparse_moe.experts.{e}.w3.weight",
-            "model.layers.{layer}.block_sparse_moe.experts.{e}.w2.weight",
-        ),
-    ),
+    experts=PER_EXPERT_W1_W3_W2,
 )
 
 plugin = SpecFamily(SPEC)

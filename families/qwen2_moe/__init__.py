@@ -6,9 +6,7 @@ in ``MoEBlock.native_shared`` so training code can unfreeze it too
 (:func:`nexus.shared_expert.native_shared_modules`).
 """
 
-from nexus.spec import ExpertLayout, FamilySpec, SpecFamily, sparse_step_layers
-
-PER_EXPERT = tuple(f"model.layers.{{layer}}.mlp.experts.{{e}}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj"))
+from nexus.spec import FamilySpec, PER_EXPERT_PROJ, SpecFamily, sparse_step_layers
 
 
 def example_config():
@@ -34,7 +32,7 @@ SPEC = FamilySpec(
     is_moe_layer=sparse_step_layers(),
     native_shared=("shared_expert", "shared_expert_gate"),
     example_config=example_config,
-    experts=ExpertLayout(per_expert=PER_EXPERT),
+    experts=PER_EXPERT_PROJ,
 )
 
 plugin = SpecFamily(SPEC)

@@ -1,8 +1,6 @@
 """Qwen3-MoE family plugin (Qwen3-30B-A3B, Qwen3-235B-A22B): dense layers set by mlp_only_layers/decoder_sparse_step."""
 
-from nexus.spec import ExpertLayout, FamilySpec, SpecFamily, sparse_step_layers
-
-PER_EXPERT = tuple(f"model.layers.{{layer}}.mlp.experts.{{e}}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj"))
+from nexus.spec import FamilySpec, PER_EXPERT_PROJ, SpecFamily, sparse_step_layers
 
 
 def example_config():
@@ -26,7 +24,7 @@ SPEC = FamilySpec(
     intermediate_size="moe_intermediate_size",
     is_moe_layer=sparse_step_layers(),
     example_config=example_config,
-    experts=ExpertLayout(per_expert=PER_EXPERT),
+    experts=PER_EXPERT_PROJ,
 )
 
 plugin = SpecFamily(SPEC)
