@@ -277,3 +277,14 @@ def test_sfa_merges_with_previous_merge_point():
     other = SFA({"w": torch.nn.Parameter(torch.zeros(2))}, interval=2, beta=0.25)
     other.load_state_dict(state)
     assert other.merges == 2 and other.merge_steps == [2, 4] and torch.equal(other.snapshot["w"], p.detach())
+
+
+def test_sharded_engines_are_refused_before_any_work(work, tmp_path):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    fake = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    with pytest.raises(NexusError, match="FSDP is not supported .* Use DDP"):
+        train(_config(work, tmp_path / "run"), accelerator=fake)
+    assert not (tmp_path / "run").exists()

@@ -51,6 +51,10 @@ from nexus.io import write_json
 log = logging.getLogger(__name__)
 
 
+# Sharded engines: saving and SFA read full parameters, which these engines do not hold.
+UNSUPPORTED_DISTRIBUTED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
 class NonFiniteLossError(NexusError):
     """The loss or the gradient norm became NaN/inf; training stopped without an optimizer step."""
 
@@ -232,6 +236,12 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     from nexus.shared_expert import freeze_base, native_shared_modules
 
     accelerator = accelerator or make_accelerator(config.bf16, log_with=config.report_to, project_dir=config.output)
+    if accelerator.distributed_type.value in UNSUPPORTED_DISTRIBUTED:
+        raise NexusError(
+            f"{accelerator.distributed_type.value} is not supported by nexus train yet: adapters are saved from "
+            f"unsharded parameters. Use DDP (accelerate config: multi-GPU, or torchrun), which replicates the "
+            f"frozen base and the small adapter on every device"
+        )
     main, world, rank, device = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index, accelerator.device
     run_dir = Path(config.output)
     checkpoint = latest_checkpoint(run_dir) if config.resume else None
