@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 EVAL_SPLITS = ("domain_val", "domain_test", "general_test")
 RUN_FORMAT = 3  # bump when a change to the runs invalidates cached run results
+RANDOM_SELECTIONS = 10  # seeds of the local stand-in's ``random`` init kept in a context
 
 
 def bench_cache() -> Path:
@@ -189,7 +190,7 @@ def build_context(cfg: BenchConfig, recipe: ModelRecipe, inputs: dict, cache: Pa
         stats = nexus_path.collect_stats(model, family, collect_rows)
         for strategy in ("pca", "top1", "mean_all", "zeros"):
             selections[strategy] = nexus_path.select(stats, strategy, k, seed=0)
-        for seed in range(max(cfg.seeds, 1)):
+        for seed in range(max(cfg.seeds, RANDOM_SELECTIONS)):
             selections[f"random-{seed}"] = nexus_path.select(stats, "random", k, seed=seed)
         for name in ("nexus", "nexus-small"):
             m = METHODS_BY_NAME[name]
@@ -317,7 +318,8 @@ def run_one(job: dict) -> dict:
     (``nexus_pipeline == "engines"``); everything else through :func:`trainer.train`.
 
     :param job: ``context`` (path of context.json), ``method``, ``lr``, ``seed``, ``out`` (JSON
-        path), ``isolated`` (running in its own process), ``log_level``.
+        path), ``threads`` (torch threads; default the context's), ``isolated`` (running in its
+        own process), ``log_level``.
     :return: the run's result dict.
     """
     import shutil
@@ -329,7 +331,7 @@ def run_one(job: dict) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ctx = json.loads(Path(job["context"]).read_text())
     cfg = ctx["config"]
-    torch.set_num_threads(cfg["threads"])
+    torch.set_num_threads(job.get("threads") or cfg["threads"])
     method = METHODS_BY_NAME[job["method"]]
     seed, lr = job["seed"], job["lr"]
     rss_reset = reset_peak_rss()
@@ -430,8 +432,9 @@ def _score(result: dict) -> float:
     return v if result.get("diverged") is False and np.isfinite(v) else float("inf")
 
 
-def _job(work: Path, method: str, lr: float, seed: int, level: int) -> dict:
+def _job(work: Path, method: str, lr: float, seed: int, level: int, threads: int) -> dict:
     return {
+        "threads": threads,
         "context": str(work / "context.json"),
         "method": method,
         "lr": lr,
@@ -453,7 +456,7 @@ def sweep(cfg: BenchConfig, work: Path, methods: list[Method], skipped: dict, is
     grids = {n: list(base) for n in names}
     by_key: dict[tuple, dict] = {}
     for round_ in range(cfg.lr_extensions + 1):
-        jobs = [_job(work, n, lr, 0, level) for n in names for lr in grids[n] if (n, lr, 0) not in by_key]
+        jobs = [_job(work, n, lr, 0, level, cfg.threads) for n in names for lr in grids[n] if (n, lr, 0) not in by_key]
         for job, res in zip(jobs, execute(jobs, isolate, workers)):
             by_key[(job["method"], job["lr"], 0)] = res
         grew = False
@@ -478,7 +481,7 @@ def sweep(cfg: BenchConfig, work: Path, methods: list[Method], skipped: dict, is
         if len(grids[n]) > 1 and best in (0, len(grids[n]) - 1):
             edge = "low" if best == 0 else "high"
         out[n] = {"grid": grids[n], "best_lr": grids[n][best], "edge": edge}
-        seed_jobs += [_job(work, n, grids[n][best], s, level) for s in range(1, cfg.seeds)]
+        seed_jobs += [_job(work, n, grids[n][best], s, level, cfg.threads) for s in range(1, cfg.seeds)]
     for job, res in zip(seed_jobs, execute(seed_jobs, isolate, workers)):
         by_key[(job["method"], job["lr"], job["seed"])] = res
     for n in names:
