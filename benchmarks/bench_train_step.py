@@ -8,7 +8,7 @@
 
 Every variant runs the same loss (CE + KL to the base teacher, through
 ``nexus.engines.train_step.distill_losses``) and AdamW over its trainable parameters, in its own
-subprocess; memory is the peak RSS (``resource.ru_maxrss``) minus the RSS before the model was
+subprocess; memory is the peak RSS (``VmHWM``) minus the RSS before the model was
 loaded (and, separately, the RSS after setup: weights + optimizer, before any activation).
 Throughput is tokens per second of the median step; variants run interleaved ``--repeats``
 times and the fastest run of each is kept, so that other load on the machine counts less. Ratios are printed and the results written to
@@ -65,6 +65,11 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
+    """Peak RSS of this process: VmHWM, since ru_maxrss survives execve and may be the parent's."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
