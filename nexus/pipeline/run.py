@@ -78,7 +78,10 @@ def run_pipeline(cfg: RunConfig) -> dict:
         raise NexusError("give --output DIR for the run")
     out = Path(cfg.output)
     if cfg.model is None:
-        family = resolve_family(name=cfg.family or "gpt_oss")
+        if cfg.family is None:
+            raise NexusError("give --model PATH, or --family NAME to run on that family's demo checkpoint "
+                             "(e.g. nexus --family gpt_oss run --output runs/demo)")
+        family = resolve_family(name=cfg.family)
         cfg.model = str(demo_checkpoint(family))
         cfg.data = cfg.data or str(demo_text_path())
         cfg.eval_data = cfg.eval_data or str(demo_eval_path())
