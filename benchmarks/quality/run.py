@@ -171,11 +171,6 @@ def build_context(cfg: BenchConfig, recipe: ModelRecipe, inputs: dict, cache: Pa
     engines = nexus_path.engine_status()
     work.mkdir(parents=True, exist_ok=True)
     data = load_token_data(inputs["domain_train_jsonl"], inputs["tokenizer"], cfg.seq_len)
-    torch.save(
-        {"ids": torch.tensor([t for r in data.rows for t in r], dtype=torch.int32),
-         "lengths": torch.tensor([len(r) for r in data.rows]), "pad_id": data.pad_id},
-        work / "train_rows.pt",
-    )
     selection_path = None
     use_engines = family is not None and engines["convert"] == "engine" and engines["train"] == "engine"
     if family is not None:
@@ -223,7 +218,6 @@ def build_context(cfg: BenchConfig, recipe: ModelRecipe, inputs: dict, cache: Pa
         "nexus_pipeline": "engines" if use_engines else "local",
         "selection_path": str(selection_path) if selection_path else None,
         "tensors": str(tensors_path),
-        "train_rows": str(work / "train_rows.pt"),
         "train_jsonl": str(inputs["domain_train_jsonl"]),
         "domain_train_rows": len(data.rows),
         "seq_len": cfg.seq_len,
@@ -288,12 +282,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _train_rows(path) -> "TokenData":
-    from nexus.data import TokenData
+def load_train_data(ctx: dict):
+    """The domain training rows, loaded as the training engine loads them: the base model's
+    tokenizer (:func:`nexus.data.load_tokenizer`) and :func:`nexus.data.load_token_data` on the
+    training documents. Every method pays the same data-loading memory.
 
-    saved = torch.load(path)
-    rows = [r.tolist() for r in torch.split(saved["ids"].long(), saved["lengths"].tolist())]
-    return TokenData(rows, int(saved["pad_id"]))
+    :return: a :class:`nexus.data.TokenData`.
+    """
+    from nexus.data import load_token_data, load_tokenizer
+
+    return load_token_data(ctx["train_jsonl"], load_tokenizer(ctx["base_path"]), ctx["seq_len"])
 
 
 def _settings(cfg: dict, method: Method, lr: float, seed: int) -> TrainSettings:
@@ -360,7 +358,7 @@ def run_one(job: dict) -> dict:
         info = {"pipeline": "engines", "shared_intermediate_size": width, "gate": method.gate, "init": method.init}
         record = out
     else:
-        data = _train_rows(ctx["train_rows"])
+        data = load_train_data(ctx)
         model = load_model(ctx["base_path"])
         torch.manual_seed(seed)
         prepared = prepare_method(ctx, method, model, seed)
@@ -388,6 +386,7 @@ def run_one(job: dict) -> dict:
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "rss_isolated": bool(job.get("isolated")),
         "rss_reset": rss_reset,
+        "data_loading": "load_token_data",
         **record,
     }
     write_json(job["out"], result)
