@@ -207,6 +207,19 @@ def plot(results: dict, out: Path) -> list[Path]:
     marker = {n: "o" if n.startswith("nexus") else ("s" if n.startswith("full") else "^") for n in names}
     paths = []
 
+    def base_reference(ax, base, xs, ys):
+        """Draw the base model: a star when it fits the adapted points' range, else a dashed
+        line at its general ppl (its domain ppl, far off to the right, in the label)."""
+        near = xs and base["domain_test"] <= 3 * max(xs)
+        if near:
+            ax.scatter([base["domain_test"]], [base["general_test"]], marker="*", s=200, color="k", label="base", zorder=3)
+        else:
+            ax.axhline(base["general_test"], color="k", ls="--", lw=1,
+                       label=f"base general ppl (base domain ppl {base['domain_test']:.0f}, off-axis)")
+        if xs:
+            ax.set_xlim(0.9 * min(xs), 1.1 * max(xs + ([base["domain_test"]] if near else [])))
+            ax.set_ylim(0.9 * min(ys + [base["general_test"]]), 1.1 * max(ys))
+
     def save(fig, suffix):
         path = out.with_name(f"{out.stem}-{suffix}.png")
         with atomic_path(path) as tmp:
@@ -217,13 +230,15 @@ def plot(results: dict, out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
     for ax, (mname, model) in zip(axes[0], models):
         base = model["context"]["base_ppl"]
-        ax.scatter([base["domain_test"]], [base["general_test"]], marker="*", s=200, color="k", label="base", zorder=3)
+        xs, ys = [], []
         for n, s in model["summary"].items():
             d, g = s["domain_test_ppl"], s["general_test_ppl"]
             if math.isfinite(d["mean"]) and math.isfinite(g["mean"]):
                 ax.errorbar(d["mean"], g["mean"], xerr=d["std"], yerr=g["std"], fmt=marker[n], color=color[n], label=n, capsize=3)
+                xs += [d["mean"] - d["std"], d["mean"] + d["std"]]
+                ys += [g["mean"] - g["std"], g["mean"] + g["std"]]
+        base_reference(ax, base, xs, ys)
         ax.set(title=f"{mname}: best LR, mean ± std", xlabel="domain ppl (held-out Python) ↓", ylabel="general ppl (held-out SOTU) ↓")
-        ax.set_xscale("log")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
     save(fig, "scatter")
@@ -231,7 +246,7 @@ def plot(results: dict, out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
     for ax, (mname, model) in zip(axes[0], models):
         base = model["context"]["base_ppl"]
-        ax.scatter([base["domain_test"]], [base["general_test"]], marker="*", s=200, color="k", label="base", zorder=3)
+        xs, ys = [], []
         for n, s in model["summary"].items():
             pts = sorted((p["domain_test_ppl"], p["general_test_ppl"]) for p in s["pareto_points"]
                          if math.isfinite(p["domain_test_ppl"]) and math.isfinite(p["general_test_ppl"]))
@@ -244,7 +259,10 @@ def plot(results: dict, out: Path) -> list[Path]:
                     best_g = g
             ax.scatter(*zip(*pts), s=8, alpha=0.35, color=color[n])
             ax.plot(*zip(*front), "-", marker=marker[n], ms=3, color=color[n], label=n)
-        ax.set(title=f"{mname}: Pareto front over LRs and checkpoints", xlabel="domain ppl ↓", ylabel="general ppl ↓")
+            xs += [d for d, _ in front]
+            ys += [g for _, g in front]
+        base_reference(ax, base, xs, ys)
+        ax.set(title=f"{mname}: Pareto fronts over LRs, seeds and checkpoints", xlabel="domain ppl ↓", ylabel="general ppl ↓")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
