@@ -309,14 +309,26 @@ def plot(results: dict, out: Path) -> list[Path]:
     return paths
 
 
+def _round(obj, digits: int = 6):
+    """``obj`` with every float rounded to ``digits`` significant digits (JSON size)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}") if math.isfinite(obj) else obj
+    if isinstance(obj, dict):
+        return {k: _round(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_round(v, digits) for v in obj]
+    return obj
+
+
 def _slim(results: dict) -> dict:
-    """Drop per-step curves except for each method's best-LR runs (keeps the JSON small)."""
+    """Drop per-step curves except for each method's best-LR runs and round floats to 6
+    significant digits (keeps the JSON small)."""
     for model in results["models"].values():
         for entry in model["methods"].values():
             for r in entry["runs"]:
                 if r["lr"] != entry["best_lr"]:
                     r.pop("curve", None)
-    return results
+    return _round(results)
 
 
 def write_report(results: dict, out_dir: Path, name: str | None = None) -> dict[str, Path]:
