@@ -89,15 +89,19 @@ def adapter_state_dict(model: nn.Module, base_keys: list[str] = ()) -> dict[str,
     return {n: p.detach() for n, p in model.named_parameters() if is_shared_parameter(n) or n in wanted}
 
 
-def save_adapter(model: nn.Module, path: str | Path, config: AdapterConfig) -> Path:
+def save_adapter(model: nn.Module, path: str | Path, config: AdapterConfig,
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``model``'s shared experts as an adapter directory, atomically.
 
     :param model: a model with shared experts attached.
     :param path: the adapter directory (replaced whole if it exists).
     :param config: the adapter's description; ``layers`` is filled in when empty.
+    :param tensors: the adapter's whole tensors when already gathered (a sharded model:
+        :func:`adapter_state_dict` through :func:`nexus.engines.sharding.gather_full`);
+        default ``adapter_state_dict(model, config.base_keys)``.
     :return: ``path``.
     """
-    tensors = adapter_state_dict(model, config.base_keys)
+    tensors = adapter_state_dict(model, config.base_keys) if tensors is None else tensors
     if not any(is_shared_parameter(n) for n in tensors):
         raise NexusError("the model has no shared experts attached; nothing to save")
     if not config.layers:

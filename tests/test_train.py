@@ -279,12 +279,16 @@ def test_sfa_merges_with_previous_merge_point():
     assert other.merges == 2 and other.merge_steps == [2, 4] and torch.equal(other.snapshot["w"], p.detach())
 
 
-def test_sharded_engines_are_refused_before_any_work(work, tmp_path):
+@pytest.mark.parametrize("kind, version, message", [
+    ("DEEPSPEED", None, "DEEPSPEED is not supported .* Use FSDP2"),
+    ("FSDP", 1, "FSDP version 1 is not supported .* fsdp_version: 2"),
+])
+def test_unsupported_engines_are_refused_before_any_work(work, tmp_path, kind, version, message):
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
-    fake = SimpleNamespace(distributed_type=DistributedType.FSDP)
-    with pytest.raises(NexusError, match="FSDP is not supported .* Use DDP"):
+    fake = SimpleNamespace(distributed_type=DistributedType[kind], state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)))
+    with pytest.raises(NexusError, match=message):
         train(_config(work, tmp_path / "run"), accelerator=fake)
     assert not (tmp_path / "run").exists()

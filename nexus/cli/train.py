@@ -24,6 +24,7 @@ Examples:
   nexus train ... --teacher cache/ --ce-weight 0.5 --temperature 2
   accelerate launch --multi_gpu --num_processes 4 $(which nexus) train ...   # DDP
   torchrun --nproc_per_node 2 --no-python nexus train ...                    # DDP on CPU (gloo)
+  accelerate launch --config_file fsdp2.yaml $(which nexus) train ...       # base sharded (docs/training.md)
   nexus train ... --output runs/a --resume       # continue from the last checkpoint
 """
 

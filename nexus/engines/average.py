@@ -14,14 +14,18 @@ Every ``interval`` optimizer steps the trainable parameters are pulled toward an
 The optimizer state is left as it is.
 
 Under data parallelism every process holds the same parameters, so every process computes the
-same merge. Parameters are addressed by the *unwrapped* model's ``named_parameters`` names, so
-a DDP/FSDP wrapper's ``module.`` prefix never enters the snapshot or checkpoints.
+same merge; under FSDP2 each process merges its own shards with the anchor's matching shards,
+which is the same merge cut into pieces. Parameters are addressed by the *unwrapped* model's
+``named_parameters`` names, so a DDP wrapper's ``module.`` prefix never enters the snapshot or
+checkpoints, and checkpoints hold whole tensors whatever the sharding.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from nexus.engines.sharding import gather_full, shard_like
 
 ANCHORS = ("start", "previous")
 
@@ -78,8 +82,9 @@ class SFA:
         self.merges += 1
 
     def state_dict(self) -> dict:
-        """The snapshot tensors and merge counters (for checkpoints)."""
-        return {"snapshot": {n: t.clone() for n, t in self.snapshot.items()}, "merges": self.merges, "merge_steps": list(self.merge_steps)}
+        """The snapshot as whole CPU tensors and the merge counters (for checkpoints). Sharded
+        snapshots are gathered: under FSDP2 every process must call it."""
+        return {"snapshot": gather_full(self.snapshot), "merges": self.merges, "merge_steps": list(self.merge_steps)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from :meth:`state_dict`."""
@@ -88,4 +93,4 @@ class SFA:
         saved = state.get("snapshot", {})
         for name, snap in self.snapshot.items():
             if name in saved:  # a run that had SFA off has no snapshot: keep the current weights
-                snap.copy_(saved[name])
+                snap.copy_(shard_like(saved[name], snap))

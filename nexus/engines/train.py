@@ -11,8 +11,11 @@ the big-batch gradient (no 1/GA scaling, no 1/GA^2 bug, ranks with unequal token
 weighted correctly), multiplied by the world size to undo DDP's gradient averaging.
 
 The distributed engine is accelerate's: run under ``accelerate launch`` or ``torchrun`` for
-DDP. Only the trainable parameters (shared experts, optionally routers) are optimised, by
-AdamW; the base stays frozen and in ``eval()``.
+DDP, or ``accelerate launch`` with an FSDP2 config (``fsdp_version: 2``) to shard the frozen
+base across devices when one device cannot hold it. Only the trainable parameters (shared
+experts, optionally routers) are optimised, by AdamW; the base stays frozen and in ``eval()``.
+Under FSDP2 checkpoints and adapters hold whole tensors, gathered from the shards, so a run
+saved under one layout is an ordinary adapter for any other.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 import torch
 
 from nexus import __version__
-from nexus.adapter import load_adapter, read_adapter_config, save_adapter
+from nexus.adapter import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
 from nexus.constants import RUN_CONFIG_NAME
 from nexus.engines.average import SFA
 from nexus.engines.distributed import make_accelerator
@@ -43,6 +46,7 @@ from nexus.engines.checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
+from nexus.engines.sharding import gather_full, shard_like, to_float
 from nexus.engines.train_config import RESUME_MUST_MATCH, TrainConfig
 from nexus.engines.train_step import distill_losses, micro_batches
 from nexus.errors import NexusError
@@ -51,8 +55,8 @@ from nexus.io import write_json
 log = logging.getLogger(__name__)
 
 
-# Sharded engines: saving and SFA read full parameters, which these engines do not hold.
-UNSUPPORTED_DISTRIBUTED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+# Engines that own the optimizer or partition parameters in ways the checkpoints cannot read.
+UNSUPPORTED_DISTRIBUTED = ("DEEPSPEED", "MEGATRON_LM")
 
 
 class NonFiniteLossError(NexusError):
@@ -136,6 +140,26 @@ def _check_resume(run_dir: Path, config: TrainConfig, world_size: int) -> None:
             f"cannot resume {run_dir}: these settings differ from the original run: {', '.join(diff)}; "
             f"use the same arguments, or a new --output"
         )
+
+
+def _check_distributed(accelerator) -> bool:
+    """Refuse distributed engines the run cannot checkpoint. :return: whether it is FSDP2."""
+    kind = accelerator.distributed_type.value
+    if kind in UNSUPPORTED_DISTRIBUTED:
+        raise NexusError(
+            f"{kind} is not supported by nexus train: it owns the optimizer and partitions parameters in its own "
+            f"format. Use FSDP2 to shard the base (accelerate config: distributed_type FSDP, fsdp_version 2) or "
+            f"DDP (multi-GPU, or torchrun) to replicate it"
+        )
+    if kind != "FSDP":
+        return False
+    version = int(getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) or 1)
+    if version != 2:
+        raise NexusError(
+            f"FSDP version {version} is not supported by nexus train: it flattens frozen and trainable weights "
+            f"into one buffer. Set fsdp_version: 2 in the accelerate config (or FSDP_VERSION=2)"
+        )
+    return True
 
 
 def _enable_checkpointing(model) -> None:
@@ -227,6 +251,7 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     :raises NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
     """
     from accelerate.utils import gather_object, set_seed
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
     from nexus.data import load_tokenizer
     from nexus.engines.teachers import base_parameters, router_parameters
@@ -236,12 +261,7 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     from nexus.shared_expert import freeze_base, native_shared_modules
 
     accelerator = accelerator or make_accelerator(config.bf16, log_with=config.report_to, project_dir=config.output)
-    if accelerator.distributed_type.value in UNSUPPORTED_DISTRIBUTED:
-        raise NexusError(
-            f"{accelerator.distributed_type.value} is not supported by nexus train yet: adapters are saved from "
-            f"unsharded parameters. Use DDP (accelerate config: multi-GPU, or torchrun), which replicates the "
-            f"frozen base and the small adapter on every device"
-        )
+    fsdp = _check_distributed(accelerator)
     main, world, rank, device = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index, accelerator.device
     run_dir = Path(config.output)
     checkpoint = latest_checkpoint(run_dir) if config.resume else None
@@ -253,7 +273,8 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
 
     # Model, adapter, trainable parameters.
     adapter_cfg = read_adapter_config(config.adapter)
-    model = load_model(config.model, dtype=torch.bfloat16 if config.bf16 else torch.float32, device=device)
+    # Under FSDP2 the base stays in host memory until fully_shard moves each layer's shard to the device.
+    model = load_model(config.model, dtype=torch.bfloat16 if config.bf16 else torch.float32, device="cpu" if fsdp else device)
     family = resolve_family(model.config, name=adapter_cfg.family)
     blocks = family.moe_blocks(model)
     routers = router_parameters(model, family, blocks)
@@ -279,6 +300,14 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
         groups.append({"params": [named[n] for n in router_names], "lr": config.router_lr or config.lr, "name": "routers"})
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    if fsdp:
+        # FSDP2 shards the model and swaps the optimizer's parameters for the shards in place.
+        student, _ = accelerator.prepare(model, optimizer)
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        params_now = dict(model.named_parameters())
+        base_originals = {n: shard_like(t, params_now[n]) for n, t in base_originals.items()}
+    else:
+        student = accelerator.prepare_model(model)
     sfa = SFA(named, config.sfa_interval, config.sfa_beta, config.sfa_anchor)
     save_cfg = copy.deepcopy(adapter_cfg)
     save_cfg.base_keys = sorted(set(adapter_cfg.base_keys) | set(router_names) | set(native_names))
@@ -298,7 +327,7 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     step, next_batch, tokens_seen = 0, 0, 0
     if checkpoint is not None:
         trainer_state, state = load_checkpoint(checkpoint)
-        optimizer.load_state_dict(trainer_state["optimizer"])
+        set_optimizer_state_dict(model, optimizer, trainer_state["optimizer"], options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(trainer_state["scheduler"])
         sfa.load_state_dict(trainer_state["sfa"])
         rngs = trainer_state["rng"]
@@ -317,15 +346,18 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     metrics = MetricsLog(run_dir, enabled=main, resume_step=step if checkpoint else None)
     if config.report_to:
         accelerator.init_trackers("nexus", config={k: v for k, v in config.to_dict().items() if v is not None})
-    student = accelerator.prepare_model(model)
 
     def save(at_step: int, nb: int) -> Path | None:
+        # Collectives first, on every process: shards are gathered into whole tensors.
         rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
+        tensors = gather_full(adapter_state_dict(model, save_cfg.base_keys))
+        optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        sfa_state = sfa.state_dict()
         path = None
         if main:
             path = save_checkpoint(
-                run_dir, at_step, lambda p: save_adapter(model, p, copy.deepcopy(save_cfg)),
-                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "sfa": sfa.state_dict(), "rng": rngs},
+                run_dir, at_step, lambda p: save_adapter(model, p, copy.deepcopy(save_cfg), tensors=tensors),
+                {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "sfa": sfa_state, "rng": rngs},
                 {"step": at_step, "next_batch": nb, "tokens": tokens_seen, "world_size": world, "nexus_version": __version__},
                 config.keep_last,
             )
@@ -365,9 +397,9 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
             if not all(math.isfinite(v) for v in (ce, kd, rkl)):
                 _raise_non_finite(step, "loss", (ce, kd, rkl), last_ckpt)
             if config.max_grad_norm > 0:
-                grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
+                grad_norm = to_float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
             else:
-                grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+                grad_norm = to_float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
             if not math.isfinite(grad_norm):
                 _raise_non_finite(step, "gradient norm", (grad_norm,), last_ckpt)
             lrs = [g["lr"] for g in optimizer.param_groups]
@@ -396,8 +428,9 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     final = None
     if step >= config.max_steps:
         final = run_dir / "final"
+        tensors = gather_full(adapter_state_dict(model, save_cfg.base_keys))
         if main:
-            save_adapter(model, final, copy.deepcopy(save_cfg))
+            save_adapter(model, final, copy.deepcopy(save_cfg), tensors=tensors)
         accelerator.wait_for_everyone()
     if config.report_to:
         accelerator.end_training()
