@@ -129,3 +129,41 @@ def test_smoke_preset_end_to_end(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "bench").glob("gpt_oss-*"))) == 1
     rerun = json.loads((out / "again.json").read_text())
     assert rerun["models"]["gpt_oss"]["summary"]["nexus"]["domain_test_ppl"] == data["models"]["gpt_oss"]["summary"]["nexus"]["domain_test_ppl"]
+
+
+def _runs(values, best_lr=0.01, other_lr=None):
+    runs = [{"lr": best_lr, "seed": s, "diverged": False, "final": {"domain_test": d, "general_test": g}}
+            for s, (d, g) in enumerate(values)]
+    if other_lr is not None:  # a seed-0 run at another LR of the grid: never part of the comparison
+        runs.append({"lr": other_lr, "seed": 0, "diverged": False, "final": {"domain_test": 1.0, "general_test": 1.0}})
+    return {"best_lr": best_lr, "runs": runs}
+
+
+def test_factor_comparison_uses_best_lr_seeds_and_welch():
+    from scipy.stats import ttest_ind
+
+    from benchmarks.quality.compare import compare, consistent, markdown
+
+    ref = [(100.0, 300.0), (101.0, 310.0), (99.0, 290.0)]
+    methods = {
+        "nexus": _runs(ref, other_lr=0.1),
+        "nexus-init-top1": _runs([(90.0, 301.0), (91.0, 309.0), (89.5, 295.0)]),   # clearly better domain, same general
+        "nexus-gate-token": _runs([(100.5, 200.0), (99.0, 205.0), (102.0, 198.0)]),  # same domain, less forgetting
+        "nexus-kd": _runs([(150.0, 160.0)]),                                          # one seed: no test
+    }
+    rows = {r["method"]: r for r in compare({"models": {"m": {"methods": methods}}})["m"]}
+    assert set(rows) == {"nexus-init-top1", "nexus-gate-token", "nexus-kd"}
+    top1 = rows["nexus-init-top1"]
+    assert top1["domain_test"]["verdict"] == "better" and top1["general_test"]["verdict"] == "within noise"
+    expected = ttest_ind([100.0, 101.0, 99.0], [90.0, 91.0, 89.5], equal_var=False).pvalue
+    assert top1["domain_test"]["p"] == pytest.approx(expected)
+    assert top1["domain_test"]["ratio"] == pytest.approx((90 + 91 + 89.5) / 300)
+    token = rows["nexus-gate-token"]
+    assert token["domain_test"]["verdict"] == "within noise" and token["general_test"]["verdict"] == "better"
+    assert rows["nexus-kd"]["domain_test"]["verdict"] == "one seed" and rows["nexus-kd"]["n"] == [1, 3]
+    # The same data on a second model where top1 is worse: the cross-model verdict is mixed.
+    worse = dict(methods, **{"nexus-init-top1": _runs([(120.0, 300.0), (121.0, 300.0), (119.0, 300.0)])})
+    both = compare({"models": {"a": {"methods": methods}, "b": {"methods": worse}}})
+    assert consistent(both)["nexus-init-top1"] == "mixed" and consistent(both)["nexus-gate-token"] == "within noise"
+    text = markdown(both)
+    assert "### a" in text and "### b" in text and "| `nexus-init-top1` | mixed |" in text

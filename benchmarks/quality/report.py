@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.quality import compare
 from nexus.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -339,9 +340,10 @@ def write_report(results: dict, out_dir: Path, name: str | None = None) -> dict[
     out_dir = Path(out_dir)
     stem = name or f"quality-{results['preset']}"
     summarize(results)
+    results["comparisons"] = compare.compare(results)
     json_path = out_dir / f"{stem}.json"
     plots = plot(results, json_path)
-    md = markdown(results)
+    md = markdown(results) + compare.markdown(results["comparisons"])
     md += "\nPlots: " + ", ".join(f"`{p.name}`" for p in plots) + "\n"
     md_path = out_dir / f"{stem}.md"
     with atomic_path(md_path) as tmp:

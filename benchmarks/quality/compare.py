@@ -1,0 +1,136 @@
+"""One factor at a time: each NEXUS variant against the reference ``nexus`` run, over seeds.
+
+Every NEXUS variant of :data:`benchmarks.quality.methods.METHODS` changes one setting of
+``nexus`` (init strategy, gate mode, router, KD, SFA, width). For each variant and base model
+this module compares the held-out test perplexities of the seeds at each method's best LR with
+Welch's t-test (unequal variances; ``scipy.stats.ttest_ind``), and says whether the variant is
+better, worse or indistinguishable from the reference at ``ALPHA``. With 3 seeds a test has
+little power: "within noise" means "not shown to differ", not "equal".
+
+The defaults of ``nexus convert`` / ``nexus train`` are read from these verdicts (see the
+top-level README): an option replaces the current default only if it is better on every base
+model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+ALPHA = 0.05
+REFERENCE = "nexus"
+# factor -> (the reference's setting, {variant method: its setting})
+FACTORS: dict[str, tuple[str, dict[str, str]]] = {
+    "init": ("pca", {"nexus-init-random": "random", "nexus-init-top1": "top1", "nexus-init-mean_all": "mean_all",
+                     "nexus-init-zeros": "zeros (gate none)"}),
+    "gate": ("scalar", {"nexus-gate-none": "none", "nexus-gate-token": "token"}),
+    "router": ("frozen", {"nexus-router": "trained"}),
+    "kd_weight": ("0", {"nexus-kd": "1 (teacher self)"}),
+    "sfa": ("off", {"nexus-sfa": "on"}),
+    "width": ("expert width", {"nexus-small": "1/4 of it"}),
+}
+METRICS = ("domain_test", "general_test")
+
+
+def seed_values(entry: dict, metric: str) -> list[float]:
+    """Final ``metric`` perplexity of every seed at the method's best LR (finite ones only)."""
+    vals = [r["final"][metric] for r in entry["runs"] if r["lr"] == entry["best_lr"] and not r.get("diverged")]
+    return [v for v in vals if v is not None and math.isfinite(v)]
+
+
+def welch(a: list[float], b: list[float]) -> float | None:
+    """Two-sided p-value of Welch's t-test for ``mean(a) == mean(b)``; None with under 2 values
+    on a side. Two constant samples give 0 when their means differ, 1 when they do not."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    if np.std(a) == 0 and np.std(b) == 0:
+        return 1.0 if np.mean(a) == np.mean(b) else 0.0
+    from scipy.stats import ttest_ind
+
+    return float(ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def verdict(ref: list[float], var: list[float], p: float | None) -> str:
+    """``better`` / ``worse`` (lower / higher perplexity at p < ALPHA), ``within noise``, or
+    ``one seed`` when no test is possible."""
+    if p is None:
+        return "one seed"
+    if p >= ALPHA:
+        return "within noise"
+    return "better" if np.mean(var) < np.mean(ref) else "worse"
+
+
+def compare_model(methods: dict) -> list[dict]:
+    """Every variant of :data:`FACTORS` present in ``methods`` (a model's ``methods`` entry of
+    the raw results) against :data:`REFERENCE`.
+
+    :return: one dict per variant: ``factor``, ``method``, ``setting``, ``reference_setting``,
+        ``n`` (seeds of variant and reference) and per metric ``{"ratio": mean(var)/mean(ref),
+        "p": p-value or None, "verdict": ...}``.
+    """
+    if REFERENCE not in methods:
+        return []
+    rows = []
+    for factor, (ref_setting, variants) in FACTORS.items():
+        for name, setting in variants.items():
+            if name not in methods:
+                continue
+            row = {"factor": factor, "method": name, "setting": setting, "reference_setting": ref_setting}
+            for metric in METRICS:
+                ref, var = seed_values(methods[REFERENCE], metric), seed_values(methods[name], metric)
+                p = welch(ref, var)
+                ratio = float(np.mean(var) / np.mean(ref)) if ref and var else float("nan")
+                row[metric] = {"ratio": ratio, "p": p, "verdict": verdict(ref, var, p)}
+                row["n"] = [len(var), len(ref)]
+            rows.append(row)
+    return rows
+
+
+def compare(results: dict) -> dict[str, list[dict]]:
+    """:func:`compare_model` for every base model of ``results``."""
+    return {name: compare_model(model["methods"]) for name, model in results["models"].items()}
+
+
+def consistent(comparisons: dict[str, list[dict]], metric: str = "domain_test") -> dict[str, str]:
+    """``method -> verdict`` when every base model gives the same one (else ``mixed``)."""
+    by_method: dict[str, set[str]] = {}
+    for rows in comparisons.values():
+        for row in rows:
+            by_method.setdefault(row["method"], set()).add(row[metric]["verdict"])
+    return {m: next(iter(v)) if len(v) == 1 else "mixed" for m, v in by_method.items()}
+
+
+def _p(p: float | None) -> str:
+    return "–" if p is None else (f"{p:.3f}" if p >= 0.001 else "<0.001")
+
+
+def markdown(comparisons: dict[str, list[dict]]) -> str:
+    """The comparisons as a markdown section: a table per base model, then the verdicts shared
+    by every model."""
+    if not any(comparisons.values()):
+        return ""
+    lines = [
+        "## One factor at a time (vs `nexus`: pca init, scalar gate, frozen router, CE only, no SFA, expert width)",
+        "",
+        f"Ratios are mean perplexity over seeds (variant / `nexus`, < 1 is better), p from Welch's t-test; "
+        f"better/worse at p < {ALPHA}. Each method at its own best LR.",
+        "",
+    ]
+    for model, rows in comparisons.items():
+        if not rows:
+            continue
+        lines += [f"### {model}", "", "| factor | variant | seeds | domain ppl ratio | p | verdict | general ppl ratio | p | verdict |",
+                  "|---|---|---:|---:|---:|---|---:|---:|---|"]
+        for r in rows:
+            d, g = r["domain_test"], r["general_test"]
+            lines.append(f"| {r['factor']} | {r['setting']} (`{r['method']}`) | {r['n'][0]} vs {r['n'][1]} | {d['ratio']:.3f} | "
+                         f"{_p(d['p'])} | {d['verdict']} | {g['ratio']:.3f} | {_p(g['p'])} | {g['verdict']} |")
+        lines.append("")
+    if len([rows for rows in comparisons.values() if rows]) > 1:
+        dom, gen = consistent(comparisons, "domain_test"), consistent(comparisons, "general_test")
+        lines += ["Across every base model (the same verdict on each, else *mixed*):", "",
+                  "| variant | domain ppl | general ppl |", "|---|---|---|"]
+        lines += [f"| `{m}` | {dom[m]} | {gen[m]} |" for m in dom]
+        lines.append("")
+    return "\n".join(lines)
