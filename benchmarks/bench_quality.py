@@ -42,15 +42,17 @@ import click  # noqa: E402
 @click.option("--lrs", default=None, help="Override the preset's LR grid, e.g. '1e-3,3e-3,1e-2' (finished runs are reused).")
 @click.option("--seeds", type=int, default=None, help="Override the preset's seed count.")
 @click.option("--lr-extensions", type=int, default=None, help="Override how often a grid may grow past an edge.")
+@click.option("--carry-over", "carry", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="An earlier results JSON of the same experiment: its runs seed the run cache (same settings, base "
+                   "and data path only; each is marked with where it came from). Repeatable.")
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug.")
-def main(preset, quick, methods, models, out_dir, name, cache, isolate, workers, threads, lrs, seeds, lr_extensions, verbose):
+def main(preset, quick, methods, models, out_dir, name, cache, isolate, workers, threads, lrs, seeds, lr_extensions, carry, verbose):
     """Run the quality benchmark and write its results."""
     import dataclasses
 
     from benchmarks.quality.config import PRESETS
     from benchmarks.quality.methods import METHODS, METHODS_BY_NAME, MILESTONE_METHODS
     from benchmarks.quality.report import write_report
-    from benchmarks.quality.run import run_benchmark
     from nexus.errors import NexusError
 
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
@@ -77,6 +79,10 @@ def main(preset, quick, methods, models, out_dir, name, cache, isolate, workers,
         if unknown:
             raise click.BadParameter(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS_BY_NAME)}", param_hint="--methods")
         chosen = [METHODS_BY_NAME[m] for m in wanted]
+    from benchmarks.quality.run import bench_cache, carry_over, run_benchmark
+
+    for path in carry:
+        click.echo(f"carried over {carry_over(path, cache or bench_cache())} runs from {path}")
     try:
         results = run_benchmark(cfg, chosen, models=models.split(",") if models else None, workers=workers, cache=cache)
         paths = write_report(results, out_dir, name)

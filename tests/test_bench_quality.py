@@ -167,3 +167,28 @@ def test_factor_comparison_uses_best_lr_seeds_and_welch():
     assert consistent(both)["nexus-init-top1"] == "mixed" and consistent(both)["nexus-gate-token"] == "within noise"
     text = markdown(both)
     assert "### a" in text and "### b" in text and "| `nexus-init-top1` | mixed |" in text
+
+
+def test_carry_over_seeds_only_same_path_runs_and_drops_another_base(tmp_path):
+    from benchmarks.quality.run import carry_over, drop_mismatched_carried
+
+    base_ppl = {"domain_val": 10.0, "domain_test": 11.0, "general_test": 12.0}
+    run = lambda lr, seed, **kw: {"lr": lr, "seed": seed, "final": {}, "info": {}, **kw}  # noqa: E731
+    old = {"started": "2026-01-01T00:00:00", "models": {"m": {
+        "work_dir": "/elsewhere/quality-runs/full-m-abc", "context": {"base_ppl": base_ppl},
+        "methods": {"nexus": {"runs": [run(0.01, 0, info={"pipeline": "engines"}), run(0.03, 0, info={"pipeline": "engines"})]},
+                    "lora": {"runs": [run(0.01, 0, data_loading="load_token_data"), run(0.03, 0)]}}}}}
+    src = tmp_path / "old.json"
+    src.write_text(json.dumps(old))
+    work = tmp_path / "cache" / "quality-runs" / "full-m-abc"
+    kept = work / "runs" / "nexus" / "lr0.01-seed0.json"
+    kept.parent.mkdir(parents=True)
+    kept.write_text(json.dumps({"mine": True}))
+    assert carry_over(src, tmp_path / "cache") == 2  # nexus lr 0.03 and lora lr 0.01; the pre-tokenised lora run is not
+    assert json.loads(kept.read_text()) == {"mine": True}
+    carried = json.loads((work / "runs" / "lora" / "lr0.01-seed0.json").read_text())
+    assert carried["carried_from"] == "old.json (started 2026-01-01T00:00:00)" and carried["carried_base_ppl"] == base_ppl
+    assert not (work / "runs" / "lora" / "lr0.03-seed0.json").exists()
+    assert drop_mismatched_carried(work, {"base_ppl": base_ppl}) == 0
+    assert drop_mismatched_carried(work, {"base_ppl": {**base_ppl, "general_test": 12.5}}) == 2
+    assert sorted(p.name for p in (work / "runs").glob("*/*.json")) == ["lr0.01-seed0.json"]

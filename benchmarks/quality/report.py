@@ -167,6 +167,14 @@ def markdown(results: dict) -> str:
                       "corpus): peak RSS is not comparable across the two groups.", ""]
         if flags:
             lines += ["‡ Best LR on the grid edge even after growing the grid:", ""] + [f"- {f}" for f in flags] + [""]
+        carried = {}
+        for entry in model["methods"].values():
+            for r in entry["runs"]:
+                if r.get("carried_from"):
+                    carried[r["carried_from"]] = carried.get(r["carried_from"], 0) + 1
+        for source, n in carried.items():
+            lines += [f"{n} runs were carried over from {source}: the same settings, base model (its held-out "
+                      f"perplexities reproduced exactly) and data path; their train s, tok/s and peak RSS were measured then.", ""]
         if model["skipped"]:
             lines += ["Not run:", ""] + [f"- {m}: {why}" for m, why in model["skipped"].items()] + [""]
         ranks = ctx.get("lora_ranks", {})

@@ -423,6 +423,52 @@ def execute(jobs: list[dict], isolate: bool, workers: int = 1) -> list[dict]:
     return [results[i] for i in range(len(jobs))]
 
 
+def carry_over(results_path: Path, cache: Path) -> int:
+    """Seed the run cache with the runs of an earlier results JSON of the same experiment.
+
+    A run is carried over when its work directory (named by a hash of the adaptation settings,
+    the base model's recipe, the corpora and the engines: everything that changes a result) is
+    the same as now, and it loaded its training data as runs do now (the training engine, or
+    :func:`load_train_data`); runs already in the cache are kept. Each carried run records
+    ``carried_from`` (the file and the date of the earlier benchmark), because its timings and
+    peak RSS were measured then.
+
+    The base model is checked when the benchmark runs (:func:`drop_mismatched_carried`): a
+    carried run whose base perplexities differ from the rebuilt base's is deleted.
+
+    :return: the number of runs written into the cache.
+    """
+    results = json.loads(Path(results_path).read_text())
+    written = 0
+    for model in results.get("models", {}).values():
+        work = Path(cache) / "quality-runs" / Path(model["work_dir"]).name
+        for name, entry in model["methods"].items():
+            for run in entry["runs"]:
+                if run.get("data_loading") != "load_token_data" and run["info"].get("pipeline") != "engines":
+                    continue
+                out = Path(_job(work, name, run["lr"], run["seed"], 0, 1)["out"])
+                if out.exists():
+                    continue
+                write_json(out, {**run, "carried_from": f"{Path(results_path).name} (started {results['started']})",
+                                 "carried_base_ppl": model["context"]["base_ppl"]})
+                written += 1
+    return written
+
+
+def drop_mismatched_carried(work: Path, ctx: dict) -> int:
+    """Delete carried-over runs (:func:`carry_over`) of ``work`` whose base model's held-out
+    perplexities are not exactly those of the base in ``ctx``: another base, so not the same
+    experiment. :return: how many were deleted (each is logged)."""
+    dropped = 0
+    for path in sorted((work / "runs").glob("*/*.json")):
+        run = json.loads(path.read_text())
+        if "carried_from" in run and run.get("carried_base_ppl") != ctx["base_ppl"]:
+            log.warning("dropping %s, carried from %s: its base model differs from this one", path, run["carried_from"])
+            path.unlink()
+            dropped += 1
+    return dropped
+
+
 # --------------------------------------------------------------------------- sweep
 
 
@@ -549,6 +595,7 @@ def run_benchmark(
         work = cache / "quality-runs" / f"{cfg.preset}-{recipe.name}-{run_key}"
         t_model = time.perf_counter()
         ctx = build_context(cfg, recipe, inputs, cache, work)
+        drop_mismatched_carried(work, ctx)
         skipped = {
             m.name: f"no NEXUS family {recipe.family!r} is registered"
             for m in methods
