@@ -138,9 +138,19 @@ def test_cli_mirrors_engine_constants():
     from nexus.cli import prepare
     from nexus.engines import convert, select
 
-    assert prepare.STRATEGIES == convert.STRATEGIES
+    assert prepare.INIT_STRATEGIES == convert.STRATEGIES
     assert prepare.DEFAULT_TOP_K == select.DEFAULT_TOP_K
     assert prepare.DEFAULT_DIVERSITY == select.DEFAULT_DIVERSITY
+
+
+def test_convert_defaults_are_the_shared_constants(tmp_path):
+    from nexus.constants import DEFAULT_GATE_MODE, DEFAULT_STRATEGY
+    from nexus.pipeline.run import RunConfig
+
+    out = CliRunner().invoke(cli, ["convert", "--help"]).output
+    assert f"[default: {DEFAULT_STRATEGY}]" in " ".join(out.split()) and f"[default: {DEFAULT_GATE_MODE}]" in " ".join(out.split())
+    cfg = RunConfig(output=str(tmp_path))
+    assert (cfg.strategy, cfg.gate_mode) == (DEFAULT_STRATEGY, DEFAULT_GATE_MODE)
 
 
 def test_help_documents_the_rules():

@@ -8,7 +8,7 @@ import click
 
 # Mirrors of the engines' constants, so that building the CLI does not import torch
 # (tests/test_cli_prepare.py checks they agree).
-STRATEGIES = ("pca", "random", "top1", "mean_all", "zeros")
+from nexus.constants import DEFAULT_GATE_MODE, DEFAULT_STRATEGY, GATE_MODES, INIT_STRATEGIES
 DEFAULT_TOP_K = 24
 DEFAULT_DIVERSITY = 0.1
 
@@ -163,9 +163,9 @@ Examples:
 @click.option("--selection", "selection_path", type=click.Path(), default=None,
               help="expert_selection.json from `nexus select` (needed by pca and top1).")
 @click.option("--output", "-o", type=click.Path(), required=True, help="Adapter directory to write.")
-@click.option("--strategy", type=click.Choice(STRATEGIES), default="pca", show_default=True,
+@click.option("--strategy", type=click.Choice(INIT_STRATEGIES), default=DEFAULT_STRATEGY, show_default=True,
               help="Which experts initialise each shared expert.")
-@click.option("--gate-mode", type=click.Choice(["none", "scalar", "token"]), default="scalar", show_default=True,
+@click.option("--gate-mode", type=click.Choice(GATE_MODES), default=DEFAULT_GATE_MODE, show_default=True,
               help="none: plain add; scalar: learnable per-layer scale from 0; token: sigmoid(w.x) per token.")
 @click.option("--shared-intermediate-size", type=int, default=None,
               help="Width of each shared expert (default: the routed expert width).")

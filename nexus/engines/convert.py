@@ -53,14 +53,23 @@ from safetensors import safe_open
 
 from nexus import __version__
 from nexus.adapter import AdapterConfig
-from nexus.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, GATE_MODES, SHARED_MODULE_NAME, SHARED_SCALE_NAME
+from nexus.constants import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    DEFAULT_GATE_MODE,
+    DEFAULT_STRATEGY,
+    GATE_MODES,
+    INIT_STRATEGIES,
+    SHARED_MODULE_NAME,
+    SHARED_SCALE_NAME,
+)
 from nexus.errors import AdapterMismatchError, NexusError
 from nexus.fingerprint import config_fingerprint
 from nexus.io import atomic_dir, atomic_path, write_json, write_safetensors
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("pca", "random", "top1", "mean_all", "zeros")
+STRATEGIES = INIT_STRATEGIES
 NEEDS_SELECTION = ("pca", "top1")
 _MANIFEST = "manifest.json"
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -297,7 +306,7 @@ def convert(
     output: str | Path,
     *,
     selection: str | Path | dict | None = None,
-    strategy: str = "pca",
+    strategy: str = DEFAULT_STRATEGY,
     gate_mode: str | None = None,
     shared_intermediate_size: int | None = None,
     weighted: bool = False,
@@ -312,7 +321,7 @@ def convert(
     :param selection: an ``expert_selection.json`` (path or loaded document); needed by ``pca``
         and ``top1``, used by ``random`` for K.
     :param strategy: one of :data:`STRATEGIES` (see the module docstring).
-    :param gate_mode: ``none``, ``scalar`` or ``token``; default :class:`AdapterConfig`'s.
+    :param gate_mode: ``none``, ``scalar`` or ``token``; default :data:`nexus.constants.DEFAULT_GATE_MODE`.
     :param shared_intermediate_size: width N of each shared expert; default the expert width.
     :param weighted: ``pca`` only: weight experts by importance instead of uniformly.
     :param seed: for ``random`` and for the default initialisation of units not copied from experts.
@@ -328,7 +337,7 @@ def convert(
     from nexus.family import resolve_family
     from nexus.loading import load_config
 
-    gate_mode = gate_mode or AdapterConfig.__dataclass_fields__["gate_mode"].default
+    gate_mode = gate_mode or DEFAULT_GATE_MODE
     if gate_mode not in GATE_MODES:
         raise NexusError(f"unknown gate mode {gate_mode!r}; choose one of {', '.join(GATE_MODES)}")
     if shared_intermediate_size is not None and shared_intermediate_size < 1:

@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from nexus.constants import DEFAULT_GATE_MODE, DEFAULT_STRATEGY
 from nexus.errors import NexusError
 from nexus.options import option as _f
 from nexus.pipeline.stages import StageRunner
@@ -42,8 +43,8 @@ class RunConfig:
     target_tokens: int | None = _f(None, "Tokens for router statistics (default: the whole data once).")
     top_k: int | None = _f(None, "Experts averaged per layer (default: min(24, E)).")
     diversity: float = _f(0.1, "Redundancy penalty of the selection.")
-    strategy: str = _f("pca", "Initialisation: pca, random, top1, mean_all, zeros.")
-    gate_mode: str = _f("scalar", "Shared-expert gate: none, scalar, token.")
+    strategy: str = _f(DEFAULT_STRATEGY, "Initialisation: pca, random, top1, mean_all, zeros.")
+    gate_mode: str = _f(DEFAULT_GATE_MODE, "Shared-expert gate: none, scalar, token.")
     shared_intermediate_size: int | None = _f(None, "Shared expert width (default: the expert width).")
     max_steps: int = _f(100, "Training steps.")
     lr: float = _f(1e-3, "Peak learning rate.")
