@@ -142,7 +142,7 @@ def _runs(values, best_lr=0.01, other_lr=None):
 def test_factor_comparison_uses_best_lr_seeds_and_welch():
     from scipy.stats import ttest_ind
 
-    from benchmarks.quality.compare import compare, consistent, markdown
+    from benchmarks.quality.compare import compare, consistent, markdown, recommend
 
     ref = [(100.0, 300.0), (101.0, 310.0), (99.0, 290.0)]
     methods = {
@@ -167,6 +167,11 @@ def test_factor_comparison_uses_best_lr_seeds_and_welch():
     assert consistent(both)["nexus-init-top1"] == "mixed" and consistent(both)["nexus-gate-token"] == "within noise"
     text = markdown(both)
     assert "### a" in text and "### b" in text and "| `nexus-init-top1` | mixed |" in text
+    rec = recommend(both)
+    assert rec["gate"]["setting"] == "token" and rec["gate"]["method"] == "nexus-gate-token"  # less forgetting on both
+    assert rec["init"] == {"setting": "pca", "method": None, "evidence": []}  # top1 better on one model only
+    assert rec["init"]["setting"] in text and "- gate: **token** (`nexus-gate-token`)" in text
+    assert recommend(compare({"models": {"a": {"methods": methods}}}))["init"]["setting"] == "top1"
 
 
 def test_carry_over_seeds_only_same_path_runs_and_drops_another_base(tmp_path):

@@ -101,6 +101,36 @@ def consistent(comparisons: dict[str, list[dict]], metric: str = "domain_test") 
     return {m: next(iter(v)) if len(v) == 1 else "mixed" for m, v in by_method.items()}
 
 
+def improves(row: dict) -> bool:
+    """Whether a variant is an improvement on one base model: lower domain perplexity without
+    more forgetting, or the same domain perplexity (within noise) with less forgetting."""
+    d, g = row["domain_test"]["verdict"], row["general_test"]["verdict"]
+    return (d == "better" and g != "worse") or (d == "within noise" and g == "better")
+
+
+def recommend(comparisons: dict[str, list[dict]]) -> dict[str, dict]:
+    """The setting each factor should default to: a variant that :func:`improves` on **every**
+    base model replaces the reference's setting (several: the lowest mean domain-ppl ratio);
+    otherwise the reference's setting stays.
+
+    :return: ``factor -> {"setting", "method" (None: the reference), "evidence": [rows]}``.
+    """
+    models = [rows for rows in comparisons.values() if rows]
+    out = {}
+    for factor, (ref_setting, variants) in FACTORS.items():
+        winners = []
+        for name in variants:
+            rows = [r for rows in models for r in rows if r["method"] == name]
+            if rows and len(rows) == len(models) and all(improves(r) for r in rows):
+                winners.append((float(np.mean([r["domain_test"]["ratio"] for r in rows])), name, rows))
+        if winners:
+            _, name, rows = min(winners)
+            out[factor] = {"setting": variants[name], "method": name, "evidence": rows}
+        else:
+            out[factor] = {"setting": ref_setting, "method": None, "evidence": []}
+    return out
+
+
 def _p(p: float | None) -> str:
     return "–" if p is None else (f"{p:.3f}" if p >= 0.001 else "<0.001")
 
@@ -133,4 +163,9 @@ def markdown(comparisons: dict[str, list[dict]]) -> str:
                   "| variant | domain ppl | general ppl |", "|---|---|---|"]
         lines += [f"| `{m}` | {dom[m]} | {gen[m]} |" for m in dom]
         lines.append("")
+    rec = recommend(comparisons)
+    lines += ["Defaults these results support (a variant replaces `nexus`'s setting only when, on every base model, it "
+              "has lower domain ppl without more forgetting, or the same domain ppl with less forgetting):", ""]
+    lines += [f"- {factor}: **{r['setting']}**" + (f" (`{r['method']}`)" if r["method"] else " (unchanged)") for factor, r in rec.items()]
+    lines.append("")
     return "\n".join(lines)
