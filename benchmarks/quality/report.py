@@ -99,6 +99,38 @@ def _at(summary: dict, limit: float) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
+def overview(results: dict, limit: float = 1.5) -> str:
+    """One compact table over every base model (the README's): per method the trainable count
+    and, per model, domain and general test ppl (mean ± std over seeds at the best LR) and the
+    best domain ppl that kept general ppl within ``limit`` x the base's."""
+    models = list(results["models"].items())
+    if not models:
+        return ""
+    head = "| method | trainable (" + " / ".join(n for n, _ in models) + ") | " + " | ".join(
+        f"{n} domain ↓ | {n} general ↓ | {n} domain, general ≤ {limit:g}x base ↓" for n, _ in models) + " |"
+    lines = [head, "|---|---:|" + "---:|---:|---:|" * len(models)]
+    base_cells = []
+    for _, model in models:
+        b = model["context"]["base_ppl"]
+        base_cells += [f"{b['domain_test']:.1f}", f"{b['general_test']:.1f}", "–"]
+    lines.append("| base | 0 | " + " | ".join(base_cells) + " |")
+    names = list(dict.fromkeys(n for _, model in models for n in model["summary"]))
+    for name in names:
+        cells, counts = [], []
+        for _, model in models:
+            s = model["summary"].get(name)
+            if s is None:
+                cells += ["–", "–", "–"]
+                counts.append("–")
+                continue
+            counts.append(f"{s['trainable_params']:,}")
+            v = s["domain_at_forgetting"][str(limit)]
+            cells += [_fmt(s["domain_test_ppl"], 1) + (" ‡" if s["edge"] else ""), _fmt(s["general_test_ppl"], 1),
+                      "–" if v is None else f"{v:.1f}"]
+        lines.append(f"| {name} | {' / '.join(dict.fromkeys(counts))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: dict) -> str:
     """The results as markdown: one table per base model, plus setup, flags and skips."""
     cfg = results["config"]
@@ -351,7 +383,7 @@ def write_report(results: dict, out_dir: Path, name: str | None = None) -> dict[
     results["comparisons"] = compare.compare(results)
     json_path = out_dir / f"{stem}.json"
     plots = plot(results, json_path)
-    md = markdown(results) + compare.markdown(results["comparisons"])
+    md = markdown(results) + "\n## Overview\n\n" + overview(results) + "\n" + compare.markdown(results["comparisons"])
     md += "\nPlots: " + ", ".join(f"`{p.name}`" for p in plots) + "\n"
     md_path = out_dir / f"{stem}.md"
     with atomic_path(md_path) as tmp:
