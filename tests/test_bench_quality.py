@@ -84,7 +84,10 @@ def test_smoke_preset_end_to_end(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "quality-smoke.json").read_text())
-    assert len(re.findall(r"^\| nexus( ‡)? \|", (out / "quality-smoke.md").read_text(), re.M)) == 2
+    md = (out / "quality-smoke.md").read_text()
+    # One row per base model's table, one in the overview over both models.
+    assert len(re.findall(r"^\| nexus( ‡)? \|", md, re.M)) == 3 and "## Overview" in md
+    assert re.search(r"^\| nexus \| [\d,]+( / [\d,]+)? \|( [^|]+ \|){6}$", md, re.M)
     assert len(list(out.glob("quality-smoke-*.png"))) == 5
 
     for recipe in PRESETS["smoke"].models:
