@@ -200,3 +200,22 @@ def test_carry_over_seeds_only_same_path_runs_and_drops_another_base(tmp_path):
     assert drop_mismatched_carried(work, {"base_ppl": base_ppl}) == 0
     assert drop_mismatched_carried(work, {"base_ppl": {**base_ppl, "general_test": 12.5}}) == 2
     assert sorted(p.name for p in (work / "runs").glob("*/*.json")) == ["lr0.01-seed0.json"]
+
+
+def test_tradeoffs_are_judged_at_matched_forgetting():
+    from benchmarks.quality.compare import compare, recommend
+
+    ref = [(100.0, 300.0), (101.0, 310.0), (99.0, 290.0)]
+    kd = [(150.0, 150.0), (152.0, 151.0), (149.0, 149.0)]  # worse domain, far less forgetting at the best LR
+    methods = {"nexus": _runs(ref), "nexus-kd": _runs(kd), "nexus-sfa": _runs(kd)}
+    at = lambda v: {"domain_at_forgetting": {"1.5": v}}  # noqa: E731
+    model = lambda sfa: {"methods": methods, "summary": {"nexus": at(None), "nexus-kd": at(160.0), "nexus-sfa": at(sfa)}}  # noqa: E731
+    both = compare({"models": {"a": model(170.0), "b": model(None)}})
+    row = next(r for r in both["a"] if r["method"] == "nexus-kd")
+    assert row["domain_test"]["verdict"] == "worse" and row["matched"] == [160.0, None]
+    rec = recommend(both)
+    assert rec["kd_weight"]["method"] == "nexus-kd"          # reaches bounded forgetting on both, nexus never
+    assert rec["sfa"]["method"] is None                       # never reached it on model b
+    both = compare({"models": {"a": model(150.0), "b": model(155.0)}})  # both reach it; SFA lower on each
+    rec = recommend(both)
+    assert rec["sfa"]["method"] == "nexus-sfa" and rec["kd_weight"]["method"] is None and "not measured together" in rec["kd_weight"]["note"]
