@@ -16,4 +16,4 @@ INIT_STRATEGIES = ("pca", "random", "top1", "mean_all", "zeros")
 # Defaults of `nexus convert` / `nexus run`; the evidence behind them is the quality benchmark
 # (README, "Quality on real text").
 DEFAULT_STRATEGY = "pca"
-DEFAULT_GATE_MODE = "scalar"
+DEFAULT_GATE_MODE = "token"

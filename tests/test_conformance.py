@@ -249,7 +249,7 @@ def test_collect_select_convert_on_the_family(case, tmp_path):
     assert [x["layer"] for x in selection["layers"]] == [b.layer for b in blocks]
     assert all(len(set(x["experts"])) == k for x in selection["layers"])
 
-    adapter = convert(path, tmp_path / "adapter", selection=selection, strategy="pca", progress=False)
+    adapter = convert(path, tmp_path / "adapter", selection=selection, strategy="pca", gate_mode="scalar", progress=False)
     base = load_model(path)
     ids = input_ids(model.config)
     with torch.no_grad():

@@ -87,7 +87,8 @@ def test_mxfp4_and_float_checkpoints_give_the_same_adapter(gpt_oss_mxfp4_dir, gp
 
 @pytest.mark.parametrize("weighted", [False, True])
 def test_shared_expert_is_the_average_of_the_selected_experts(gpt_oss_mxfp4_dir, selection, base, tmp_path, weighted):
-    out = conv.convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=selection, weighted=weighted, progress=False)
+    out = conv.convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=selection, weighted=weighted, gate_mode="scalar",
+                       progress=False)
     tensors = adapter_tensors(out)
     cfg = read_adapter_config(out)
     for x in selection["layers"]:

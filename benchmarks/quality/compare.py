@@ -117,10 +117,12 @@ def improves(row: dict) -> bool:
 
 
 def improves_matched(row: dict) -> bool:
-    """Whether a variant does better at matched forgetting: it reaches the bounded-forgetting
-    region where the reference does not, or has the lower domain ppl there."""
+    """Whether a forgetting control does its job: at the LR chosen by validation it forgets
+    less than the reference (general ppl better), and at matched forgetting it does better (it
+    reaches the bounded-forgetting region where the reference does not, or has the lower domain
+    ppl there)."""
     var, ref = row.get("matched") or (None, None)
-    return var is not None and (ref is None or var < ref)
+    return row["general_test"]["verdict"] == "better" and var is not None and (ref is None or var < ref)
 
 
 def recommend(comparisons: dict[str, list[dict]]) -> dict[str, dict]:
@@ -196,8 +198,8 @@ def markdown(comparisons: dict[str, list[dict]]) -> str:
     rec = recommend(comparisons)
     lines += ["Defaults these results support (a variant replaces `nexus`'s setting only when, on every base model, it "
               "has lower domain ppl without more forgetting, or the same domain ppl with less forgetting; "
-              f"{' and '.join(TRADEOFFS)}: when it has the lower domain ppl at general ≤ {MATCHED_FORGETTING}x base, "
-              "or reaches that region where `nexus` does not):", ""]
+              f"{' and '.join(TRADEOFFS)}: when it forgets less at its best LR and has the lower domain ppl at general "
+              f"≤ {MATCHED_FORGETTING}x base, or reaches that region where `nexus` does not):", ""]
     lines += [f"- {factor}: **{r['setting']}**" + (f" (`{r['method']}`)" if r["method"] else " (unchanged)")
               + (f": {r['note']}" if r.get("note") else "") for factor, r in rec.items()]
     lines.append("")
