@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from nexus import __version__
-from nexus.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, DEFAULT_GATE_MODE
+from nexus.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from nexus.errors import AdapterMismatchError, NexusError
 from nexus.fingerprint import config_fingerprint
 from nexus.io import atomic_dir, write_json, write_safetensors
@@ -50,7 +50,7 @@ class AdapterConfig:
     family: str
     base_fingerprint: str
     shared_intermediate_size: int
-    gate_mode: str = DEFAULT_GATE_MODE
+    gate_mode: str = "scalar"  # what a config without the key means; convert writes the key
     layers: list[int] = field(default_factory=list)
     base_keys: list[str] = field(default_factory=list)
     base_model: str = ""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -46,6 +49,22 @@ def make_adapter(model_dir: Path, out: Path, gate_mode: str = "scalar", seed: in
                         shared_intermediate_size=intermediate_size or blocks[0].intermediate_size, gate_mode=gate_mode,
                         base_model=str(model_dir), model_type=model.config.model_type)
     return save_adapter(model, out, cfg)
+
+
+def subprocess_env() -> dict:
+    """The environment for a child process of a test: one torch thread, quiet tokenizers."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return env
+
+
+def torchrun(*args: str, no_python: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``args`` as two ``torchrun`` processes (gloo on CPU); assert they succeed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *(["--no-python"] if no_python else []), *args]
+    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
 
 
 def make_data(path: Path, n: int = 40) -> Path:

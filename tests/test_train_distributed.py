@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers_train import make_adapter, make_base, make_data
+from helpers_train import make_adapter, make_base, make_data, subprocess_env, torchrun
 from nexus.constants import ADAPTER_WEIGHTS_NAME
 from nexus.engines.checkpointing import latest_checkpoint
 
@@ -38,17 +37,8 @@ def work(gpt_oss_mxfp4_dir, tmp_path_factory):
     return {"root": root, "base": base, "adapter": make_adapter(base, root / "adapter"), "data": data}
 
 
-def _env():
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    env.pop("PYTEST_CURRENT_TEST", None)
-    return env
-
-
 def _torchrun(args, timeout=240):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python", NEXUS, *args]
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+    return torchrun(NEXUS, *args, no_python=True, timeout=timeout)
 
 
 def test_two_processes_equal_one_process_with_double_batch(work, tmp_path):
@@ -102,7 +92,7 @@ def test_sigterm_saves_checkpoint_then_resume_completes(work, tmp_path):
     args = ["train", "--model", str(work["base"]), "--adapter", str(work["adapter"]), "--data", str(work["data"]),
             "--seq-len", "32", "--batch-size", "2", "--log-every", "1", "--save-every", "0", "--schedule", "constant",
             "--output", str(run)]
-    proc = subprocess.Popen([NEXUS, *args, "--max-steps", "100000"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([NEXUS, *args, "--max-steps", "100000"], env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
@@ -115,7 +105,7 @@ def test_sigterm_saves_checkpoint_then_resume_completes(work, tmp_path):
     ckpt = latest_checkpoint(run)
     step = int(ckpt.name.split("-")[1])
     assert 1 <= step < 100000 and not (run / "final").exists()
-    r = subprocess.run([NEXUS, *args, "--max-steps", str(step + 2), "--resume"], env=_env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run([NEXUS, *args, "--max-steps", str(step + 2), "--resume"], env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (run / "final" / ADAPTER_WEIGHTS_NAME).exists()
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]

@@ -5,16 +5,13 @@ shards untouched."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers_train import make_adapter, make_base, make_data
+from helpers_train import make_adapter, make_base, make_data, torchrun
 from nexus.constants import ADAPTER_WEIGHTS_NAME
 from nexus.engines.checkpointing import latest_checkpoint
 
@@ -43,11 +40,7 @@ def _settings(work, out, **kw) -> dict:
 def _fsdp(tmp_path, name, settings) -> dict:
     cfg, res = tmp_path / f"{name}.json", tmp_path / f"{name}-result.json"
     cfg.write_text(json.dumps(settings))
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    env.pop("PYTEST_CURRENT_TEST", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT, str(cfg), str(res)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    torchrun(SCRIPT, str(cfg), str(res))
     return json.loads(res.read_text())
 
 

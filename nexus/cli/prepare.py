@@ -6,9 +6,10 @@ from pathlib import Path
 
 import click
 
-# Mirrors of the engines' constants, so that building the CLI does not import torch
-# (tests/test_cli_prepare.py checks they agree).
 from nexus.constants import DEFAULT_GATE_MODE, DEFAULT_STRATEGY, GATE_MODES, INIT_STRATEGIES
+
+# Mirrors of the select engine's constants, so that building the CLI does not import torch
+# (tests/test_cli_prepare.py checks they agree).
 DEFAULT_TOP_K = 24
 DEFAULT_DIVERSITY = 0.1
 

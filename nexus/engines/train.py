@@ -303,9 +303,9 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     if fsdp:
         # FSDP2 shards the model and swaps the optimizer's parameters for the shards in place.
         student, _ = accelerator.prepare(model, optimizer)
-        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        params_now = dict(model.named_parameters())
-        base_originals = {n: shard_like(t, params_now[n]) for n, t in base_originals.items()}
+        sharded = dict(model.named_parameters())
+        named = {n: p for n, p in sharded.items() if p.requires_grad}
+        base_originals = {n: shard_like(t, sharded[n]) for n, t in base_originals.items()}
     else:
         student = accelerator.prepare_model(model)
     sfa = SFA(named, config.sfa_interval, config.sfa_beta, config.sfa_anchor)
@@ -347,16 +347,22 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     if config.report_to:
         accelerator.init_trackers("nexus", config={k: v for k, v in config.to_dict().items() if v is not None})
 
+    def adapter_writer():
+        """Gather the adapter's whole tensors (a collective: every process calls it) and return
+        ``path -> None`` writing them as an adapter directory (called on the main process)."""
+        tensors = gather_full(adapter_state_dict(model, save_cfg.base_keys))
+        return lambda path: save_adapter(model, path, copy.deepcopy(save_cfg), tensors=tensors)
+
     def save(at_step: int, nb: int) -> Path | None:
         # Collectives first, on every process: shards are gathered into whole tensors.
         rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
-        tensors = gather_full(adapter_state_dict(model, save_cfg.base_keys))
+        write_adapter = adapter_writer()
         optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         sfa_state = sfa.state_dict()
         path = None
         if main:
             path = save_checkpoint(
-                run_dir, at_step, lambda p: save_adapter(model, p, copy.deepcopy(save_cfg), tensors=tensors),
+                run_dir, at_step, write_adapter,
                 {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "sfa": sfa_state, "rng": rngs},
                 {"step": at_step, "next_batch": nb, "tokens": tokens_seen, "world_size": world, "nexus_version": __version__},
                 config.keep_last,
@@ -428,9 +434,9 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     final = None
     if step >= config.max_steps:
         final = run_dir / "final"
-        tensors = gather_full(adapter_state_dict(model, save_cfg.base_keys))
+        write_adapter = adapter_writer()
         if main:
-            save_adapter(model, final, copy.deepcopy(save_cfg), tensors=tensors)
+            write_adapter(final)
         accelerator.wait_for_everyone()
     if config.report_to:
         accelerator.end_training()
