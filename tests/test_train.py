@@ -279,16 +279,56 @@ def test_sfa_merges_with_previous_merge_point():
     assert other.merges == 2 and other.merge_steps == [2, 4] and torch.equal(other.snapshot["w"], p.detach())
 
 
-@pytest.mark.parametrize("kind, version, message", [
-    ("DEEPSPEED", None, "DEEPSPEED is not supported .* Use FSDP2"),
-    ("FSDP", 1, "FSDP version 1 is not supported .* fsdp_version: 2"),
+@pytest.mark.parametrize("kind, settings, message", [
+    ("MEGATRON_LM", {}, "MEGATRON_LM is not supported .* Use FSDP2"),
+    ("FSDP", {"fsdp_version": 1}, "FSDP version 1 is not supported .* fsdp_version: 2"),
+    ("DEEPSPEED", {"zero_optimization": {"stage": 3}}, "ZeRO stage 3 is not supported .* FSDP2 shards the frozen base"),
+    ("DEEPSPEED", {"zero_optimization": {"stage": 0}}, "ZeRO stage 0 is not supported .* use stage 2"),
+    ("DEEPSPEED", {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer .*'cpu'.* set it to 'none'"),
+    ("DEEPSPEED", {"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}, "sets its own 'optimizer'.* remove the 'optimizer' section"),
 ])
-def test_unsupported_engines_are_refused_before_any_work(work, tmp_path, kind, version, message):
+def test_unsupported_engines_are_refused_before_any_work(work, tmp_path, kind, settings, message):
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
-    fake = SimpleNamespace(distributed_type=DistributedType[kind], state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)))
+    state = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=settings.get("fsdp_version")),
+                            deepspeed_plugin=SimpleNamespace(deepspeed_config=dict(settings)))
+    fake = SimpleNamespace(distributed_type=DistributedType[kind], state=state, num_processes=2)
     with pytest.raises(NexusError, match=message):
         train(_config(work, tmp_path / "run"), accelerator=fake)
     assert not (tmp_path / "run").exists()
+
+
+def test_deepspeed_config_gets_the_batch_accumulation_and_clipping_nexus_owns():
+    from types import SimpleNamespace
+
+    from nexus.engines import zero
+
+    ds = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}
+    fake = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)), num_processes=4)
+    assert zero.configure(fake, batch_size=3, max_grad_norm=0.5) == 2
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["train_batch_size"] == 12
+    # nexus accumulates the window itself and calls DeepSpeed's step() once per optimizer step.
+    assert ds["gradient_accumulation_steps"] == 1 and ds["managed_gradient_accumulation"] is False
+    assert ds["gradient_clipping"] == 0.5
+
+
+@pytest.mark.parametrize("old, new, ok", [("ddp", "fsdp2", True), ("fsdp2", "ddp", True), ("deepspeed", "deepspeed", True),
+                                          ("deepspeed", "ddp", False), ("fsdp2", "deepspeed", False)])
+def test_resume_refuses_another_optimizer_state_format(work, tmp_path, old, new, ok):
+    import json
+
+    from nexus.constants import RUN_CONFIG_NAME
+    from nexus.engines.train import _check_resume
+
+    config = _config(work, tmp_path)
+    (tmp_path / RUN_CONFIG_NAME).write_text(json.dumps({"config": config.to_dict(), "world_size": 2, "engine": old}))
+    if ok:
+        _check_resume(tmp_path, config, 2, new)
+    else:
+        with pytest.raises(NexusError, match=f"cannot resume .*engine \\({old} vs {new}\\)"):
+            _check_resume(tmp_path, config, 2, new)
+    with pytest.raises(NexusError, match="world_size \\(2 vs 1\\)"):
+        _check_resume(tmp_path, config, 1, old)

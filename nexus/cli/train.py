@@ -25,6 +25,7 @@ Examples:
   accelerate launch --multi_gpu --num_processes 4 $(which nexus) train ...   # DDP
   torchrun --nproc_per_node 2 --no-python nexus train ...                    # DDP on CPU (gloo)
   accelerate launch --config_file fsdp2.yaml $(which nexus) train ...       # base sharded (docs/training.md)
+  accelerate launch --config_file zero2.yaml $(which nexus) train ...       # DeepSpeed ZeRO-1/2
   nexus train ... --output runs/a --resume       # continue from the last checkpoint
 """
 

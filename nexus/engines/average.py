@@ -15,7 +15,8 @@ The optimizer state is left as it is.
 
 Under data parallelism every process holds the same parameters, so every process computes the
 same merge; under FSDP2 each process merges its own shards with the anchor's matching shards,
-which is the same merge cut into pieces. Parameters are addressed by the *unwrapped* model's
+which is the same merge cut into pieces; under DeepSpeed ZeRO-1/2 the merge is computed on the
+whole fp32 master copy and written back to DeepSpeed's partitions and the module. Parameters are addressed by the *unwrapped* model's
 ``named_parameters`` names, so a DDP wrapper's ``module.`` prefix never enters the snapshot or
 checkpoints, and checkpoints hold whole tensors whatever the sharding.
 """
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from nexus.engines.sharding import gather_full, shard_like
+from nexus.engines.zero import is_zero_param, read_full, write_full
 
 ANCHORS = ("start", "previous")
 
@@ -54,7 +56,7 @@ class SFA:
         self.beta = float(beta)
         self.merges = 0
         self.merge_steps: list[int] = []
-        self.snapshot = {n: p.detach().clone() for n, p in self.params.items()} if self.enabled else {}
+        self.snapshot = {n: read_full(p).clone() for n, p in self.params.items()} if self.enabled else {}
 
     @property
     def enabled(self) -> bool:
@@ -76,9 +78,12 @@ class SFA:
         """``theta <- (1-beta) theta + beta anchor``; with ``anchor="previous"`` the anchor becomes ``theta``."""
         for name, p in self.params.items():
             snap = self.snapshot[name]
-            p.mul_(1.0 - self.beta).add_(snap.to(p.dtype), alpha=self.beta)
+            current = read_full(p)  # the parameter itself, except under ZeRO (a gathered master copy)
+            current.mul_(1.0 - self.beta).add_(snap.to(current.dtype), alpha=self.beta)
+            if is_zero_param(p):
+                write_full(p, current)
             if self.anchor == "previous":
-                snap.copy_(p)
+                snap.copy_(current)
         self.merges += 1
 
     def state_dict(self) -> dict:

@@ -4,6 +4,7 @@ A checkpoint ``run/checkpoints/step-N/`` holds::
 
     adapter/             the adapter at step N (an ordinary adapter directory)
     trainer_state.pt     optimizer, scheduler, SFA snapshot, per-process RNG states
+    deepspeed/           under DeepSpeed ZeRO only: its per-process optimizer partitions
     state.json           step, next batch index, tokens seen, world size (human-readable)
 
 It is written through :func:`nexus.io.atomic_dir`, so it exists whole or not at all; a
@@ -78,17 +79,18 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save_checkpoint(run_dir: str | Path, step: int, save_adapter_fn, trainer_state: dict, state: dict, keep_last: int) -> Path:
+def save_checkpoint(run_dir: str | Path, step: int, write_files, trainer_state: dict, state: dict, keep_last: int) -> Path:
     """Write ``checkpoints/step-<step>/`` atomically, then delete all but the ``keep_last`` newest.
 
-    :param save_adapter_fn: ``path -> None``; writes the adapter directory at ``path``.
+    :param write_files: ``dir -> None``; writes the adapter directory ``dir/adapter`` (and any
+        files of the distributed engine) into the checkpoint being assembled at ``dir``.
     :param trainer_state: tensors and objects for ``trainer_state.pt`` (optimizer, scheduler, RNG, SFA).
     :param state: small JSON-able facts (step, next batch, tokens seen).
     :return: the checkpoint directory.
     """
     path = Path(run_dir) / CHECKPOINTS / f"step-{step}"
     with atomic_dir(path) as tmp:
-        save_adapter_fn(tmp / ADAPTER_SUBDIR)
+        write_files(tmp)
         torch.save(trainer_state, tmp / TRAINER_STATE)
         write_json(tmp / STATE_JSON, state)
     if keep_last > 0:

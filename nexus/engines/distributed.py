@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def make_accelerator(bf16: bool = False, **kwargs):
@@ -20,4 +25,9 @@ def make_accelerator(bf16: bool = False, **kwargs):
         # precisions: accelerate's state is a process-wide singleton, so start it afresh.
         AcceleratorState._reset_state()
     cpu = not torch.accelerator.is_available()
+    if cpu:
+        for engine in ("DEEPSPEED", "FSDP"):
+            if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() == "true":
+                log.warning("accelerate enables %s only on accelerator devices; on this CPU-only machine the "
+                            "processes run as DDP (gloo)", engine)
     return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no", **kwargs)

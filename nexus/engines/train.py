@@ -11,11 +11,12 @@ the big-batch gradient (no 1/GA scaling, no 1/GA^2 bug, ranks with unequal token
 weighted correctly), multiplied by the world size to undo DDP's gradient averaging.
 
 The distributed engine is accelerate's: run under ``accelerate launch`` or ``torchrun`` for
-DDP, or ``accelerate launch`` with an FSDP2 config (``fsdp_version: 2``) to shard the frozen
-base across devices when one device cannot hold it. Only the trainable parameters (shared
-experts, optionally routers) are optimised, by AdamW; the base stays frozen and in ``eval()``.
-Under FSDP2 checkpoints and adapters hold whole tensors, gathered from the shards, so a run
-saved under one layout is an ordinary adapter for any other.
+DDP, ``accelerate launch`` with an FSDP2 config (``fsdp_version: 2``) to shard the frozen
+base across devices when one device cannot hold it, or with a DeepSpeed ZeRO-1/2 config to
+partition the adapter's optimizer state (:mod:`nexus.engines.zero`). Only the trainable
+parameters (shared experts, optionally routers) are optimised, by AdamW; the base stays frozen
+and in ``eval()``. Adapters and the adapter in every checkpoint hold whole tensors, gathered
+from shards or partitions, so a run saved under one layout is an ordinary adapter for any other.
 """
 
 from __future__ import annotations
@@ -49,14 +50,15 @@ from nexus.engines.checkpointing import (
 from nexus.engines.sharding import gather_full, shard_like, to_float
 from nexus.engines.train_config import RESUME_MUST_MATCH, TrainConfig
 from nexus.engines.train_step import distill_losses, micro_batches
+from nexus.engines import zero
 from nexus.errors import NexusError
 from nexus.io import write_json
 
 log = logging.getLogger(__name__)
 
 
-# Engines that own the optimizer or partition parameters in ways the checkpoints cannot read.
-UNSUPPORTED_DISTRIBUTED = ("DEEPSPEED", "MEGATRON_LM")
+# Engines that own the model's layout in ways the checkpoints cannot read.
+UNSUPPORTED_DISTRIBUTED = ("MEGATRON_LM",)
 
 
 class NonFiniteLossError(NexusError):
@@ -125,7 +127,9 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _check_resume(run_dir: Path, config: TrainConfig, world_size: int) -> None:
+def _check_resume(run_dir: Path, config: TrainConfig, world_size: int, engine: str) -> None:
+    """Refuse to resume a run whose settings, number of processes or optimizer-state format differ.
+    (DDP and FSDP2 checkpoints share one format; DeepSpeed's per-process partitions are their own.)"""
     import json
 
     path = run_dir / RUN_CONFIG_NAME
@@ -135,6 +139,9 @@ def _check_resume(run_dir: Path, config: TrainConfig, world_size: int) -> None:
     diff = [k for k in RESUME_MUST_MATCH if old.get("config", {}).get(k) != getattr(config, k)]
     if old.get("world_size") != world_size:
         diff.append(f"world_size ({old.get('world_size')} vs {world_size})")
+    old_engine = old.get("engine", "ddp")
+    if "deepspeed" in (old_engine, engine) and old_engine != engine:
+        diff.append(f"engine ({old_engine} vs {engine})")
     if diff:
         raise NexusError(
             f"cannot resume {run_dir}: these settings differ from the original run: {', '.join(diff)}; "
@@ -142,24 +149,27 @@ def _check_resume(run_dir: Path, config: TrainConfig, world_size: int) -> None:
         )
 
 
-def _check_distributed(accelerator) -> bool:
-    """Refuse distributed engines the run cannot checkpoint. :return: whether it is FSDP2."""
+def _engine_kind(accelerator, config: TrainConfig) -> str:
+    """``"fsdp2"``, ``"deepspeed"`` (ZeRO-1/2, its config completed) or ``"ddp"`` (also one
+    process); refuses the distributed engines the run cannot checkpoint."""
     kind = accelerator.distributed_type.value
     if kind in UNSUPPORTED_DISTRIBUTED:
         raise NexusError(
-            f"{kind} is not supported by nexus train: it owns the optimizer and partitions parameters in its own "
-            f"format. Use FSDP2 to shard the base (accelerate config: distributed_type FSDP, fsdp_version 2) or "
-            f"DDP (multi-GPU, or torchrun) to replicate it"
+            f"{kind} is not supported by nexus train: it partitions the model in its own format. Use FSDP2 to shard "
+            f"the base (accelerate config: distributed_type FSDP, fsdp_version 2) or DDP (multi-GPU, or torchrun)"
         )
+    if kind == "DEEPSPEED":
+        zero.configure(accelerator, config.batch_size, config.max_grad_norm)
+        return "deepspeed"
     if kind != "FSDP":
-        return False
+        return "ddp"
     version = int(getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) or 1)
     if version != 2:
         raise NexusError(
             f"FSDP version {version} is not supported by nexus train: it flattens frozen and trainable weights "
             f"into one buffer. Set fsdp_version: 2 in the accelerate config (or FSDP_VERSION=2)"
         )
-    return True
+    return "fsdp2"
 
 
 def _enable_checkpointing(model) -> None:
@@ -261,14 +271,15 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     from nexus.shared_expert import freeze_base, native_shared_modules
 
     accelerator = accelerator or make_accelerator(config.bf16, log_with=config.report_to, project_dir=config.output)
-    fsdp = _check_distributed(accelerator)
+    engine = _engine_kind(accelerator, config)
+    fsdp, deepspeed = engine == "fsdp2", engine == "deepspeed"
     main, world, rank, device = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index, accelerator.device
     run_dir = Path(config.output)
     checkpoint = latest_checkpoint(run_dir) if config.resume else None
     if config.resume and checkpoint is None:
         log.warning("--resume: no checkpoint in %s, starting from the beginning", run_dir)
     if checkpoint is not None:
-        _check_resume(run_dir, config, world)
+        _check_resume(run_dir, config, world, engine)
     set_seed(config.seed)
 
     # Model, adapter, trainable parameters.
@@ -306,6 +317,10 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
         sharded = dict(model.named_parameters())
         named = {n: p for n, p in sharded.items() if p.requires_grad}
         base_originals = {n: shard_like(t, sharded[n]) for n, t in base_originals.items()}
+    elif deepspeed:
+        # The DeepSpeed engine keeps the module's parameters and wraps AdamW, whose param groups
+        # (and so the LambdaLR above) it reuses; nexus steps it itself (zero.backward / zero.step).
+        student, _ = accelerator.prepare(model, optimizer)
     else:
         student = accelerator.prepare_model(model)
     sfa = SFA(named, config.sfa_interval, config.sfa_beta, config.sfa_anchor)
@@ -327,7 +342,10 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     step, next_batch, tokens_seen = 0, 0, 0
     if checkpoint is not None:
         trainer_state, state = load_checkpoint(checkpoint)
-        set_optimizer_state_dict(model, optimizer, trainer_state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        if deepspeed:
+            zero.load_state(student, checkpoint)
+        else:
+            set_optimizer_state_dict(model, optimizer, trainer_state["optimizer"], options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(trainer_state["scheduler"])
         sfa.load_state_dict(trainer_state["sfa"])
         rngs = trainer_state["rng"]
@@ -339,7 +357,7 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / RUN_CONFIG_NAME, {
             "nexus_version": __version__, "family": family.name, "base_fingerprint": config_fingerprint(model.config),
-            "world_size": world, "global_batch_size": config.batch_size * world * config.grad_accum,
+            "world_size": world, "engine": engine, "global_batch_size": config.batch_size * world * config.grad_accum,
             "trainable_parameters": sum(p.numel() for p in named.values()), "teacher_kind": getattr(teacher, "kind", None),
             "num_rows": len(data.rows), "config": config.to_dict(),
         })
@@ -350,19 +368,29 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     def adapter_writer():
         """Gather the adapter's whole tensors (a collective: every process calls it) and return
         ``path -> None`` writing them as an adapter directory (called on the main process)."""
-        tensors = gather_full(adapter_state_dict(model, save_cfg.base_keys))
+        params = dict(model.named_parameters())
+        # zero.read_full: DeepSpeed's fp32 master copies, not the module's (possibly bf16) weights.
+        tensors = gather_full({n: zero.read_full(params[n]) for n in adapter_state_dict(model, save_cfg.base_keys)})
         return lambda path: save_adapter(model, path, copy.deepcopy(save_cfg), tensors=tensors)
 
     def save(at_step: int, nb: int) -> Path | None:
         # Collectives first, on every process: shards are gathered into whole tensors.
         rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
         write_adapter = adapter_writer()
-        optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if deepspeed:
+            staged, optim_state = zero.save_state(student, run_dir, at_step), None
+        else:
+            optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         sfa_state = sfa.state_dict()
         path = None
         if main:
+            def write_files(tmp: Path) -> None:
+                write_adapter(tmp / ADAPTER_SUBDIR)
+                if deepspeed:
+                    zero.move_into(staged, tmp)
+
             path = save_checkpoint(
-                run_dir, at_step, write_adapter,
+                run_dir, at_step, write_files,
                 {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "sfa": sfa_state, "rng": rngs},
                 {"step": at_step, "next_batch": nb, "tokens": tokens_seen, "world_size": world, "nexus_version": __version__},
                 config.keep_last,
@@ -386,7 +414,8 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
             n_pred_g, n_in_g = (accelerator.reduce(local.to(device), reduction="sum") if world > 1 else local).tolist()
             sums = None
             for i, (_, batch) in enumerate(window):
-                sync = contextlib.nullcontext() if i == len(window) - 1 else accelerator.no_sync(student)
+                # DeepSpeed (unmanaged accumulation) only reduces in step(); DDP reduces on the last backward.
+                sync = contextlib.nullcontext() if i == len(window) - 1 or deepspeed else accelerator.no_sync(student)
                 with sync:
                     parts = distill_losses(
                         student, batch, teacher, device, kd=config.kd_weight > 0 and teacher is not None,
@@ -396,22 +425,29 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
                     loss = (config.ce_weight * parts.ce + config.kd_weight * config.temperature**2 * parts.kd) / max(n_pred_g, 1.0)
                     if config.router_kl_weight > 0:
                         loss = loss + config.router_kl_weight * parts.router_kl / (max(n_in_g, 1.0) * n_layers)
-                    accelerator.backward(loss * world)
+                    if deepspeed:
+                        zero.backward(student, loss * world)
+                    else:
+                        accelerator.backward(loss * world)
                 sums = _add(sums, parts)
             reduced = accelerator.reduce(sums.to(device), reduction="sum") if world > 1 else sums
             ce, kd, rkl = (reduced[:3] / torch.tensor([max(n_pred_g, 1), max(n_pred_g, 1), max(n_in_g, 1) * n_layers], device=reduced.device)).tolist()
             if not all(math.isfinite(v) for v in (ce, kd, rkl)):
                 _raise_non_finite(step, "loss", (ce, kd, rkl), last_ckpt)
-            if config.max_grad_norm > 0:
+            lrs = [g["lr"] for g in optimizer.param_groups]
+            if deepspeed:
+                # Clips, steps and zeroes in one call; with fp32 weights a non-finite norm skips the update.
+                grad_norm = zero.step(student)
+            elif config.max_grad_norm > 0:
                 grad_norm = to_float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
             else:
                 grad_norm = to_float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
             if not math.isfinite(grad_norm):
                 _raise_non_finite(step, "gradient norm", (grad_norm,), last_ckpt)
-            lrs = [g["lr"] for g in optimizer.param_groups]
-            optimizer.step()
+            if not deepspeed:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step, steps_here, next_batch = step + 1, steps_here + 1, window[-1][0] + 1
             tokens_seen += int(n_in_g)
             merged = sfa.maybe_merge(step)
