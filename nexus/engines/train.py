@@ -13,7 +13,7 @@ weighted correctly), multiplied by the world size to undo DDP's gradient averagi
 The distributed engine is accelerate's: run under ``accelerate launch`` or ``torchrun`` for
 DDP, ``accelerate launch`` with an FSDP2 config (``fsdp_version: 2``) to shard the frozen
 base across devices when one device cannot hold it, or with a DeepSpeed ZeRO-1/2 config to
-partition the adapter's optimizer state (:mod:`nexus.engines.zero`). Only the trainable
+partition the adapter's optimizer state (:mod:`nexus.engines.parallel`). Only the trainable
 parameters (shared experts, optionally routers) are optimised, by AdamW; the base stays frozen
 and in ``eval()``. Adapters and the adapter in every checkpoint hold whole tensors, gathered
 from shards or partitions, so a run saved under one layout is an ordinary adapter for any other.
@@ -21,7 +21,6 @@ from shards or partitions, so a run saved under one layout is an ordinary adapte
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -47,7 +46,8 @@ from nexus.engines.checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
-from nexus.engines.sharding import gather_full, shard_like, to_float
+from nexus.engines.parallel import select_engine
+from nexus.engines.sharding import gather_full
 from nexus.engines.train_config import RESUME_MUST_MATCH, TrainConfig
 from nexus.engines.train_step import distill_losses, micro_batches
 from nexus.engines import zero
@@ -55,10 +55,6 @@ from nexus.errors import NexusError
 from nexus.io import write_json
 
 log = logging.getLogger(__name__)
-
-
-# Engines that own the model's layout in ways the checkpoints cannot read.
-UNSUPPORTED_DISTRIBUTED = ("MEGATRON_LM",)
 
 
 class NonFiniteLossError(NexusError):
@@ -149,29 +145,6 @@ def _check_resume(run_dir: Path, config: TrainConfig, world_size: int, engine: s
         )
 
 
-def _engine_kind(accelerator, config: TrainConfig) -> str:
-    """``"fsdp2"``, ``"deepspeed"`` (ZeRO-1/2, its config completed) or ``"ddp"`` (also one
-    process); refuses the distributed engines the run cannot checkpoint."""
-    kind = accelerator.distributed_type.value
-    if kind in UNSUPPORTED_DISTRIBUTED:
-        raise NexusError(
-            f"{kind} is not supported by nexus train: it partitions the model in its own format. Use FSDP2 to shard "
-            f"the base (accelerate config: distributed_type FSDP, fsdp_version 2) or DDP (multi-GPU, or torchrun)"
-        )
-    if kind == "DEEPSPEED":
-        zero.configure(accelerator, config.batch_size, config.max_grad_norm)
-        return "deepspeed"
-    if kind != "FSDP":
-        return "ddp"
-    version = int(getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) or 1)
-    if version != 2:
-        raise NexusError(
-            f"FSDP version {version} is not supported by nexus train: it flattens frozen and trainable weights "
-            f"into one buffer. Set fsdp_version: 2 in the accelerate config (or FSDP_VERSION=2)"
-        )
-    return "fsdp2"
-
-
 def _enable_checkpointing(model) -> None:
     """Gradient checkpointing that works with the base in ``eval()``.
 
@@ -253,39 +226,37 @@ def _load_data(config, tokenizer, cache):
     return data, lambda idx: collate([data.rows[i] for i in idx], data.pad_id)
 
 
-def train(config: TrainConfig, accelerator=None) -> TrainResult:
-    """Run (or resume) a training run described by ``config``; see the module docstring.
+@dataclass
+class _Student:
+    """The base with its adapter loaded and the trainable parameters chosen, before the engine wraps it."""
 
-    :param accelerator: an ``accelerate.Accelerator``; default one built from ``config``.
-    :return: a :class:`TrainResult`.
-    :raises NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
-    """
-    from accelerate.utils import gather_object, set_seed
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+    model: torch.nn.Module
+    family: object
+    blocks: list
+    optimizer: torch.optim.Optimizer
+    base_originals: dict[str, torch.Tensor]  # base weights an adapter replaces, as in the base
+    adapter_config: object
+    trained_base_keys: list[str]  # routers / native shared experts trained here (saved in the adapter)
 
-    from nexus.data import load_tokenizer
+    def save_config(self, config: TrainConfig):
+        """The adapter config written with every checkpoint and the final adapter."""
+        cfg = copy.deepcopy(self.adapter_config)
+        cfg.base_keys = sorted(set(cfg.base_keys) | set(self.trained_base_keys))
+        cfg.args = {"command": "train", **config.to_dict()}
+        return cfg
+
+
+def _load_student(config: TrainConfig, engine, checkpoint: Path | None) -> _Student:
+    """Load the base on ``engine.load_device``, the adapter (or the checkpoint's), freeze the base
+    except routers / native shared experts when trained, and build AdamW over the trainable
+    parameters (routers in their own group, at ``--router-lr``)."""
     from nexus.engines.teachers import base_parameters, router_parameters
     from nexus.family import resolve_family
-    from nexus.fingerprint import config_fingerprint
     from nexus.loading import load_model
     from nexus.shared_expert import freeze_base, native_shared_modules
 
-    accelerator = accelerator or make_accelerator(config.bf16, log_with=config.report_to, project_dir=config.output)
-    engine = _engine_kind(accelerator, config)
-    fsdp, deepspeed = engine == "fsdp2", engine == "deepspeed"
-    main, world, rank, device = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index, accelerator.device
-    run_dir = Path(config.output)
-    checkpoint = latest_checkpoint(run_dir) if config.resume else None
-    if config.resume and checkpoint is None:
-        log.warning("--resume: no checkpoint in %s, starting from the beginning", run_dir)
-    if checkpoint is not None:
-        _check_resume(run_dir, config, world, engine)
-    set_seed(config.seed)
-
-    # Model, adapter, trainable parameters.
     adapter_cfg = read_adapter_config(config.adapter)
-    # Under FSDP2 the base stays in host memory until fully_shard moves each layer's shard to the device.
-    model = load_model(config.model, dtype=torch.bfloat16 if config.bf16 else torch.float32, device="cpu" if fsdp else device)
+    model = load_model(config.model, dtype=torch.bfloat16 if config.bf16 else torch.float32, device=engine.load_device)
     family = resolve_family(model.config, name=adapter_cfg.family)
     blocks = family.moe_blocks(model)
     routers = router_parameters(model, family, blocks)
@@ -310,28 +281,43 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     if router_names:
         groups.append({"params": [named[n] for n in router_names], "lr": config.router_lr or config.lr, "name": "routers"})
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return _Student(model, family, blocks, optimizer, base_originals, adapter_cfg, router_names + native_names)
+
+
+def train(config: TrainConfig, accelerator=None) -> TrainResult:
+    """Run (or resume) a training run described by ``config``; see the module docstring.
+
+    :param accelerator: an ``accelerate.Accelerator``; default one built from ``config``.
+    :return: a :class:`TrainResult`.
+    :raises NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+    """
+    from accelerate.utils import gather_object, set_seed
+
+    from nexus.data import load_tokenizer
+    from nexus.engines.teachers import is_teacher_cache
+    from nexus.fingerprint import config_fingerprint
+
+    accelerator = accelerator or make_accelerator(config.bf16, log_with=config.report_to, project_dir=config.output)
+    engine = select_engine(accelerator, config.batch_size, config.max_grad_norm)
+    main, world, rank, device = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index, accelerator.device
+    run_dir = Path(config.output)
+    checkpoint = latest_checkpoint(run_dir) if config.resume else None
+    if config.resume and checkpoint is None:
+        log.warning("--resume: no checkpoint in %s, starting from the beginning", run_dir)
+    if checkpoint is not None:
+        _check_resume(run_dir, config, world, engine.kind)
+    set_seed(config.seed)
+
+    loaded = _load_student(config, engine, checkpoint)
+    model, family, blocks, optimizer = loaded.model, loaded.family, loaded.blocks, loaded.optimizer
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    if fsdp:
-        # FSDP2 shards the model and swaps the optimizer's parameters for the shards in place.
-        student, _ = accelerator.prepare(model, optimizer)
-        sharded = dict(model.named_parameters())
-        named = {n: p for n, p in sharded.items() if p.requires_grad}
-        base_originals = {n: shard_like(t, sharded[n]) for n, t in base_originals.items()}
-    elif deepspeed:
-        # The DeepSpeed engine keeps the module's parameters and wraps AdamW, whose param groups
-        # (and so the LambdaLR above) it reuses; nexus steps it itself (zero.backward / zero.step).
-        student, _ = accelerator.prepare(model, optimizer)
-    else:
-        student = accelerator.prepare_model(model)
+    named, base_originals = engine.prepare(model, optimizer, loaded.base_originals)
+    student = engine.student
     sfa = SFA(named, config.sfa_interval, config.sfa_beta, config.sfa_anchor)
-    save_cfg = copy.deepcopy(adapter_cfg)
-    save_cfg.base_keys = sorted(set(adapter_cfg.base_keys) | set(router_names) | set(native_names))
-    save_cfg.args = {"command": "train", **config.to_dict()}
+    save_cfg = loaded.save_config(config)
 
     tokenizer = load_tokenizer(config.tokenizer or config.model, model.config)
     teacher, cache = None, None
-    from nexus.engines.teachers import is_teacher_cache
-
     if config.kd_weight > 0 or config.router_kl_weight > 0 or is_teacher_cache(config.teacher):
         # A teacher cache is also the data source, so it is opened even for CE-only training.
         teacher, cache = _build_teacher(config, model, family, blocks, tokenizer, base_originals, device, accelerator.autocast)
@@ -342,10 +328,7 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     step, next_batch, tokens_seen = 0, 0, 0
     if checkpoint is not None:
         trainer_state, state = load_checkpoint(checkpoint)
-        if deepspeed:
-            zero.load_state(student, checkpoint)
-        else:
-            set_optimizer_state_dict(model, optimizer, trainer_state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        engine.load_optimizer_state(trainer_state["optimizer"], checkpoint)
         scheduler.load_state_dict(trainer_state["scheduler"])
         sfa.load_state_dict(trainer_state["sfa"])
         rngs = trainer_state["rng"]
@@ -357,7 +340,7 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / RUN_CONFIG_NAME, {
             "nexus_version": __version__, "family": family.name, "base_fingerprint": config_fingerprint(model.config),
-            "world_size": world, "engine": engine, "global_batch_size": config.batch_size * world * config.grad_accum,
+            "world_size": world, "engine": engine.kind, "global_batch_size": config.batch_size * world * config.grad_accum,
             "trainable_parameters": sum(p.numel() for p in named.values()), "teacher_kind": getattr(teacher, "kind", None),
             "num_rows": len(data.rows), "config": config.to_dict(),
         })
@@ -377,17 +360,13 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
         # Collectives first, on every process: shards are gathered into whole tensors.
         rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
         write_adapter = adapter_writer()
-        if deepspeed:
-            staged, optim_state = zero.save_state(student, run_dir, at_step), None
-        else:
-            optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        optim_state, staged = engine.optimizer_state(run_dir, at_step)
         sfa_state = sfa.state_dict()
         path = None
         if main:
             def write_files(tmp: Path) -> None:
                 write_adapter(tmp / ADAPTER_SUBDIR)
-                if deepspeed:
-                    zero.move_into(staged, tmp)
+                engine.move_files(staged, tmp)
 
             path = save_checkpoint(
                 run_dir, at_step, write_files,
@@ -414,9 +393,7 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
             n_pred_g, n_in_g = (accelerator.reduce(local.to(device), reduction="sum") if world > 1 else local).tolist()
             sums = None
             for i, (_, batch) in enumerate(window):
-                # DeepSpeed (unmanaged accumulation) only reduces in step(); DDP reduces on the last backward.
-                sync = contextlib.nullcontext() if i == len(window) - 1 or deepspeed else accelerator.no_sync(student)
-                with sync:
+                with engine.accumulating(last=i == len(window) - 1):
                     parts = distill_losses(
                         student, batch, teacher, device, kd=config.kd_weight > 0 and teacher is not None,
                         temperature=config.temperature, family=family, blocks=blocks if teacher is not None else [],
@@ -425,28 +402,13 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
                     loss = (config.ce_weight * parts.ce + config.kd_weight * config.temperature**2 * parts.kd) / max(n_pred_g, 1.0)
                     if config.router_kl_weight > 0:
                         loss = loss + config.router_kl_weight * parts.router_kl / (max(n_in_g, 1.0) * n_layers)
-                    if deepspeed:
-                        zero.backward(student, loss * world)
-                    else:
-                        accelerator.backward(loss * world)
+                    engine.backward(loss * world)
                 sums = _add(sums, parts)
             reduced = accelerator.reduce(sums.to(device), reduction="sum") if world > 1 else sums
             ce, kd, rkl = (reduced[:3] / torch.tensor([max(n_pred_g, 1), max(n_pred_g, 1), max(n_in_g, 1) * n_layers], device=reduced.device)).tolist()
-            if not all(math.isfinite(v) for v in (ce, kd, rkl)):
-                _raise_non_finite(step, "loss", (ce, kd, rkl), last_ckpt)
+            _stop_if_non_finite(step, "loss", (ce, kd, rkl), last_ckpt)
             lrs = [g["lr"] for g in optimizer.param_groups]
-            if deepspeed:
-                # Clips, steps and zeroes in one call; with fp32 weights a non-finite norm skips the update.
-                grad_norm = zero.step(student)
-            elif config.max_grad_norm > 0:
-                grad_norm = to_float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
-            else:
-                grad_norm = to_float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-            if not math.isfinite(grad_norm):
-                _raise_non_finite(step, "gradient norm", (grad_norm,), last_ckpt)
-            if not deepspeed:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            grad_norm = engine.step(params, check=lambda norm: _stop_if_non_finite(step, "gradient norm", (norm,), last_ckpt))
             scheduler.step()
             step, steps_here, next_batch = step + 1, steps_here + 1, window[-1][0] + 1
             tokens_seen += int(n_in_g)
@@ -479,7 +441,10 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     return TrainResult(run_dir, step, final, last_ckpt, interrupted, model)
 
 
-def _raise_non_finite(step, what, values, last_ckpt):
+def _stop_if_non_finite(step, what, values, last_ckpt) -> None:
+    """Raise :class:`NonFiniteLossError` when any of ``values`` is NaN/inf (before the update of step ``step + 1``)."""
+    if all(math.isfinite(v) for v in values):
+        return
     where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
     raise NonFiniteLossError(
         f"the {what} became non-finite ({', '.join(f'{v:.4g}' for v in values)}) at step {step + 1}; stopped without "
