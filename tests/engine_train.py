@@ -2,8 +2,8 @@
 FSDP2 or DeepSpeed ZeRO preparation.
 
 accelerate selects FSDP and DeepSpeed only on accelerator devices; on a CPU-only machine the
-processes form a gloo group and this script switches the accelerator's state to the engine by
-hand, so that ``Accelerator.prepare`` wraps the model exactly as on GPUs.
+processes form a gloo group and ``nexus.engines.distributed.force_engine`` switches the
+accelerator's state to the engine, so that ``Accelerator.prepare`` wraps the model as on GPUs.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/engine_train.py ENGINE CONFIG.json RESULT.json
 
@@ -20,30 +20,8 @@ import sys
 import torch
 
 
-def engine_accelerator(engine: str, bf16: bool = False):
-    """A gloo-backed ``Accelerator`` whose state says FSDP2 or DeepSpeed ZeRO-``n``."""
-    from accelerate import DeepSpeedPlugin, FullyShardedDataParallelPlugin
-    from accelerate.utils import DistributedType
-
-    from nexus.engines.distributed import make_accelerator
-
-    accelerator = make_accelerator(bf16)
-    state = accelerator.state
-    if engine == "fsdp2":
-        state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                                           reshard_after_forward=True)
-        state.distributed_type = DistributedType.FSDP
-    else:
-        plugin = DeepSpeedPlugin(zero_stage=int(engine.removeprefix("zero")))
-        plugin.set_mixed_precision("bf16" if bf16 else "no")
-        state.deepspeed_plugins = plugin
-        plugin.select(_from_accelerator_state=True)
-        state.distributed_type = DistributedType.DEEPSPEED
-        accelerator.deepspeed_engine_wrapped = None  # what Accelerator.__init__ sets up for DeepSpeed
-    return accelerator
-
-
 def main(engine: str, config_path: str, result_path: str) -> None:
+    from nexus.engines.distributed import force_engine, make_accelerator
     from nexus.engines.sharding import full_tensor, is_sharded
     from nexus.engines.train import train
     from nexus.engines.train_config import TrainConfig
@@ -51,7 +29,7 @@ def main(engine: str, config_path: str, result_path: str) -> None:
 
     torch.set_num_threads(1)
     config = TrainConfig(**json.loads(open(config_path).read()))
-    accelerator = engine_accelerator(engine, config.bf16)
+    accelerator = force_engine(make_accelerator(config.bf16), engine, config.bf16)
     result = train(config, accelerator=accelerator)
 
     reference = dict(load_model(config.model, dtype=torch.bfloat16 if config.bf16 else torch.float32).named_parameters())

@@ -118,3 +118,22 @@ def test_zero2_bf16_saves_fp32_masters_and_tracks_one_process(work, tmp_path):
     assert float(da.norm()) == pytest.approx(float(db.norm()), rel=1e-2)
     for x, y in zip(ma, mb):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-3)
+
+
+def test_engines_benchmark_quick_shows_each_engine_partitioning_its_share(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers_train import subprocess_env
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_engines.py"
+    out = subprocess.run([sys.executable, str(script), "--quick", "--results-dir", str(tmp_path)],
+                         capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ratios = json.loads(next(tmp_path.glob("engines-*.json")).read_text())["ratios"]
+    assert set(ratios) == {"fsdp2", "zero1", "zero2"}
+    # Two processes: FSDP2 halves the base, every engine halves AdamW's state; ZeRO keeps the base whole.
+    assert ratios["fsdp2"]["frozen_base_ddp_over_engine"] == pytest.approx(2.0, rel=0.05)
+    assert ratios["zero2"]["frozen_base_ddp_over_engine"] == pytest.approx(1.0)
+    for engine in ratios:
+        assert ratios[engine]["optimizer_state_ddp_over_engine"] == pytest.approx(2.0, rel=0.05)

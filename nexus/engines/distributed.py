@@ -31,3 +31,37 @@ def make_accelerator(bf16: bool = False, **kwargs):
                 log.warning("accelerate enables %s only on accelerator devices; on this CPU-only machine the "
                             "processes run as DDP (gloo)", engine)
     return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no", **kwargs)
+
+
+ENGINES = ("fsdp2", "zero1", "zero2")
+
+
+def force_engine(accelerator, engine: str, bf16: bool = False):
+    """Switch a CPU (gloo, MULTI_CPU) ``accelerator`` to FSDP2 or DeepSpeed ZeRO-1/2, in place.
+
+    accelerate enables FSDP and DeepSpeed only on accelerator devices; with this, runs on a
+    CPU-only machine (the test suite, benchmarks) go through the same ``Accelerator.prepare``
+    path as ``accelerate launch`` with an FSDP2 or DeepSpeed config on GPUs.
+
+    :param accelerator: from :func:`make_accelerator` (``bf16`` as given there).
+    :param engine: one of :data:`ENGINES`.
+    :return: ``accelerator``.
+    """
+    from accelerate import DeepSpeedPlugin, FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType
+
+    state = accelerator.state
+    if engine == "fsdp2":
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                                           reshard_after_forward=True)
+        state.distributed_type = DistributedType.FSDP
+    elif engine in ("zero1", "zero2"):
+        plugin = DeepSpeedPlugin(zero_stage=int(engine[-1]))
+        plugin.set_mixed_precision("bf16" if bf16 else "no")
+        state.deepspeed_plugins = plugin
+        plugin.select(_from_accelerator_state=True)
+        state.distributed_type = DistributedType.DEEPSPEED
+        accelerator.deepspeed_engine_wrapped = None  # what Accelerator.__init__ sets up for DeepSpeed
+    else:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    return accelerator

@@ -72,6 +72,7 @@ class TrainResult:
         checkpoint: the last checkpoint written, or None.
         interrupted: stopped by SIGINT/SIGTERM or ``stop_after``.
         model: the trained (unwrapped) model, for in-process callers.
+        optimizer: its AdamW (under DeepSpeed, over DeepSpeed's fp32 partitions), for inspection.
     """
 
     run_dir: Path
@@ -80,6 +81,7 @@ class TrainResult:
     checkpoint: Path | None
     interrupted: bool
     model: torch.nn.Module | None = field(default=None, repr=False)
+    optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
 
 
 def lr_lambda(config: TrainConfig):
@@ -438,7 +440,7 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
         accelerator.wait_for_everyone()
     if config.report_to:
         accelerator.end_training()
-    return TrainResult(run_dir, step, final, last_ckpt, interrupted, model)
+    return TrainResult(run_dir, step, final, last_ckpt, interrupted, model, optimizer)
 
 
 def _stop_if_non_finite(step, what, values, last_ckpt) -> None:
