@@ -332,3 +332,13 @@ def test_resume_refuses_another_optimizer_state_format(work, tmp_path, old, new,
             _check_resume(tmp_path, config, 2, new)
     with pytest.raises(NexusError, match="world_size \\(2 vs 1\\)"):
         _check_resume(tmp_path, config, 1, old)
+
+
+def test_launch_config_precision_is_overridden_by_the_bf16_flag_with_a_warning(monkeypatch, caplog):
+    from nexus.engines.distributed import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with caplog.at_level("WARNING", logger="nexus.engines.distributed"):
+        accelerator = make_accelerator(bf16=False)
+    assert accelerator.mixed_precision == "no"
+    assert "mixed precision fp16; nexus uses --bf16 (off)" in caplog.text

@@ -30,7 +30,12 @@ def make_accelerator(bf16: bool = False, **kwargs):
             if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() == "true":
                 log.warning("accelerate enables %s only on accelerator devices; on this CPU-only machine the "
                             "processes run as DDP (gloo)", engine)
-    return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no", **kwargs)
+    wanted = "bf16" if bf16 else "no"
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launched not in ("no", wanted):
+        log.warning("the launch config asks for mixed precision %s; nexus uses --bf16 (%s) instead",
+                    launched, "on" if bf16 else "off")
+    return Accelerator(cpu=cpu, mixed_precision=wanted, **kwargs)
 
 
 ENGINES = ("fsdp2", "zero1", "zero2")
