@@ -38,20 +38,17 @@ MIB = 2**20
 
 
 def build(work: Path, quick: bool) -> dict:
-    """A GPT-OSS checkpoint with a tokenizer, a full-width mean-of-experts adapter and text data in ``work``."""
+    """A GPT-OSS MXFP4 checkpoint with a tokenizer, a full-width mean-of-experts adapter and text data in ``work``."""
     from bench_train_step import model_config
-    from transformers import GptOssForCausalLM
 
-    from nexus.demo import demo_text_path, train_tokenizer
+    from nexus.demo import build_checkpoint, demo_paragraphs, train_tokenizer
     from nexus.engines.convert import convert
+    from nexus.family import resolve_family
 
-    import torch
-
-    torch.manual_seed(0)
     config = model_config(quick)
-    GptOssForCausalLM(config).save_pretrained(work / "base")
-    paras = [p.strip() for p in demo_text_path().read_text().split("\n\n") if p.strip()]
-    train_tokenizer(paras, config.vocab_size).save_pretrained(work / "base")
+    build_checkpoint(resolve_family(config), work / "base", config)  # MXFP4 experts, as released
+    paras = demo_paragraphs()
+    train_tokenizer(paras, config.vocab_size, config).save_pretrained(work / "base")
     convert(work / "base", work / "adapter", strategy="mean_all", progress=False)
     (work / "data.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in paras[:200]))
     return {"model": str(work / "base"), "adapter": str(work / "adapter"), "data": str(work / "data.jsonl")}

@@ -42,6 +42,12 @@ def demo_text_path() -> Path:
     return Path(__file__).parent / "data" / "demo.txt"
 
 
+def demo_paragraphs(n: int | None = None) -> list[str]:
+    """The first ``n`` (default all) non-empty paragraphs of :func:`demo_text_path`, stripped."""
+    paras = [p.strip() for p in demo_text_path().read_text().split("\n\n") if p.strip()]
+    return paras[:n]
+
+
 def demo_eval_path() -> Path:
     """Held-out paragraphs of the same addresses, for evaluating the demo."""
     return Path(__file__).parent / "data" / "demo_eval.txt"

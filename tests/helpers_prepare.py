@@ -8,13 +8,7 @@ from pathlib import Path
 
 import torch
 
-
-def demo_paragraphs(n: int) -> list[str]:
-    """The first ``n`` non-empty paragraphs of NEXUS's real-text sample."""
-    from nexus.demo import demo_text_path
-
-    paras = [p.strip() for p in demo_text_path().read_text().split("\n\n") if p.strip()]
-    return paras[:n]
+from nexus.demo import demo_paragraphs
 
 
 def model_with_tokenizer(src: Path, dst: Path) -> Path:

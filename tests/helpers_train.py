@@ -11,13 +11,7 @@ from pathlib import Path
 
 import torch
 
-from nexus.demo import demo_text_path, train_tokenizer
-
-
-def demo_paragraphs(n: int = 40) -> list[str]:
-    """The first ``n`` non-empty paragraphs of the shipped demo text."""
-    paras = [p.strip() for p in demo_text_path().read_text().split("\n\n") if p.strip()]
-    return paras[:n]
+from nexus.demo import demo_paragraphs, train_tokenizer  # noqa: F401  (demo_paragraphs: used by tests)
 
 
 def make_base(src: Path, dst: Path, vocab_size: int = 256) -> Path:

@@ -50,11 +50,17 @@ class Replicated:
         """Wrap ``model`` for the engine (the wrapped model is ``self.student``).
 
         :param base_originals: ``name -> whole tensor`` of base weights the self-teacher swaps back.
-        :return: ``(trainable name -> parameter, base_originals laid out like the parameters)``.
+        :return: ``(trainable name -> parameter, base_originals laid out like the parameters)``,
+            read after wrapping (an engine may replace the parameters).
         """
         self.model, self.optimizer = model, optimizer
-        self.student = self.accelerator.prepare_model(model)
-        return _trainable(model), base_originals
+        self.student = self._wrap(model, optimizer)
+        params = dict(model.named_parameters())
+        trainable = {n: p for n, p in params.items() if p.requires_grad}
+        return trainable, {n: shard_like(t, params[n]) for n, t in base_originals.items()}
+
+    def _wrap(self, model, optimizer):
+        return self.accelerator.prepare_model(model)
 
     def accumulating(self, last: bool):
         """Context for a micro-batch's backward: DDP's ``no_sync`` except on the window's last."""
@@ -108,13 +114,11 @@ class FSDP2(Replicated):
     def load_device(self):
         return "cpu"
 
-    def prepare(self, model, optimizer, base_originals):
+    def _wrap(self, model, optimizer):
         # fully_shard swaps the optimizer's parameters for the shards in place; parameters taken
         # before prepare are stale afterwards.
-        self.model, self.optimizer = model, optimizer
-        self.student, _ = self.accelerator.prepare(model, optimizer)
-        sharded = dict(model.named_parameters())
-        return _trainable(model), {n: shard_like(t, sharded[n]) for n, t in base_originals.items()}
+        student, _ = self.accelerator.prepare(model, optimizer)
+        return student
 
 
 class ZeRO(Replicated):
@@ -123,20 +127,20 @@ class ZeRO(Replicated):
 
     kind = "deepspeed"
 
-    def prepare(self, model, optimizer, base_originals):
-        self.model, self.optimizer = model, optimizer
-        self.student, _ = self.accelerator.prepare(model, optimizer)
-        return _trainable(model), base_originals
+    def _wrap(self, model, optimizer):
+        student, _ = self.accelerator.prepare(model, optimizer)
+        return student
 
     def accumulating(self, last):
         return contextlib.nullcontext()
 
     def backward(self, loss):
-        zero.backward(self.student, loss)
+        self.student.backward(loss, scale_wrt_gas=False)  # nexus normalised it already
 
     def step(self, params, check):
-        # DeepSpeed clips, steps and zeroes in one call; with fp32 weights a non-finite norm skips the update.
-        norm = zero.step(self.student)
+        # Reduces, clips, steps and zeroes in one call; with fp32 weights a non-finite norm skips the update.
+        self.student.step()
+        norm = float(self.student.get_global_grad_norm())
         check(norm)
         return norm
 
@@ -175,6 +179,3 @@ def select_engine(accelerator, batch_size: int, max_grad_norm: float) -> Replica
         )
     return FSDP2(accelerator, max_grad_norm)
 
-
-def _trainable(model) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}

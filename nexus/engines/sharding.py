@@ -1,9 +1,11 @@
 """Whole tensors from sharded parameters, and back.
 
 Under FSDP2 (accelerate's ``fsdp_version: 2``) every parameter is a ``DTensor`` of which each
-process holds one shard. Saving an adapter, checkpointing the SFA anchor and restoring trained
-base weights for the self-teacher need whole tensors; these helpers give them for DTensors and
-are the identity for ordinary tensors (one process, DDP), so callers have one code path.
+process holds one shard; under DeepSpeed ZeRO-1/2 a trainable parameter's fp32 master copy is
+partitioned (:mod:`nexus.engines.zero`). Saving an adapter, checkpointing the SFA anchor and
+restoring trained base weights for the self-teacher need whole tensors; these helpers give them
+for both and are the identity for ordinary tensors (one process, DDP), so callers have one code
+path.
 
 Gathering is a collective: every process must call :func:`gather_full` with the same names in
 the same order, even those that will not write anything.
@@ -22,7 +24,12 @@ def is_sharded(t) -> bool:
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole detached tensor behind ``t`` (all-gathered when sharded: a collective)."""
+    """The whole detached tensor behind ``t`` (all-gathered when sharded: a collective). For a
+    ZeRO parameter, DeepSpeed's fp32 master copy rather than the module's (possibly bf16) weight."""
+    from nexus.engines import zero
+
+    if zero.is_zero_param(t):  # before detach(), which drops DeepSpeed's attributes
+        return zero.read_full(t)
     t = t.detach()
     return t.full_tensor() if is_sharded(t) else t
 
@@ -30,7 +37,7 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 def gather_full(named: dict[str, torch.Tensor], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """``name -> whole tensor`` on ``device`` for every entry of ``named``, in its order.
 
-    :param named: ``name -> Tensor`` (DTensor shards or ordinary tensors of any shape).
+    :param named: ``name -> Tensor`` (parameters, DTensor shards or ordinary tensors of any shape).
     :return: new tensors that share no storage with the parameters.
     """
     return {name: full_tensor(t).to(device, copy=True) for name, t in named.items()}

@@ -50,7 +50,6 @@ from nexus.engines.parallel import select_engine
 from nexus.engines.sharding import gather_full
 from nexus.engines.train_config import RESUME_MUST_MATCH, TrainConfig
 from nexus.engines.train_step import distill_losses, micro_batches
-from nexus.engines import zero
 from nexus.errors import NexusError
 from nexus.io import write_json
 
@@ -354,8 +353,7 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
         """Gather the adapter's whole tensors (a collective: every process calls it) and return
         ``path -> None`` writing them as an adapter directory (called on the main process)."""
         params = dict(model.named_parameters())
-        # zero.read_full: DeepSpeed's fp32 master copies, not the module's (possibly bf16) weights.
-        tensors = gather_full({n: zero.read_full(params[n]) for n in adapter_state_dict(model, save_cfg.base_keys)})
+        tensors = gather_full({n: params[n] for n in adapter_state_dict(model, save_cfg.base_keys)})
         return lambda path: save_adapter(model, path, copy.deepcopy(save_cfg), tensors=tensors)
 
     def save(at_step: int, nb: int) -> Path | None:

@@ -83,21 +83,6 @@ def configure(accelerator, batch_size: int, max_grad_norm: float) -> int:
     return stage
 
 
-def backward(engine, loss: torch.Tensor) -> None:
-    """Accumulate the gradient of ``loss`` (already normalised by nexus; DeepSpeed must not scale it)."""
-    engine.backward(loss, scale_wrt_gas=False)
-
-
-def step(engine) -> float:
-    """Reduce the accumulated gradients, clip, step the optimizer and zero the gradients.
-
-    :return: the global gradient norm before clipping (``inf``/``nan`` when DeepSpeed found
-        an overflow and skipped the update).
-    """
-    engine.step()
-    return float(engine.get_global_grad_norm())
-
-
 def is_zero_param(p) -> bool:
     """Whether ``p`` is a trainable parameter whose master copy DeepSpeed ZeRO-1/2 partitions
     (the attribute is None on a process that owns no piece of it; it still takes part in gathers)."""
