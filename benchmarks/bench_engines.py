@@ -59,7 +59,7 @@ def child(engine: str, config_path: str, out_path: str) -> None:
     import torch
 
     from nexus.engines.checkpointing import read_metrics
-    from nexus.engines.distributed import force_engine, make_accelerator
+    from nexus.engines.distributed import end_processes, force_engine, make_accelerator
     from nexus.engines.sharding import is_sharded
     from nexus.engines.train import train
     from nexus.engines.train_config import TrainConfig
@@ -92,7 +92,7 @@ def child(engine: str, config_path: str, out_path: str) -> None:
     if accelerator.is_main_process:
         rates = [r["tokens_per_s"] for r in read_metrics(config.output)[1:]]  # the first step pays warm-up
         Path(out_path).write_text(json.dumps({"per_process": gathered, "tokens_per_s": statistics.median(rates)}))
-    accelerator.wait_for_everyone()
+    end_processes()
 
 
 def run_engine(engine: str, paths: dict, work: Path, steps: int, seq_len: int, timeout: float) -> dict:

@@ -21,7 +21,7 @@ import torch
 
 
 def main(engine: str, config_path: str, result_path: str) -> None:
-    from nexus.engines.distributed import force_engine, make_accelerator
+    from nexus.engines.distributed import end_processes, force_engine, make_accelerator
     from nexus.engines.sharding import full_tensor, is_sharded
     from nexus.engines.train import train
     from nexus.engines.train_config import TrainConfig
@@ -44,7 +44,7 @@ def main(engine: str, config_path: str, result_path: str) -> None:
         with open(result_path, "w") as f:
             json.dump({"frozen": frozen, "sharded": sharded, "frozen_identical": bool(identical), "step": result.step,
                        "world": accelerator.num_processes, "interrupted": result.interrupted}, f)
-    accelerator.wait_for_everyone()
+    end_processes()
 
 
 if __name__ == "__main__":

@@ -87,13 +87,11 @@ def collect(ctx, model_path, data_path, output, target_tokens, batch_size, seq_l
         text_column=text_column, dtype=getattr(torch, dtype), max_batches=max_batches, overwrite=overwrite,
         progress=_progress(ctx),
     )
+    from nexus.engines.distributed import end_processes
     from nexus.engines.router_stats import process_state
 
-    state = process_state()
-    main = state.is_main_process
-    if state.num_processes > 1:
-        state.wait_for_everyone()
-        state.destroy_process_group()  # a clean exit: gloo may abort at interpreter exit otherwise
+    main = process_state().is_main_process
+    end_processes()
     if not main:
         return
     state = "complete" if stats.meta.get("complete") else f"partial, resume from batch {stats.meta.get('next_batch')}"

@@ -41,10 +41,12 @@ def _train_command():
         Writes OUTPUT/run_config.json, metrics.jsonl, checkpoints/step-N/ and final/ (an adapter).
         SIGINT/SIGTERM save a checkpoint and stop; --resume continues bit-identically.
         """
+        from nexus.engines.distributed import end_processes
         from nexus.engines.train import train as run_train
 
         main = _is_main_process()
         result = run_train(TrainConfig(**kwargs))
+        end_processes()
         if not main:
             return
         if result.final is not None:
@@ -65,10 +67,12 @@ def _precompute_command():
 
         Train from it with nexus train --teacher OUTPUT.
         """
+        from nexus.engines.distributed import end_processes
         from nexus.engines.teacher_cache import precompute as run_precompute
 
         main = _is_main_process()
         out = run_precompute(PrecomputeConfig(**kwargs))
+        end_processes()
         if main:
             click.echo(f"teacher cache in {out}")
 

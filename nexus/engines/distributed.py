@@ -38,6 +38,17 @@ def make_accelerator(bf16: bool = False, **kwargs):
     return Accelerator(cpu=cpu, mixed_precision=wanted, **kwargs)
 
 
+def end_processes() -> None:
+    """When several processes run (torchrun, accelerate launch): wait for all of them and destroy
+    the process group. Call it last: exiting with a live gloo group can abort the interpreter
+    ("terminate called without an active exception"), which launchers report as a failure."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 ENGINES = ("fsdp2", "zero1", "zero2")
 
 
