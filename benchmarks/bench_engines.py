@@ -54,19 +54,14 @@ def build(work: Path, quick: bool) -> dict:
     return {"model": str(work / "base"), "adapter": str(work / "adapter"), "data": str(work / "data.jsonl")}
 
 
-def child(engine: str, config_path: str, out_path: str) -> None:
-    """One process of a two-process run (started by ``torchrun`` on this script)."""
+def measure(engine: str, config, accelerator) -> dict:
+    """Train under ``engine`` and return this process's figures (MiB, peak RSS)."""
     import torch
 
-    from nexus.engines.checkpointing import read_metrics
-    from nexus.engines.distributed import end_processes, force_engine, make_accelerator
+    from nexus.engines.distributed import force_engine
     from nexus.engines.sharding import is_sharded
     from nexus.engines.train import train
-    from nexus.engines.train_config import TrainConfig
 
-    torch.set_num_threads(1)
-    config = TrainConfig(**json.loads(Path(config_path).read_text()))
-    accelerator = make_accelerator()
     if engine != "ddp":
         force_engine(accelerator, engine)
     result = train(config, accelerator=accelerator)
@@ -78,7 +73,7 @@ def child(engine: str, config_path: str, out_path: str) -> None:
     params = list(result.model.parameters())
     ids = {id(p) for p in params}
     opt = result.optimizer
-    figures = {
+    return {
         "frozen_base_mib": sum(local_bytes(p) for p in params if not p.requires_grad) / MIB,
         "trainable_weights_mib": sum(local_bytes(p) for p in params if p.requires_grad) / MIB,
         # DeepSpeed swaps its fp32 partitions into AdamW's param groups; elsewhere they are the weights.
@@ -87,12 +82,26 @@ def child(engine: str, config_path: str, out_path: str) -> None:
                                    if torch.is_tensor(v) and v.dim() > 0) / MIB,
         "peak_rss_mib": peak_rss_mb(),
     }
+
+
+def child(engine: str, config_path: str, out_path: str) -> None:
+    """One process of a two-process run (started by ``torchrun`` on this script)."""
+    import torch
+
+    from nexus.engines.checkpointing import read_metrics
+    from nexus.engines.distributed import end_processes, make_accelerator
+    from nexus.engines.train_config import TrainConfig
+
+    torch.set_num_threads(1)
+    config = TrainConfig(**json.loads(Path(config_path).read_text()))
+    accelerator = make_accelerator()
+    figures = measure(engine, config, accelerator)  # the trained model and optimizer are gone after this
     gathered = [None] * accelerator.num_processes
     torch.distributed.all_gather_object(gathered, figures)
     if accelerator.is_main_process:
         rates = [r["tokens_per_s"] for r in read_metrics(config.output)[1:]]  # the first step pays warm-up
         Path(out_path).write_text(json.dumps({"per_process": gathered, "tokens_per_s": statistics.median(rates)}))
-    end_processes()
+    end_processes(accelerator)
 
 
 def run_engine(engine: str, paths: dict, work: Path, steps: int, seq_len: int, timeout: float) -> dict:
@@ -103,10 +112,12 @@ def run_engine(engine: str, paths: dict, work: Path, steps: int, seq_len: int, t
     cfg.write_text(json.dumps(settings))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
            "--child", engine, str(cfg), str(out)]
-    env = {**os.environ, **thread_env(1), "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, **thread_env(1), "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE",
+           "PYTHONFAULTHANDLER": "1"}  # an aborting child prints its Python stacks
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"{engine} run failed:\n{proc.stderr[-3000:]}")
+        lines = [x for x in proc.stderr.splitlines() if "it/s]" not in x]  # progress bars say nothing here
+        raise RuntimeError(f"{engine} run failed:\n" + "\n".join(lines)[-6000:])
     res = json.loads(out.read_text())
     keys = res["per_process"][0].keys()
     res["mean"] = {k: statistics.mean(p[k] for p in res["per_process"]) for k in keys}

@@ -9,29 +9,27 @@ accelerator's state to the engine, so that ``Accelerator.prepare`` wraps the mod
 
 ENGINE is ``fsdp2`` or ``zero1``/``zero2``. CONFIG.json holds ``TrainConfig`` keyword arguments.
 RESULT.json (written by rank 0) says whether every frozen parameter, gathered from its shards,
-is bit-identical to the checkpoint.
+is bit-identical to the checkpoint, and how many gloo threads outlived ``end_processes``.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 
-def main(engine: str, config_path: str, result_path: str) -> None:
-    from nexus.engines.distributed import end_processes, force_engine, make_accelerator
+def _check(engine: str, config, accelerator) -> dict:
+    """Train under ``engine``; whether every frozen parameter is bit-identical to the checkpoint."""
+    from nexus.engines.distributed import force_engine
     from nexus.engines.sharding import full_tensor, is_sharded
     from nexus.engines.train import train
-    from nexus.engines.train_config import TrainConfig
     from nexus.loading import load_model
 
-    torch.set_num_threads(1)
-    config = TrainConfig(**json.loads(open(config_path).read()))
-    accelerator = force_engine(make_accelerator(config.bf16), engine, config.bf16)
+    force_engine(accelerator, engine, config.bf16)
     result = train(config, accelerator=accelerator)
-
     reference = dict(load_model(config.model, dtype=torch.bfloat16 if config.bf16 else torch.float32).named_parameters())
     frozen, sharded, identical = 0, 0, True
     for name, p in result.model.named_parameters():
@@ -40,11 +38,34 @@ def main(engine: str, config_path: str, result_path: str) -> None:
         frozen += 1
         sharded += is_sharded(p)
         identical &= torch.equal(full_tensor(p).cpu(), reference[name].detach())
+    return {"frozen": frozen, "sharded": sharded, "frozen_identical": bool(identical), "step": result.step,
+            "world": accelerator.num_processes, "interrupted": result.interrupted}
+
+
+def gloo_threads() -> int:
+    """This process's live gloo threads (worker run loops, TCP event loops)."""
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return sum("gloo" in n for n in names)
+
+
+def main(engine: str, config_path: str, result_path: str) -> None:
+    from nexus.engines.distributed import end_processes, make_accelerator
+    from nexus.engines.train_config import TrainConfig
+
+    torch.set_num_threads(1)
+    config = TrainConfig(**json.loads(open(config_path).read()))
+    accelerator = make_accelerator(config.bf16)
+    report = _check(engine, config, accelerator)  # the trained model and its engine are gone after this
+    end_processes(accelerator)
+    report["gloo_threads_after_end"] = gloo_threads()  # 0: every process group was freed
     if accelerator.is_main_process:
         with open(result_path, "w") as f:
-            json.dump({"frozen": frozen, "sharded": sharded, "frozen_identical": bool(identical), "step": result.step,
-                       "world": accelerator.num_processes, "interrupted": result.interrupted}, f)
-    end_processes()
+            json.dump(report, f)
 
 
 if __name__ == "__main__":

@@ -46,8 +46,9 @@ def make_adapter(model_dir: Path, out: Path, gate_mode: str = "scalar", seed: in
 
 
 def subprocess_env() -> dict:
-    """The environment for a child process of a test: one torch thread, quiet tokenizers."""
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    """The environment for a child process of a test: one torch thread, quiet tokenizers, faulthandler on."""
+    # A child that aborts prints its Python stacks (faulthandler), not only the launcher's report.
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     env.pop("PYTEST_CURRENT_TEST", None)
     return env
 

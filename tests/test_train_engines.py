@@ -58,6 +58,8 @@ def test_engine_equals_one_process_and_resumes_bit_identically(work, tmp_path, e
 
     straight = _launch(tmp_path, engine, "straight", _settings(work, tmp_path / "multi"))
     assert straight["world"] == 2 and straight["step"] == 6 and straight["frozen_identical"]
+    if engine != "fsdp2":  # FSDP2 leaves a reference to the world group in torch itself (see end_processes)
+        assert straight["gloo_threads_after_end"] == 0, "a process group outlived end_processes"
     if engine == "fsdp2":
         assert straight["sharded"] == straight["frozen"] > 0, "the frozen base was not sharded"
 
@@ -129,7 +131,7 @@ def test_engines_benchmark_quick_shows_each_engine_partitioning_its_share(tmp_pa
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_engines.py"
     out = subprocess.run([sys.executable, str(script), "--quick", "--results-dir", str(tmp_path)],
                          capture_output=True, text=True, env=subprocess_env(), timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, out.stderr[-8000:]
     ratios = json.loads(next(tmp_path.glob("engines-*.json")).read_text())["ratios"]
     assert set(ratios) == {"fsdp2", "zero1", "zero2"}
     # Two processes: FSDP2 halves the base, every engine halves AdamW's state; ZeRO keeps the base whole.

@@ -46,13 +46,14 @@ def _train_command():
 
         main = _is_main_process()
         result = run_train(TrainConfig(**kwargs))
-        end_processes()
-        if not main:
-            return
         if result.final is not None:
-            click.echo(f"trained {result.step} steps; adapter in {result.final}")
+            message = f"trained {result.step} steps; adapter in {result.final}"
         else:
-            click.echo(f"stopped at step {result.step}; checkpoint {result.checkpoint}. Resume with --resume")
+            message = f"stopped at step {result.step}; checkpoint {result.checkpoint}. Resume with --resume"
+        del result  # the trained model holds the process group, which end_processes frees
+        end_processes()
+        if main:
+            click.echo(message)
 
     return train
 

@@ -20,6 +20,8 @@ def make_accelerator(bf16: bool = False, **kwargs):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _import_group_default_holders()
     if AcceleratorState._shared_state and PartialState().num_processes == 1:
         # One process calling several engines (tests, notebooks, ``nexus run``) with different
         # precisions: accelerate's state is a process-wide singleton, so start it afresh.
@@ -38,15 +40,52 @@ def make_accelerator(bf16: bool = False, **kwargs):
     return Accelerator(cpu=cpu, mixed_precision=wanted, **kwargs)
 
 
-def end_processes() -> None:
-    """When several processes run (torchrun, accelerate launch): wait for all of them and destroy
-    the process group. Call it last: exiting with a live gloo group can abort the interpreter
-    ("terminate called without an active exception"), which launchers report as a failure."""
+def _import_group_default_holders() -> None:
+    """Import, before the process group exists, the modules that bind the default group into
+    function defaults when first imported: ``torch.distributed.nn`` (imported lazily by
+    ``torch.distributed.checkpoint``) and ``deepspeed.comm`` (imported by accelerate's
+    ``prepare`` whenever DeepSpeed is installed). Imported later, they would keep the group
+    alive past :func:`end_processes`."""
+    import importlib.util
+
+    import torch.distributed.nn  # noqa: F401
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        import deepspeed.comm  # noqa: F401
+
+
+def end_processes(accelerator=None) -> None:
+    """When several processes run (torchrun, accelerate launch): wait for all of them, release
+    what holds the process groups and destroy them. Call it last, after dropping the models and
+    optimizers trained under ``accelerator``.
+
+    A gloo group's worker threads are joined only when its last reference goes. Anything still
+    holding one at interpreter exit (a DDP or DeepSpeed engine, DeepSpeed's own group cache) lets
+    a late worker thread free a tensor while Python shuts down, which aborts the process
+    ("terminate called without an active exception") and launchers report the run as failed.
+
+    Under DDP and DeepSpeed every group is freed here (given that the caller dropped its models).
+    Under FSDP2 torch itself keeps a reference to the world group, whose threads then live until
+    the process exits.
+
+    :param accelerator: the ``Accelerator`` the work ran under; its prepared objects are freed.
+    """
+    import gc
+    import sys
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    if accelerator is not None:
+        accelerator.free_memory()  # the wrapped models/optimizers, DeepSpeed's engine
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        deepspeed_comm.destroy_process_group()  # also drops DeepSpeed's cached groups
+    else:
         dist.destroy_process_group()
+    gc.collect()  # group references in reference cycles (modules, engines) go now
 
 
 ENGINES = ("fsdp2", "zero1", "zero2")
