@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -54,6 +55,29 @@ def _import_group_default_holders() -> None:
         import deepspeed.comm  # noqa: F401
 
 
+_LRU_CACHED = type(functools.lru_cache(None)(lambda: None))  # what functools.lru_cache/cache return
+
+
+def _clear_distributed_caches() -> None:
+    """Empty the caches of torch.distributed (DTensor's sharding propagation and redistribution
+    plans, mesh topologies...): their entries hold device meshes, and with them process groups,
+    for the life of the process. They refill on use."""
+    import sys
+
+    from torch.distributed.tensor import _redistribute, debug
+
+    debug._clear_sharding_prop_cache()  # per-thread and C++ caches, not module attributes
+    _redistribute.clear_redistribute_planner_cache()
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("torch.distributed") or module is None:
+            continue
+        for value in list(vars(module).values()):
+            for candidate in [value, *(vars(value).values() if isinstance(value, type) else ())]:
+                candidate = getattr(candidate, "__func__", candidate)  # staticmethod / classmethod
+                if isinstance(candidate, _LRU_CACHED):
+                    candidate.cache_clear()
+
+
 def end_processes(accelerator=None) -> None:
     """When several processes run (torchrun, accelerate launch): wait for all of them, release
     what holds the process groups and destroy them. Call it last, after dropping the models and
@@ -64,9 +88,8 @@ def end_processes(accelerator=None) -> None:
     a late worker thread free a tensor while Python shuts down, which aborts the process
     ("terminate called without an active exception") and launchers report the run as failed.
 
-    Under DDP and DeepSpeed every group is freed here (given that the caller dropped its models).
-    Under FSDP2 torch itself keeps a reference to the world group, whose threads then live until
-    the process exits.
+    Every group is freed here, given that the caller dropped its models: torch.distributed's
+    caches (DTensor's, under FSDP2), which hold device meshes and so their groups, are emptied too.
 
     :param accelerator: the ``Accelerator`` the work ran under; its prepared objects are freed.
     """
@@ -80,6 +103,8 @@ def end_processes(accelerator=None) -> None:
     dist.barrier()
     if accelerator is not None:
         accelerator.free_memory()  # the wrapped models/optimizers, DeepSpeed's engine
+    if "torch.distributed.tensor" in sys.modules:
+        _clear_distributed_caches()
     deepspeed_comm = sys.modules.get("deepspeed.comm")
     if deepspeed_comm is not None and deepspeed_comm.is_initialized():
         deepspeed_comm.destroy_process_group()  # also drops DeepSpeed's cached groups
