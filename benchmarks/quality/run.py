@@ -131,7 +131,7 @@ def build_context(cfg: BenchConfig, recipe: ModelRecipe, inputs: dict, cache: Pa
     path = work / "context.json"
     if path.exists():
         return json.loads(path.read_text())
-    general, domain = inputs["general"], inputs["domain"]
+    general = inputs["general"]
     base_key = recipe.key(inputs["tokenizer_dir"].name, general.fingerprint)
     base_path, record = cached_base(
         recipe,
