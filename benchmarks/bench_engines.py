@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, parser, peak_rss_mb, ratio, thread_env, write_results  # noqa: E402
 
-ENGINES = ("ddp", "fsdp2", "zero1", "zero2")
+from nexus.engines.distributed import ENGINES  # noqa: E402
 MIB = 2**20
 
 
@@ -62,8 +62,7 @@ def measure(engine: str, config, accelerator) -> dict:
     from nexus.engines.sharding import is_sharded
     from nexus.engines.train import train
 
-    if engine != "ddp":
-        force_engine(accelerator, engine)
+    force_engine(accelerator, engine)
     result = train(config, accelerator=accelerator)
 
     def local_bytes(t) -> int:

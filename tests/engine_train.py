@@ -28,8 +28,7 @@ def _check(engine: str, config, accelerator) -> dict:
     from nexus.engines.train import train
     from nexus.loading import load_model
 
-    if engine != "ddp":
-        force_engine(accelerator, engine, config.bf16)
+    force_engine(accelerator, engine, config.bf16)
     result = train(config, accelerator=accelerator)
     reference = dict(load_model(config.model, dtype=torch.bfloat16 if config.bf16 else torch.float32).named_parameters())
     frozen, sharded, identical = 0, 0, True

@@ -113,11 +113,12 @@ def end_processes(accelerator=None) -> None:
     gc.collect()  # group references in reference cycles (modules, engines) go now
 
 
-ENGINES = ("fsdp2", "zero1", "zero2")
+ENGINES = ("ddp", "fsdp2", "zero1", "zero2")
 
 
 def force_engine(accelerator, engine: str, bf16: bool = False):
-    """Switch a CPU (gloo, MULTI_CPU) ``accelerator`` to FSDP2 or DeepSpeed ZeRO-1/2, in place.
+    """Switch a CPU (gloo, MULTI_CPU) ``accelerator`` to FSDP2 or DeepSpeed ZeRO-1/2, in place
+    (``ddp``: leave it as it is).
 
     accelerate enables FSDP and DeepSpeed only on accelerator devices; with this, runs on a
     CPU-only machine (the test suite, benchmarks) go through the same ``Accelerator.prepare``
@@ -131,7 +132,9 @@ def force_engine(accelerator, engine: str, bf16: bool = False):
     from accelerate.utils import DistributedType
 
     state = accelerator.state
-    if engine == "fsdp2":
+    if engine == "ddp":
+        pass
+    elif engine == "fsdp2":
         state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
                                                            reshard_after_forward=True)
         state.distributed_type = DistributedType.FSDP

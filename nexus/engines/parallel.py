@@ -36,6 +36,9 @@ class Replicated:
     """
 
     kind = "ddp"
+    # FSDP2 swaps the optimizer's parameters for the shards in place and DeepSpeed wraps the
+    # optimizer, so both prepare it with the model (parameters taken before are stale after).
+    prepares_optimizer = False
 
     def __init__(self, accelerator, max_grad_norm: float):
         self.accelerator, self.max_grad_norm = accelerator, max_grad_norm
@@ -60,7 +63,10 @@ class Replicated:
         return trainable, {n: shard_like(t, params[n]) for n, t in base_originals.items()}
 
     def _wrap(self, model, optimizer):
-        return self.accelerator.prepare_model(model)
+        if not self.prepares_optimizer:
+            return self.accelerator.prepare_model(model)
+        student, _ = self.accelerator.prepare(model, optimizer)
+        return student
 
     def accumulating(self, last: bool):
         """Context for a micro-batch's backward: DDP's ``no_sync`` except on the window's last."""
@@ -109,16 +115,11 @@ class FSDP2(Replicated):
     """FSDP2: the base stays in host memory until ``fully_shard`` moves each layer's shard to the device."""
 
     kind = "fsdp2"
+    prepares_optimizer = True
 
     @property
     def load_device(self):
         return "cpu"
-
-    def _wrap(self, model, optimizer):
-        # fully_shard swaps the optimizer's parameters for the shards in place; parameters taken
-        # before prepare are stale afterwards.
-        student, _ = self.accelerator.prepare(model, optimizer)
-        return student
 
 
 class ZeRO(Replicated):
@@ -126,10 +127,7 @@ class ZeRO(Replicated):
     groups (and so a LambdaLR built on it) it reuses; it accumulates locally until :meth:`step`."""
 
     kind = "deepspeed"
-
-    def _wrap(self, model, optimizer):
-        student, _ = self.accelerator.prepare(model, optimizer)
-        return student
+    prepares_optimizer = True
 
     def accumulating(self, last):
         return contextlib.nullcontext()

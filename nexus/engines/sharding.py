@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from nexus.engines import zero
+
 
 def is_sharded(t) -> bool:
     """Whether ``t`` is a ``DTensor`` (a sharded FSDP2 parameter or its gradient/state)."""
@@ -26,8 +28,6 @@ def is_sharded(t) -> bool:
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole detached tensor behind ``t`` (all-gathered when sharded: a collective). For a
     ZeRO parameter, DeepSpeed's fp32 master copy rather than the module's (possibly bf16) weight."""
-    from nexus.engines import zero
-
     if zero.is_zero_param(t):  # before detach(), which drops DeepSpeed's attributes
         return zero.read_full(t)
     t = t.detach()
