@@ -111,7 +111,9 @@ def run_variant(variant: str, model_dir: str, batch_size: int, seq_len: int, ste
     torch.manual_seed(0)
     torch.set_num_threads(threads())
     rss0 = _rss_mb()
-    model = load_model(model_dir)
+    # Dequantised experts for every variant: LoRA on the experts needs them as float parameters,
+    # and the variants stay comparable (bench_packed.py measures the packed path).
+    model = load_model(model_dir, dequantize=True)
     family = resolve_family(model.config)
     if variant == "lora":
         from peft import LoraConfig, get_peft_model
@@ -131,7 +133,7 @@ def run_variant(variant: str, model_dir: str, batch_size: int, seq_len: int, ste
         if variant == "nexus":
             teacher = SelfTeacher(model, family, blocks)
         else:
-            copy = load_model(model_dir)
+            copy = load_model(model_dir, dequantize=True)
             copy.requires_grad_(False)
             teacher = ModelTeacher(copy)
     params = [p for p in student.parameters() if p.requires_grad]

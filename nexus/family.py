@@ -71,25 +71,36 @@ def resolve_family(config=None, name: str | None = None, pm: pluggy.PluginManage
     """Return the family for ``--family name`` or for ``config.model_type``.
 
     :param config: a ``PretrainedConfig``, a config dict or a model (its ``.config`` is used).
-    :param name: the family name the user gave; validated against the registry.
-    :raises FamilyError: unknown name, or a model type no family claims (a dense model).
+    :param name: the family name the user gave; validated against the registry and, when a
+        config is given, against the model types the family declares.
+    :raises FamilyError: unknown name, a family that does not declare the config's model type,
+        or a model type no family claims (a dense model).
     """
     pm = pm or get_plugin_manager()
     families = registered_families(pm)
     known = ", ".join(sorted(families)) or "none (is nexus-moe installed?)"
     if config is not None and hasattr(config, "config") and isinstance(config, nn.Module):
         config = config.config
+    model_type = _model_type(config)
     if name is not None:
         if name not in families:
             raise FamilyError(f"unknown family {name!r}; registered families: {known}")
-        return Family(families[name], pm)
-    model_type = _model_type(config)
+        info = families[name]
+        if model_type is not None and model_type not in info.model_types:
+            owner = next((f.name for f in families.values() if model_type in f.model_types), None)
+            fix = (f"drop --family to use family {owner!r}" if owner else
+                   f"install a plugin whose family declares model_type {model_type!r}")
+            raise FamilyError(
+                f"family {name!r} handles model types {', '.join(info.model_types) or 'none'}, not the "
+                f"model's {model_type!r}: its layout would be read wrongly; {fix}"
+            )
+        return Family(info, pm)
     for info in families.values():
         if model_type in info.model_types:
             return Family(info, pm)
     raise FamilyError(
         f"model_type {model_type!r} has no MoE family; registered families: {known}. "
-        f"Pass --family NAME if the model is a variant of one, or install a plugin for it"
+        f"Install a plugin whose family declares it"
     )
 
 
@@ -132,6 +143,13 @@ class Family:
     def read_experts(self, reader, config, layer: int, experts: list[int]) -> ExpertWeights:
         return self._call("nexus_read_experts", reader=reader, config=config, layer=layer, experts=list(experts))
 
+    def pack_experts(self, reader, config, block: MoEBlock) -> bool:
+        """Replace ``block``'s experts by a packed module (``nexus_pack_experts``); False: not packable."""
+        done = self.pm.hook.nexus_pack_experts(
+            family=self.name, reader=reader, config=config, block=block, activation=self.activation(config)
+        )
+        return bool(done)
+
     def build_shared_expert(self, config, block: MoEBlock, intermediate_size: int) -> nn.Module:
         return self._call(
             "nexus_build_shared_expert",
@@ -140,6 +158,15 @@ class Family:
             intermediate_size=intermediate_size,
             activation=self.activation(config),
         )
+
+    def export_spec(self):
+        """How a trained shared expert folds into a stock checkpoint (:class:`nexus.spec.ExportSpec`)."""
+        spec = self.pm.hook.nexus_export_spec(family=self.name)
+        if spec is None:
+            from nexus.spec import ExportSpec
+
+            return ExportSpec(no_fold=f"family {self.name!r} declares no fold (hook nexus_export_spec)")
+        return spec
 
     def example_config(self):
         return self._call("nexus_example_config")

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
     from nexus.checkpoint import CheckpointReader
+    from nexus.spec import ExportSpec
     from nexus.types import ExpertWeights, MoEBlock, RouterCapture
 
 hookspec = pluggy.HookspecMarker("nexus")
@@ -165,6 +166,29 @@ def nexus_read_experts(
 
 
 @hookspec(firstresult=True)
+def nexus_pack_experts(
+    family: str, reader: CheckpointReader, config: PretrainedConfig, block: MoEBlock, activation: Callable
+) -> bool | None:
+    """Replace one block's routed experts by a module holding the checkpoint's packed bytes.
+
+    Called by :func:`nexus.loading.load_model` (unless ``dequantize=True``) for every MoE block
+    of a model built without weights, when the checkpoint's ``quantization_config`` names a
+    quantised format. The replacement (usually :class:`nexus.packed_experts.PackedExperts`, built
+    by :func:`nexus.packed_loading.install_packed_experts`) must compute exactly what the
+    family's experts module computes, decoding on the fly; the loader then loads every other
+    tensor. Returning ``False`` for any block makes the loader dequantise the whole model instead.
+
+    :param family: the resolved family name; return ``None`` unless it is yours.
+    :param reader: a lazy reader over the checkpoint's safetensors files.
+    :param config: the base model's config.
+    :param block: the block (its ``module`` holds the experts module to replace).
+    :param activation: the family's :func:`nexus_activation` for ``config``, already resolved.
+    :return: ``True`` once replaced, ``False`` when this block's stored format cannot stay packed.
+        First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
 def nexus_write_checkpoint(family: str, model: nn.Module, path: str) -> bool | None:
     """Write a base model to ``path`` in the family's native on-disk format.
 
@@ -175,4 +199,19 @@ def nexus_write_checkpoint(family: str, model: nn.Module, path: str) -> bool | N
     :param model: a freshly built base model.
     :param path: an existing directory to write into.
     :return: ``True`` once written. First non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def nexus_export_spec(family: str) -> ExportSpec | None:
+    """Declare how a trained shared expert folds exactly into a stock checkpoint of the family.
+
+    Called by ``nexus export`` once per export. The fold is data: an ungated native shared-expert
+    slot to widen (:class:`nexus.spec.SlotFold`), or routing weights summing to a constant so that
+    the shared units can be appended to every routed expert (:class:`nexus.spec.RoutedFold`), with
+    the config fields that say whether it applies; the core does the tensor work.
+
+    :param family: the resolved family name; return ``None`` unless it is yours.
+    :return: a :class:`nexus.spec.ExportSpec` (``fold`` None, with ``no_fold`` saying why, when the
+        architecture admits no exact fold). First non-None result wins.
     """

@@ -23,7 +23,7 @@ def load_config(path: str | Path):
 
     # Plugins may register their own architectures with transformers' Auto classes on import.
     get_plugin_manager()
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise NexusError(f"model path {path} does not exist")
     if not (path / "config.json").exists():
@@ -34,19 +34,65 @@ def load_config(path: str | Path):
         raise NexusError(f"cannot read {path / 'config.json'}: {exc}") from exc
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load a causal LM for NEXUS: experts dequantised (MXFP4 on CPU), base in ``eval()``.
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    dequantize: bool = False,
+    family: str | None = None,
+):
+    """Load a causal LM for NEXUS, base in ``eval()``.
 
+    Routed experts stored quantised on disk (MXFP4, block-scaled FP8) in a format the family
+    declares stay packed in memory as stored (:mod:`nexus.packed_loading`), unless
+    ``dequantize``; everything else loads in ``dtype``.
+
+    :param dequantize: load through ``from_pretrained``, which dequantises every expert to ``dtype``.
+    :param family: the family name (``--family``); default: resolved from the config's ``model_type``.
     :return: the ``*ForCausalLM`` model.
     """
     from transformers import AutoModelForCausalLM
 
-    load_config(path)
+    path = Path(path).expanduser()
+    config = load_config(path)
+    if not dequantize and getattr(config, "quantization_config", None) is not None:
+        from nexus.errors import FamilyError
+        from nexus.family import resolve_family
+        from nexus.packed_loading import load_packed_model
+
+        try:
+            fam = resolve_family(config, family)
+        except FamilyError:  # not an MoE family (a dense teacher, say): nothing to keep packed
+            fam = None
+        model = load_packed_model(path, fam, dtype, device) if fam is not None else None
+        if model is not None:
+            model.eval()
+            model._nexus_source = str(path)
+            return model
+    from nexus.mxfp4 import silence_dequantization_warnings
+
+    silence_dequantization_warnings()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=None)
     except (ValueError, KeyError, OSError) as exc:
         raise NexusError(f"cannot load model from {path}: {exc}") from exc
+    if getattr(config, "quantization_config", None) is not None:
+        _cast_unquantised(model, dtype)
     model.to(device)
     model.eval()
     model._nexus_source = str(path)
     return model
+
+
+def _cast_unquantised(model, dtype: torch.dtype) -> None:
+    """Cast the floating parameters a dequantising load left in the checkpoint's dtype to ``dtype``.
+
+    transformers' FP8 dequantisation decodes the quantised weights into ``dtype`` but leaves the
+    others (embeddings, norms, routers) as stored, so a bf16 load of an fp32-stored checkpoint
+    mixes dtypes and fails in forward. Tensors the model keeps in fp32 on purpose stay fp32.
+    """
+    keep = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) + tuple(
+        getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, t in model.named_parameters():  # buffers (rotary frequencies, ...) keep the dtype the model chose
+        if t.is_floating_point() and t.dtype != dtype and not any(k in name for k in keep):
+            t.data = t.data.to(dtype)

@@ -23,10 +23,10 @@ def decode_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype 
     """
     if blocks.shape[:-1] != scales.shape:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
-    lut = torch.tensor(FP4_VALUES, dtype=dtype)
+    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
     rows = blocks.reshape(-1, blocks.shape[-1])
     exps = scales.reshape(-1, 1)
-    out = torch.empty(rows.shape[0], rows.shape[1] * 2, dtype=dtype)
+    out = torch.empty(rows.shape[0], rows.shape[1] * 2, dtype=dtype, device=blocks.device)
     # Row chunks bound the int64 index temporaries (8 bytes per packed byte) to a few MB.
     for r0 in range(0, rows.shape[0], CHUNK_ROWS):
         b = rows[r0 : r0 + CHUNK_ROWS].to(torch.int64)
@@ -60,3 +60,28 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
     scales = (exp.squeeze(-1) + 127).to(torch.uint8)
     return blocks.contiguous(), scales.contiguous()
+
+
+# transformers' MXFP4 quantizer warns, once per process, that it will dequantise (no Triton, no
+# `kernels` package, CPU): NEXUS asks for exactly that when it loads through from_pretrained, so
+# these lines only alarm users. Other warnings of the quantizer pass.
+_FALLBACK_WARNINGS = (
+    "MXFP4 quantization requires Triton",
+    "MXFP4 quantization requires the `kernels` package",
+    "MXFP4 inference on CPU requires use_kernels=True",
+    "MXFP4 quantization is only supported on GPUs",
+)
+_QUANTIZER_LOGGER = "transformers.quantizers.quantizer_mxfp4"
+
+
+def _not_a_fallback_warning(record) -> bool:
+    return not str(record.msg).startswith(_FALLBACK_WARNINGS)
+
+
+def silence_dequantization_warnings() -> None:
+    """Drop transformers' "MXFP4 will be dequantised" warnings (idempotent; other messages pass)."""
+    import logging
+
+    logger = logging.getLogger(_QUANTIZER_LOGGER)
+    if _not_a_fallback_warning not in logger.filters:
+        logger.addFilter(_not_a_fallback_warning)

@@ -117,6 +117,12 @@ class ExpertLayout:
             (DBRX stores gate/up as ``(I, H)`` rows but down as ``(I, H)`` too, i.e. transposed).
         flat: tensors are 2-D ``(E * rows, cols)``; expert ``e`` is rows ``e*rows:(e+1)*rows``
             (DBRX ``w1``/``v1``/``w2``).
+        packed_formats: quantised formats this family's checkpoints ship in and that load
+            packed (:mod:`nexus.packed_experts`): ``"mxfp4"`` (``*_blocks``/``*_scales``, GPT-OSS),
+            ``"fp8"`` (``weight`` + ``weight_scale_inv`` block-scaled e4m3, DeepSeek-V3, Qwen3).
+        packed_module: path, inside the MoE block, of the experts module that the block calls as
+            ``experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``
+            and that a packed module replaces; None: experts never load packed.
     """
 
     gate_up: Names = "model.layers.{layer}.mlp.experts.gate_up_proj"
@@ -129,6 +135,8 @@ class ExpertLayout:
     up: Names | None = None
     down_transposed: bool | None = None
     flat: bool = False
+    packed_formats: tuple[str, ...] = ()
+    packed_module: str | None = "experts"
 
     @property
     def has_bias(self) -> bool:
@@ -143,6 +151,8 @@ def per_expert_names(prefix: str = "model.layers.{layer}.mlp.experts.{e}",
 
 # What save_pretrained writes for the families with a per-expert conversion mapping (families.md §7).
 PER_EXPERT_PROJ = ExpertLayout(per_expert=per_expert_names())
+# The same, for families whose checkpoints also ship as block-scaled FP8 (DeepSeek-V3, Qwen3-MoE).
+PER_EXPERT_FP8 = ExpertLayout(per_expert=per_expert_names(), packed_formats=("fp8",))
 PER_EXPERT_W1_W3_W2 = ExpertLayout(
     per_expert=per_expert_names("model.layers.{layer}.block_sparse_moe.experts.{e}", ("w1", "w3", "w2"))
 )
@@ -190,7 +200,7 @@ def read_experts_from_layout(
     """
     if layout.per_expert and layout.per_expert[0].format(layer=layer, e=experts[0] if experts else 0) in reader:
         g, u, d = (
-            torch.stack([reader.read(name.format(layer=layer, e=e)).float() for e in experts])
+            torch.stack([reader.read_weight(name.format(layer=layer, e=e)) for e in experts])
             for name in layout.per_expert
         )
         return ExpertWeights(gate=g, up=u, down=d)
@@ -208,6 +218,66 @@ def read_experts_from_layout(
         weights.gate_bias, weights.up_bias = _split(gub, layout.interleaved)
         weights.down_bias = reader.read_rows(layout.down_bias.format(layer=layer), experts).float()
     return weights
+
+
+# -------------------------------------------------------------------------
+# How a trained shared expert folds into a stock checkpoint (``nexus export``)
+# -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlotFold:
+    """The block has an ungated shared-expert MLP (``SwiGLU``) whose width is ``unit * count``:
+    the NEXUS units are concatenated to it along the intermediate dimension (DeepSeek-V3, GLM-4-MoE).
+
+    Attributes:
+        path: the slot's path inside the block.
+        count: config field of the number of shared experts (raised; 0 means no slot yet).
+        unit: config field of the width of one shared expert (the slot is ``unit * count`` wide).
+        proj: the slot's ``(gate, up, down)`` linear names.
+    """
+
+    path: str = "shared_experts"
+    count: str = "n_shared_experts"
+    unit: str = "moe_intermediate_size"
+    proj: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class RoutedFold:
+    """The routing weights of each token sum to a constant ``c``: the NEXUS units, down projection
+    scaled by ``1/c``, are appended to every routed expert (``sum_k w_k (E_k + S/c) = sum_k w_k E_k + S``).
+
+    Attributes:
+        width: config field of the routed expert width I (raised).
+        normalized_by: config field that says whether the weights are normalised (``norm_topk_prob``);
+            None: they always are.
+        normalized_when: the value of ``normalized_by`` meaning normalised (DBRX: p-norm ``1``).
+        weight_sum: ``c``, a number or a config field.
+        tied: paths, inside the block, of other MLPs whose width is the same config field (HunYuan's
+            ``shared_mlp``); they are padded with zero units.
+    """
+
+    width: str
+    normalized_by: str | None = None
+    normalized_when: object = True
+    weight_sum: str | float = 1.0
+    tied: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What ``nexus export`` needs of a family.
+
+    Attributes:
+        fold: the exact fold the family's architecture admits, or None.
+        no_fold: why there is none (shown when an export is refused).
+        layout: the on-disk expert layout (filled from the family's :class:`ExpertLayout`).
+    """
+
+    fold: SlotFold | RoutedFold | None = None
+    no_fold: str = "the family declares no exact fold"
+    layout: ExpertLayout | None = None
 
 
 # -------------------------------------------------------------------------
@@ -244,6 +314,7 @@ class FamilySpec:
             (missing ones are skipped, e.g. ERNIE with ``moe_num_shared_experts=0``).
         selection_bias: path, inside the block, of a bias added to the router probabilities for
             choosing experts only (DeepSeek-V3 ``gate.e_score_correction_bias``).
+        export: how a trained shared expert folds into a stock checkpoint (:class:`ExportSpec`).
     """
 
     name: str
@@ -264,6 +335,7 @@ class FamilySpec:
     activation_field: str | None = None
     native_shared: Names = ()
     selection_bias: str | None = None
+    export: ExportSpec = field(default_factory=ExportSpec)
 
 
 def _has_submodule(module, path: str) -> bool:
@@ -367,6 +439,22 @@ class SpecFamily:
         from nexus.defaults import gated_activation
 
         return gated_activation(str(self.config_value(config, self.spec.activation_field)))
+
+    @hookimpl
+    def nexus_pack_experts(self, family, reader, config, block, activation):
+        if not self._mine(family):
+            return None
+        from nexus.packed_loading import install_packed_experts
+
+        return install_packed_experts(reader, self.spec.experts, block, activation)
+
+    @hookimpl
+    def nexus_export_spec(self, family):
+        if not self._mine(family):
+            return None
+        import dataclasses
+
+        return dataclasses.replace(self.spec.export, layout=self.spec.experts)
 
     @hookimpl
     def nexus_read_experts(self, family, reader, config, layer, experts):

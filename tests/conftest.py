@@ -61,7 +61,7 @@ def gpt_oss_float_dir(gpt_oss_mxfp4_dir, tmp_path_factory):
     """The same weights as ``gpt_oss_mxfp4_dir`` (already dequantised), saved as a float checkpoint."""
     from nexus.loading import load_model
 
-    model = load_model(gpt_oss_mxfp4_dir)
+    model = load_model(gpt_oss_mxfp4_dir, dequantize=True)
     path = tmp_path_factory.mktemp("gpt_oss_float")
     # A dequantised load must be saved without reverting the MXFP4 conversion (families.md §5).
     model.save_pretrained(path, save_original_format=False)
@@ -74,6 +74,14 @@ def gpt_oss_model(gpt_oss_mxfp4_dir):
     from nexus.loading import load_model
 
     return load_model(gpt_oss_mxfp4_dir)
+
+
+@pytest.fixture
+def gpt_oss_dequantized_model(gpt_oss_mxfp4_dir):
+    """The same base with its experts dequantised to fp32 parameters (``load_model(..., dequantize=True)``)."""
+    from nexus.loading import load_model
+
+    return load_model(gpt_oss_mxfp4_dir, dequantize=True)
 
 
 @pytest.fixture

@@ -33,9 +33,24 @@ def perturb_moe_blocks(family, model, seed: int = 0, std: float = 0.1) -> None:
                     t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float32).mul_(std).to(t.dtype))
 
 
-def build_checkpoint(family, path: Path, config=None, seed: int = 0) -> Path:
+def packed_variants() -> list[str]:
+    """``"name@fp8"`` for every family whose spec declares block-scaled FP8 checkpoints (its native
+    writer writes float, so the FP8 form is a variant of its own in the matrix)."""
+    from nexus.family import registered_families
+    from nexus.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    out = []
+    for name, info in sorted(registered_families(pm).items()):
+        spec = getattr(pm.get_plugin(info.plugin), "spec", None)
+        if "fp8" in getattr(getattr(spec, "experts", None), "packed_formats", ()):
+            out.append(f"{name}@fp8")
+    return out
+
+
+def build_checkpoint(family, path: Path, config=None, seed: int = 0, fmt: str | None = None) -> Path:
     """Build ``family``'s tiny example model (random, perturbed MoE blocks) and write it to ``path``
-    with ``family.write_checkpoint``. :return: ``path``."""
+    with ``family.write_checkpoint`` (``fmt="fp8"``: as a block-scaled FP8 checkpoint). :return: ``path``."""
     from transformers import AutoModelForCausalLM
 
     config = config or family.example_config()
@@ -43,7 +58,12 @@ def build_checkpoint(family, path: Path, config=None, seed: int = 0) -> Path:
     model = AutoModelForCausalLM.from_config(config)
     perturb_moe_blocks(family, model, seed)
     path.mkdir(parents=True, exist_ok=True)
-    family.write_checkpoint(model, path)
+    if fmt == "fp8":
+        from nexus.fp8_checkpoint import save_fp8_checkpoint
+
+        save_fp8_checkpoint(model, path, family)
+    else:
+        family.write_checkpoint(model, path)
     return path
 
 

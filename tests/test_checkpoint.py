@@ -50,13 +50,13 @@ def _expert_params(model, layer: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("which", ["mxfp4", "float"])
-def test_read_experts_in_requested_order_touching_only_their_rows(which, gpt_oss_mxfp4_dir, gpt_oss_float_dir, gpt_oss_model):
+def test_read_experts_in_requested_order_touching_only_their_rows(which, gpt_oss_mxfp4_dir, gpt_oss_float_dir, gpt_oss_dequantized_model):
     path = gpt_oss_mxfp4_dir if which == "mxfp4" else gpt_oss_float_dir
     reader = CheckpointReader(path)
     log = _spy(reader)
     name = "model.layers.1.mlp.experts.down_proj"
     got = reader.read_expert_matrices(name, [3, 1], transposed=True)
-    params = _expert_params(gpt_oss_model, 1)
+    params = _expert_params(gpt_oss_dequantized_model, 1)
     # In memory down_proj is [E, I, H] (x @ W); nn.Linear layout is [k, H, I].
     assert got.shape == (2, 64, 64)
     assert torch.equal(got[0], params["down_proj"][3].t())
@@ -107,7 +107,7 @@ def sharded_mxfp4_dir(gpt_oss, gpt_oss_float_dir, tmp_path_factory):
     return path
 
 
-def test_sharded_mxfp4_checkpoint(sharded_mxfp4_dir, gpt_oss_mxfp4_dir, gpt_oss_model):
+def test_sharded_mxfp4_checkpoint(sharded_mxfp4_dir, gpt_oss_mxfp4_dir, gpt_oss_dequantized_model):
     index = json.loads((sharded_mxfp4_dir / INDEX_FILE).read_text())["weight_map"]
     assert not (sharded_mxfp4_dir / "model.safetensors").exists()
     assert len(set(index.values())) >= 3
@@ -121,20 +121,20 @@ def test_sharded_mxfp4_checkpoint(sharded_mxfp4_dir, gpt_oss_mxfp4_dir, gpt_oss_
             name = f"model.layers.{layer}.mlp.experts.{proj}"
             got = sharded.read_expert_matrices(name, [6, 2], transposed=True)
             assert torch.equal(got, single.read_expert_matrices(name, [6, 2], transposed=True))
-            assert torch.equal(got, getattr(gpt_oss_model.model.layers[layer].mlp.experts, proj)[[6, 2]].transpose(1, 2))
+            assert torch.equal(got, getattr(gpt_oss_dequantized_model.model.layers[layer].mlp.experts, proj)[[6, 2]].transpose(1, 2))
     # transformers loads the sharded MXFP4 checkpoint to the same model.
     reloaded = load_model(sharded_mxfp4_dir)
-    ref = gpt_oss_model.state_dict()
+    ref = gpt_oss_dequantized_model.state_dict()
     for k, v in reloaded.state_dict().items():
         assert torch.equal(v, ref[k]), k
 
 
-def test_sharded_float_checkpoint(gpt_oss_model, tmp_path):
-    gpt_oss_model.save_pretrained(tmp_path, max_shard_size="100KB", save_original_format=False)
+def test_sharded_float_checkpoint(gpt_oss_dequantized_model, tmp_path):
+    gpt_oss_dequantized_model.save_pretrained(tmp_path, max_shard_size="100KB", save_original_format=False)
     assert (tmp_path / INDEX_FILE).exists()
     reader = CheckpointReader(tmp_path)
     for layer in range(3):
         name = f"model.layers.{layer}.mlp.experts.gate_up_proj"
         got = reader.read_expert_matrices(name, [0, 7, 4], transposed=True)
-        assert torch.equal(got, gpt_oss_model.model.layers[layer].mlp.experts.gate_up_proj[[0, 7, 4]].transpose(1, 2))
-        assert torch.equal(reader.read("model.embed_tokens.weight"), gpt_oss_model.model.embed_tokens.weight)
+        assert torch.equal(got, gpt_oss_dequantized_model.model.layers[layer].mlp.experts.gate_up_proj[[0, 7, 4]].transpose(1, 2))
+        assert torch.equal(reader.read("model.embed_tokens.weight"), gpt_oss_dequantized_model.model.embed_tokens.weight)

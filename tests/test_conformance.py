@@ -16,6 +16,7 @@ from helpers_conformance import (
     input_ids,
     layer_prefix,
     own_expert_forward,
+    packed_variants,
     record_outputs,
     registered_family_names,
     swiglu_from_weights,
@@ -30,9 +31,11 @@ from nexus.shared_expert import attach_shared_experts, freeze_base, is_shared_pa
 
 # -- start conformance_families --
 FAMILIES = registered_family_names()  # every family the installed plugins register
+# ... plus "name@fp8" for families whose checkpoints also ship block-scaled FP8 (loaded packed).
+CASES = FAMILIES + packed_variants()
 
 
-@pytest.fixture(params=FAMILIES)
+@pytest.fixture(params=CASES)
 def case(request, family_checkpoint):
     """``(family, checkpoint dir, freshly loaded model)`` for one family."""
     family, path = family_checkpoint(request.param)
@@ -47,8 +50,10 @@ def family_checkpoint(tmp_path_factory):
 
     def get(name):
         if name not in cache:
-            family = resolve_family(name=name)
-            cache[name] = (family, build_checkpoint(family, tmp_path_factory.mktemp(f"ckpt_{name}")))
+            family_name, _, fmt = name.partition("@")
+            family = resolve_family(name=family_name)
+            path = tmp_path_factory.mktemp(f"ckpt_{family_name}_{fmt}")
+            cache[name] = (family, build_checkpoint(family, path, fmt=fmt or None))
         return cache[name]
 
     return get

@@ -71,11 +71,11 @@ def _recompute(weights: ExpertWeights, i: int, x: torch.Tensor, act) -> torch.Te
 
 @pytest.mark.parametrize("which", ["mxfp4", "float"])
 def test_experts_from_disk_reproduce_gpt_oss_experts(which, gpt_oss, gpt_oss_config, gpt_oss_mxfp4_dir,
-                                                     gpt_oss_float_dir, gpt_oss_model):
+                                                     gpt_oss_float_dir, gpt_oss_dequantized_model):
     path = gpt_oss_mxfp4_dir if which == "mxfp4" else gpt_oss_float_dir
     reader = CheckpointReader(path)
     act = gpt_oss.activation(gpt_oss_config)
-    model = gpt_oss_model
+    model = gpt_oss_dequantized_model
     model.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
     model.double()
     g = torch.Generator().manual_seed(1)
@@ -101,9 +101,10 @@ def test_experts_from_disk_reproduce_gpt_oss_experts(which, gpt_oss, gpt_oss_con
     assert saw_clamp, "inputs should exercise the clamp"
 
 
-def test_read_experts_layout_against_in_memory_parameters(gpt_oss, gpt_oss_config, gpt_oss_float_dir, gpt_oss_model):
+def test_read_experts_layout_against_in_memory_parameters(gpt_oss, gpt_oss_config, gpt_oss_float_dir,
+                                                           gpt_oss_dequantized_model):
     weights = gpt_oss.read_experts(CheckpointReader(gpt_oss_float_dir), gpt_oss_config, 1, [4, 0])
-    ex = gpt_oss_model.model.layers[1].mlp.experts
+    ex = gpt_oss_dequantized_model.model.layers[1].mlp.experts
     # In memory: gate_up_proj [E, H, 2I] interleaved (gate = 0::2), down_proj [E, I, H].
     for i, e in enumerate([4, 0]):
         assert torch.equal(weights.gate[i], ex.gate_up_proj[e][:, 0::2].t())

@@ -212,8 +212,22 @@ def test_resolve_family_errors(gpt_oss_config):
         resolve_family(LlamaConfig())
     assert resolve_family(gpt_oss_config).name == "gpt_oss"
     assert resolve_family({"model_type": "gpt_oss"}).name == "gpt_oss"
-    # --family overrides detection (a variant of a known family).
-    assert resolve_family(LlamaConfig(), name="gpt_oss").name == "gpt_oss"
+    assert resolve_family(gpt_oss_config, name="gpt_oss").name == "gpt_oss"
+    assert resolve_family(name="gpt_oss").name == "gpt_oss"  # no config: nothing to check against
+
+
+def test_forced_family_must_declare_the_model_type(gpt_oss_config):
+    from transformers import LlamaConfig, MixtralConfig
+
+    # Another family's model: refused, naming the family that does handle it.
+    with pytest.raises(FamilyError, match=r"family 'gpt_oss' handles model types gpt_oss, not the model's 'mixtral'"
+                                          r".*drop --family to use family 'mixtral'"):
+        resolve_family(MixtralConfig(), name="gpt_oss")
+    # A model type no family declares: refused, saying how to make it work.
+    with pytest.raises(FamilyError, match=r"not the model's 'llama'.*install a plugin"):
+        resolve_family(LlamaConfig(), name="gpt_oss")
+    with pytest.raises(FamilyError, match="not the model's 'gpt_oss'"):
+        resolve_family({"model_type": "gpt_oss"}, name="mixtral")
 
 
 def test_family_without_an_implementation_says_which_hook():
@@ -446,12 +460,12 @@ def test_hook_nexus_activation(gpt_oss, gpt_oss_config, gpt_oss_model, doubled_a
         torch.testing.assert_close(default(g, u), fn(g) * u)
 
 
-def test_hook_nexus_read_experts(gpt_oss, gpt_oss_config, gpt_oss_mxfp4_dir, gpt_oss_model, registered):
+def test_hook_nexus_read_experts(gpt_oss, gpt_oss_config, gpt_oss_mxfp4_dir, gpt_oss_dequantized_model, registered):
     from nexus.checkpoint import CheckpointReader
 
     reader = CheckpointReader(gpt_oss_mxfp4_dir)
     weights = gpt_oss.read_experts(reader, gpt_oss_config, 2, (6, 1))
-    ex = gpt_oss_model.model.layers[2].mlp.experts
+    ex = gpt_oss_dequantized_model.model.layers[2].mlp.experts
     assert torch.equal(weights.down, ex.down_proj[[6, 1]].transpose(1, 2))
     assert torch.equal(weights.gate, ex.gate_up_proj[[6, 1]][..., 0::2].transpose(1, 2))
 
@@ -502,7 +516,7 @@ def test_hook_nexus_write_checkpoint(gpt_oss, gpt_oss_config, tmp_path):
     assert reader.config["quantization_config"]["quant_method"] == "mxfp4"
     assert reader.is_mxfp4("model.layers.0.mlp.experts.gate_up_proj")
     assert "model.layers.0.mlp.experts.gate_up_proj" not in reader
-    loaded = load_model(tmp_path / "q")
+    loaded = load_model(tmp_path / "q", dequantize=True)
     original = model.state_dict()
     for name, value in loaded.state_dict().items():
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):

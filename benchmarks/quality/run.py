@@ -359,7 +359,8 @@ def run_one(job: dict) -> dict:
         record = out
     else:
         data = load_train_data(ctx)
-        model = load_model(ctx["base_path"])
+        # LoRA and full fine-tuning of the experts need them as float parameters, not packed bytes.
+        model = load_model(ctx["base_path"], dequantize=True)
         torch.manual_seed(seed)
         prepared = prepare_method(ctx, method, model, seed)
         initial = evaluate_model(prepared.model, 0)

@@ -6,7 +6,7 @@ under ``ffn_config``, the activation is ``ffn_config.ffn_act_fn["name"]``. trans
 build DBRX from a fresh config unless ``attn_config`` carries ``rope_theta`` and ``clip_qkv``.
 """
 
-from nexus.spec import ExpertLayout, FamilySpec, SpecFamily
+from nexus.spec import ExpertLayout, ExportSpec, FamilySpec, RoutedFold, SpecFamily
 
 
 def example_config():
@@ -35,6 +35,9 @@ SPEC = FamilySpec(
     router="router",
     logits_index=None,
     activation_field="ffn_config.ffn_act_fn.name",
+    # p-norm normalised top-k weights: with p = 1 they sum to 1
+    export=ExportSpec(RoutedFold(width="ffn_config.ffn_hidden_size",
+                                 normalized_by="ffn_config.moe_normalize_expert_weights", normalized_when=1)),
     example_config=example_config,
     experts=ExpertLayout(
         gate_up="transformer.blocks.{layer}.ffn.experts.mlp.w1",

@@ -5,7 +5,7 @@ choose the top-k, and the first ``first_k_dense_replace`` layers are dense. Each
 already has ungated ``shared_experts``.
 """
 
-from nexus.spec import FamilySpec, PER_EXPERT_PROJ, SpecFamily, dense_prefix_layers
+from nexus.spec import ExportSpec, FamilySpec, PER_EXPERT_FP8, SlotFold, SpecFamily, dense_prefix_layers
 
 
 def example_config():
@@ -32,8 +32,9 @@ SPEC = FamilySpec(
     selection_bias="gate.e_score_correction_bias",
     is_moe_layer=dense_prefix_layers("first_k_dense_replace"),
     native_shared="shared_experts",
+    export=ExportSpec(SlotFold()),
     example_config=example_config,
-    experts=PER_EXPERT_PROJ,
+    experts=PER_EXPERT_FP8,  # the official FP8 releases keep experts packed
 )
 
 plugin = SpecFamily(SPEC)

@@ -6,7 +6,7 @@ the unbiased probabilities). MoE layers are every ``moe_layer_interval``-th laye
 ``shared_experts`` when ``moe_num_shared_experts > 0``.
 """
 
-from nexus.spec import FamilySpec, PER_EXPERT_PROJ, SpecFamily, interval_layers
+from nexus.spec import ExportSpec, FamilySpec, PER_EXPERT_PROJ, SlotFold, SpecFamily, interval_layers
 
 
 def example_config():
@@ -31,6 +31,7 @@ SPEC = FamilySpec(
     selection_bias="gate.moe_statics.e_score_correction_bias",
     is_moe_layer=interval_layers("moe_layer_interval", "moe_layer_start_index", "moe_layer_end_index"),
     native_shared="shared_experts",
+    export=ExportSpec(SlotFold(count="moe_num_shared_experts")),
     example_config=example_config,
     experts=PER_EXPERT_PROJ,
 )

@@ -1,6 +1,6 @@
 """GLM-4-MoE family plugin (GLM-4.5/4.6): DeepSeek-V3-style sigmoid router, dense first layers, native shared experts."""
 
-from nexus.spec import FamilySpec, PER_EXPERT_PROJ, SpecFamily, dense_prefix_layers
+from nexus.spec import ExportSpec, FamilySpec, PER_EXPERT_PROJ, SlotFold, SpecFamily, dense_prefix_layers
 
 
 def example_config():
@@ -26,6 +26,7 @@ SPEC = FamilySpec(
     selection_bias="gate.e_score_correction_bias",
     is_moe_layer=dense_prefix_layers("first_k_dense_replace"),
     native_shared="shared_experts",
+    export=ExportSpec(SlotFold()),
     example_config=example_config,
     experts=PER_EXPERT_PROJ,
 )

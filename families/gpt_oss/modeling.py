@@ -25,5 +25,9 @@ class ClampedSwiGLU:
         glu = gate * torch.sigmoid(gate * self.alpha)
         return (up + 1) * glu
 
+    def describe(self) -> dict:
+        """This activation as data (what ``nexus export --remote-code`` writes into the config)."""
+        return {"kind": "clamped_swiglu", "alpha": self.alpha, "limit": self.limit}
+
     def __repr__(self) -> str:
         return f"ClampedSwiGLU(alpha={self.alpha}, limit={self.limit})"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from nexus import hookimpl
-from nexus.spec import ExpertLayout, FamilySpec, SpecFamily
+from nexus.spec import ExpertLayout, ExportSpec, FamilySpec, RoutedFold, SpecFamily
 
 from families.gpt_oss.modeling import ClampedSwiGLU
 
@@ -40,6 +40,7 @@ SPEC = FamilySpec(
     top_k="num_experts_per_tok",
     intermediate_size="intermediate_size",
     router="router",
+    export=ExportSpec(RoutedFold(width="intermediate_size")),
     example_config=example_config,
     experts=ExpertLayout(
         gate_up="model.layers.{layer}.mlp.experts.gate_up_proj",
@@ -48,6 +49,7 @@ SPEC = FamilySpec(
         interleaved=True,
         gate_up_bias="model.layers.{layer}.mlp.experts.gate_up_proj_bias",
         down_bias="model.layers.{layer}.mlp.experts.down_proj_bias",
+        packed_formats=("mxfp4",),
     ),
 )
 

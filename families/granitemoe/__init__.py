@@ -5,7 +5,7 @@ The block lives at ``block_sparse_moe``; the decoder multiplies its output by
 On disk the fused experts are renamed to ``input_linear``/``output_linear`` (same layout).
 """
 
-from nexus.spec import ExpertLayout, FamilySpec, SpecFamily
+from nexus.spec import ExpertLayout, ExportSpec, FamilySpec, RoutedFold, SpecFamily
 
 
 def example_config():
@@ -29,6 +29,7 @@ SPEC = FamilySpec(
     intermediate_size="intermediate_size",
     block="block_sparse_moe",
     router="router",
+    export=ExportSpec(RoutedFold(width="intermediate_size")),
     example_config=example_config,
     experts=ExpertLayout(
         gate_up=(

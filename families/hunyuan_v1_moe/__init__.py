@@ -1,6 +1,6 @@
 """HunYuan-MoE-V1 family plugin (Hunyuan-A13B): fp32 softmax router ``gate.wg``, native ungated ``shared_mlp``."""
 
-from nexus.spec import FamilySpec, PER_EXPERT_PROJ, SpecFamily
+from nexus.spec import ExportSpec, FamilySpec, PER_EXPERT_PROJ, RoutedFold, SpecFamily
 
 
 def example_config():
@@ -22,6 +22,7 @@ SPEC = FamilySpec(
     top_k="moe_topk",
     intermediate_size="intermediate_size",
     native_shared="shared_mlp",
+    export=ExportSpec(RoutedFold(width="intermediate_size", tied=("shared_mlp",))),
     example_config=example_config,
     experts=PER_EXPERT_PROJ,
 )

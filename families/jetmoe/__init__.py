@@ -7,7 +7,7 @@ tuple carries the fp32 logits at index 4. Experts are ``input_linear.weight[E, 2
 belongs to no expert and is not read. The activation is ``config.activation_function``.
 """
 
-from nexus.spec import ExpertLayout, FamilySpec, SpecFamily
+from nexus.spec import ExpertLayout, ExportSpec, FamilySpec, RoutedFold, SpecFamily
 
 
 def example_config():
@@ -31,6 +31,7 @@ SPEC = FamilySpec(
     router="router",
     logits_index=4,
     activation_field="activation_function",
+    export=ExportSpec(RoutedFold(width="intermediate_size")),
     example_config=example_config,
     experts=ExpertLayout(
         gate_up="model.layers.{layer}.mlp.input_linear.weight",

@@ -7,7 +7,7 @@ the same names are on disk. MoE layers are ``config.moe_layers`` (derived from
 ``interleave_moe_layer_step`` when not given); the others are dense MLPs.
 """
 
-from nexus.spec import ExpertLayout, FamilySpec, SpecFamily, listed_layers
+from nexus.spec import ExpertLayout, ExportSpec, FamilySpec, SpecFamily, listed_layers
 
 
 def example_config():
@@ -35,6 +35,8 @@ SPEC = FamilySpec(
     scoring="sigmoid",
     is_moe_layer=listed_layers("moe_layers"),
     native_shared="shared_expert",
+    export=ExportSpec(no_fold="the router scales each expert's input (not its output), and the native shared expert's "
+                              "width is the routed experts' intermediate_size"),
     example_config=example_config,
     experts=ExpertLayout(
         gate_up="model.layers.{layer}.feed_forward.experts.gate_up_proj",

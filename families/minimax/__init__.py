@@ -4,7 +4,7 @@ The decoder computes ``residual * mlp_alpha_factor + block_out * mlp_beta_factor
 expert added to the block output is scaled by ``mlp_beta_factor`` like the routed experts.
 """
 
-from nexus.spec import FamilySpec, PER_EXPERT_W1_W3_W2, SpecFamily
+from nexus.spec import ExportSpec, FamilySpec, PER_EXPERT_W1_W3_W2, RoutedFold, SpecFamily
 
 
 def example_config():
@@ -27,6 +27,7 @@ SPEC = FamilySpec(
     num_experts="num_local_experts",
     top_k="num_experts_per_tok",
     intermediate_size="intermediate_size",
+    export=ExportSpec(RoutedFold(width="intermediate_size")),
     example_config=example_config,
     experts=PER_EXPERT_W1_W3_W2,
 )

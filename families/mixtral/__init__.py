@@ -1,6 +1,6 @@
 """Mixtral family plugin (Mixtral-8x7B/8x22B): softmax top-k router, experts saved per expert as w1/w3/w2."""
 
-from nexus.spec import FamilySpec, PER_EXPERT_W1_W3_W2, SpecFamily
+from nexus.spec import ExportSpec, FamilySpec, PER_EXPERT_W1_W3_W2, RoutedFold, SpecFamily
 
 
 def example_config():
@@ -21,6 +21,7 @@ SPEC = FamilySpec(
     num_experts="num_local_experts",
     top_k="num_experts_per_tok",
     intermediate_size="intermediate_size",
+    export=ExportSpec(RoutedFold(width="intermediate_size")),
     example_config=example_config,
     experts=PER_EXPERT_W1_W3_W2,
 )

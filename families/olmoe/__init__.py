@@ -1,6 +1,6 @@
 """OLMoE family plugin (OLMoE-1B-7B): softmax top-k router, 64 small experts per layer."""
 
-from nexus.spec import FamilySpec, PER_EXPERT_PROJ, SpecFamily
+from nexus.spec import ExportSpec, FamilySpec, PER_EXPERT_PROJ, RoutedFold, SpecFamily
 
 
 def example_config():
@@ -21,6 +21,7 @@ SPEC = FamilySpec(
     num_experts="num_experts",
     top_k="num_experts_per_tok",
     intermediate_size="intermediate_size",
+    export=ExportSpec(RoutedFold(width="intermediate_size", normalized_by="norm_topk_prob")),
     example_config=example_config,
     experts=PER_EXPERT_PROJ,
 )

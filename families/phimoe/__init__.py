@@ -4,7 +4,7 @@
 the spec fixes ``top_k=2``. In train mode the router samples (Gumbel); keep the base in eval.
 """
 
-from nexus.spec import FamilySpec, PER_EXPERT_W1_W3_W2, SpecFamily
+from nexus.spec import ExportSpec, FamilySpec, PER_EXPERT_W1_W3_W2, SpecFamily
 
 
 def example_config():
@@ -26,6 +26,8 @@ SPEC = FamilySpec(
     top_k=2,
     intermediate_size="intermediate_size",
     router="router",
+    export=ExportSpec(no_fold="sparsemixer routing weights do not sum to a constant, and the block has no "
+                              "shared-expert slot"),
     example_config=example_config,
     experts=PER_EXPERT_W1_W3_W2,
 )

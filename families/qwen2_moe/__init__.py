@@ -6,7 +6,7 @@ in ``MoEBlock.native_shared`` so training code can unfreeze it too
 (:func:`nexus.shared_expert.native_shared_modules`).
 """
 
-from nexus.spec import FamilySpec, PER_EXPERT_PROJ, SpecFamily, sparse_step_layers
+from nexus.spec import ExportSpec, FamilySpec, PER_EXPERT_PROJ, RoutedFold, SpecFamily, sparse_step_layers
 
 
 def example_config():
@@ -31,6 +31,7 @@ SPEC = FamilySpec(
     intermediate_size="moe_intermediate_size",
     is_moe_layer=sparse_step_layers(),
     native_shared=("shared_expert", "shared_expert_gate"),
+    export=ExportSpec(RoutedFold(width="moe_intermediate_size", normalized_by="norm_topk_prob")),
     example_config=example_config,
     experts=PER_EXPERT_PROJ,
 )

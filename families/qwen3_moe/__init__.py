@@ -1,6 +1,6 @@
 """Qwen3-MoE family plugin (Qwen3-30B-A3B, Qwen3-235B-A22B): dense layers set by mlp_only_layers/decoder_sparse_step."""
 
-from nexus.spec import FamilySpec, PER_EXPERT_PROJ, SpecFamily, sparse_step_layers
+from nexus.spec import ExportSpec, FamilySpec, PER_EXPERT_FP8, RoutedFold, SpecFamily, sparse_step_layers
 
 
 def example_config():
@@ -23,8 +23,9 @@ SPEC = FamilySpec(
     top_k="num_experts_per_tok",
     intermediate_size="moe_intermediate_size",
     is_moe_layer=sparse_step_layers(),
+    export=ExportSpec(RoutedFold(width="moe_intermediate_size", normalized_by="norm_topk_prob")),
     example_config=example_config,
-    experts=PER_EXPERT_PROJ,
+    experts=PER_EXPERT_FP8,  # the official FP8 releases keep experts packed
 )
 
 plugin = SpecFamily(SPEC)

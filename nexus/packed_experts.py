@@ -1,0 +1,264 @@
+"""Frozen routed experts kept as stored (MXFP4 or block-scaled FP8), decoded per step on demand.
+
+:class:`PackedExperts` replaces a family's experts module (the one its MoE block calls as
+``experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``). It holds
+the checkpoint's bytes as buffers and, per forward, decodes only the experts that received
+tokens, a chunk of experts at a time, in the compute dtype. Backward re-decodes and returns
+gradients for the hidden states and the routing weights only: nothing decoded outlives the chunk
+that uses it, and the autograd graph keeps just the layer's inputs.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nexus.fp8 import decode_fp8
+from nexus.mxfp4 import decode_mxfp4
+
+DEFAULT_DECODE_BYTES = 64 * 2**20  # decoded weights alive at once, per layer (at least one expert)
+
+
+class PackedMatrices(nn.Module):
+    """``E`` matrices ``[out, in]`` (``nn.Linear`` layout) kept in a packed format.
+
+    Subclasses hold the bytes as integer buffers, so ``model.to(dtype)`` never converts them.
+    """
+
+    fmt = ""
+
+    def decode(self, experts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Decode some experts' matrices.
+
+        :param experts: ``LongTensor[n]`` expert ids.
+        :return: ``Tensor[n, out, in]`` of ``dtype`` on the buffers' device.
+        """
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(E, out, in)`` of the decoded matrices."""
+        raise NotImplementedError
+
+    def stored_bytes(self) -> int:
+        """Bytes held (the checkpoint's bytes for these matrices)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class MXFP4Matrices(PackedMatrices):
+    """MXFP4: ``blocks`` uint8 ``[E, out, in/32, 16]`` and ``scales`` uint8 ``[E, out, in/32]``."""
+
+    fmt = "mxfp4"
+
+    def __init__(self, blocks: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape:
+            raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} {blocks.dtype} do not match scales "
+                             f"{tuple(scales.shape)} {scales.dtype}")
+        self.register_buffer("blocks", blocks, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+
+    @property
+    def shape(self):
+        E, out, groups, _ = self.blocks.shape
+        return E, out, groups * 32
+
+    def decode(self, experts, dtype):
+        return decode_mxfp4(self.blocks[experts], self.scales[experts], dtype=dtype)
+
+
+class FP8Matrices(PackedMatrices):
+    """FP8 e4m3: ``weight`` ``[E, out, in]`` and ``weight_scale_inv`` float32 ``[E, ceil(out/b0), ceil(in/b1)]``.
+
+    Both are kept as raw bits (uint8 / int32 views) so dtype casts of the model leave them alone.
+    """
+
+    fmt = "fp8"
+
+    def __init__(self, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]):
+        super().__init__()
+        if weight.dtype != torch.uint8:
+            weight = weight.view(torch.uint8)
+        self.block = tuple(block)
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("scale_bits", scale_inv.to(torch.float32).view(torch.int32), persistent=False)
+
+    @property
+    def shape(self):
+        return tuple(self.weight.shape)
+
+    def decode(self, experts, dtype):
+        return decode_fp8(self.weight[experts], self.scale_bits[experts].view(torch.float32), self.block, dtype)
+
+
+class PackedExperts(nn.Module):
+    """Drop-in frozen experts module computing ``sum_k w_k * down(act(gate(x), up(x)))`` from packed weights.
+
+    :param down: the down projections, ``(E, H, I)``.
+    :param gate_up: fused gate/up projections ``(E, 2I, H)`` (``interleaved`` or ``[gate; up]``), or
+    :param gate, up: separate ``(E, I, H)`` projections (per-expert checkpoints).
+    :param activation: the family's ``(gate, up) -> h`` (:meth:`nexus.family.Family.activation`).
+    :param gate_up_bias: ``Tensor[E, 2I]`` laid out like ``gate_up`` (or ``[gate; up]``), or None.
+    :param down_bias: ``Tensor[E, H]`` or None.
+    :param interleaved: gate and up rows alternate in ``gate_up`` (GPT-OSS).
+    :param transposed: the family's own module computes ``x @ W + b`` with ``W`` laid out
+        ``(in, out)`` (GPT-OSS).
+    :param exact_layout: with ``transposed``, copy decoded weights into that layout so that results
+        are bit-identical to the dequantised model's. The copy is a strided transpose, slow on CPU
+        (GPT-OSS layout, H = I = 1024, 32 experts, 2 layers, 256 tokens, one thread: forward and
+        backward 4.8 s with it, 2.3 s without); False multiplies by the transposed view instead
+        (fp32 results then differ from the dequantised model's by ~4e-7 relative).
+    :param decode_bytes: budget of decoded weights alive at once; experts are decoded in chunks under it.
+    """
+
+    def __init__(
+        self,
+        down: PackedMatrices,
+        activation: Callable,
+        gate_up: PackedMatrices | None = None,
+        gate: PackedMatrices | None = None,
+        up: PackedMatrices | None = None,
+        gate_up_bias: torch.Tensor | None = None,
+        down_bias: torch.Tensor | None = None,
+        interleaved: bool = False,
+        transposed: bool = False,
+        exact_layout: bool = True,
+        decode_bytes: int = DEFAULT_DECODE_BYTES,
+    ):
+        super().__init__()
+        if (gate_up is None) == (gate is None or up is None):
+            raise ValueError("PackedExperts needs either gate_up or both gate and up")
+        self.gate_up, self.gate, self.up, self.down = gate_up, gate, up, down
+        self.activation = activation
+        self.interleaved, self.transposed, self.exact_layout = interleaved, transposed, exact_layout
+        self.decode_bytes = decode_bytes
+        self.num_experts, self.hidden_size, self.intermediate_size = down.shape
+        if gate_up_bias is not None:
+            self.register_buffer("gate_up_bias", gate_up_bias, persistent=False)
+            self.register_buffer("down_bias", down_bias, persistent=False)
+        else:
+            self.gate_up_bias = self.down_bias = None
+        # Experts decoded so far (forward and backward), for tests and diagnostics.
+        self.decoded = collections.Counter()
+
+    @property
+    def fmt(self) -> str:
+        return self.down.fmt
+
+    def stored_bytes(self) -> int:
+        """Bytes of packed expert weights held (biases excluded)."""
+        return sum(m.stored_bytes() for m in (self.gate_up, self.gate, self.up, self.down) if m is not None)
+
+    def extra_repr(self) -> str:
+        return (f"fmt={self.fmt}, num_experts={self.num_experts}, hidden={self.hidden_size}, "
+                f"intermediate={self.intermediate_size}, stored_bytes={self.stored_bytes()}")
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """Route ``hidden_states[T, H]`` through experts ``top_k_index[T, k]`` weighted by ``top_k_weights[T, k]``.
+
+        :return: ``Tensor[T, H]`` in ``hidden_states``' dtype.
+        """
+        return _PackedExpertsFunction.apply(hidden_states, top_k_weights, top_k_index, self)
+
+    # -- the pieces the autograd function runs --------------------------------
+
+    def _groups(self, top_k_index: torch.Tensor):
+        """Per hit expert ``(expert, token ids, top-k slots)``, experts ascending (ids >= E are skipped)."""
+        k = top_k_index.shape[-1]
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts + 1)[: self.num_experts].tolist()
+        groups, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                sel = order[start : start + n]
+                groups.append((e, sel // k, sel % k))
+            start += n
+        return groups
+
+    def _chunks(self, groups, dtype: torch.dtype):
+        """``groups`` split so that each chunk's decoded weights fit :attr:`decode_bytes`."""
+        per_expert = 3 * self.hidden_size * self.intermediate_size * torch.finfo(dtype).bits // 8
+        n = max(1, self.decode_bytes // max(per_expert, 1))
+        return [groups[i : i + n] for i in range(0, len(groups), n)]
+
+    def _decode(self, experts: list[int], dtype: torch.dtype, device):
+        """Decoded ``(gate_up [n, 2I, H], down [n, H, I])`` of ``experts``."""
+        self.decoded.update(experts)
+        idx = torch.tensor(experts, dtype=torch.long, device=device)
+        if self.gate_up is not None:
+            gate_up = self.gate_up.decode(idx, dtype)
+        else:
+            gate_up = torch.cat([self.gate.decode(idx, dtype), self.up.decode(idx, dtype)], dim=1)
+        down = self.down.decode(idx, dtype)
+        if self.transposed:
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+            if self.exact_layout:
+                gate_up, down = gate_up.contiguous(), down.contiguous()
+        return gate_up, down
+
+    def _expert(self, x: torch.Tensor, e: int, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """One expert on its tokens ``x[n, H]`` with decoded weights: ``Tensor[n, H]``."""
+        h = self._linear(x, gate_up, self.gate_up_bias, e)
+        if self.interleaved:
+            g, u = h[..., 0::2], h[..., 1::2]
+        else:
+            g, u = h.chunk(2, dim=-1)
+        return self._linear(self.activation(g, u), down, self.down_bias, e)
+
+    def _linear(self, x, w, bias, e):
+        if self.transposed:
+            y = x @ w
+            return y if bias is None else y + bias[e]
+        return F.linear(x, w, None if bias is None else bias[e].to(x.dtype))
+
+
+class _PackedExpertsFunction(torch.autograd.Function):
+    """Forward and backward of :class:`PackedExperts`; saves only its inputs, re-decodes in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weights, index, module: PackedExperts):
+        kind = hidden.device.type
+        # Backward recomputes under the same autocast state as this forward.
+        ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        out = torch.zeros_like(hidden)
+        groups = module._groups(index)
+        for chunk in module._chunks(groups, hidden.dtype):
+            gate_up, down = module._decode([g[0] for g in chunk], hidden.dtype, hidden.device)
+            for j, (e, tok, pos) in enumerate(chunk):
+                y = module._expert(hidden[tok], e, gate_up[j], down[j])
+                out.index_add_(0, tok, (y * weights[tok, pos, None]).to(hidden.dtype))
+        ctx.module = module
+        ctx.save_for_backward(hidden, weights, index)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weights, index = ctx.saved_tensors
+        module: PackedExperts = ctx.module
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = torch.zeros_like(hidden) if need_x else None
+        grad_w = torch.zeros_like(weights) if need_w else None
+        if not (need_x or need_w):
+            return None, None, None, None
+        kind, enabled, amp_dtype = ctx.autocast
+        for chunk in module._chunks(module._groups(index), hidden.dtype):
+            gate_up, down = module._decode([g[0] for g in chunk], hidden.dtype, hidden.device)
+            for j, (e, tok, pos) in enumerate(chunk):
+                go = grad_out[tok]
+                w = weights[tok, pos, None]
+                with torch.enable_grad(), torch.autocast(kind, dtype=amp_dtype, enabled=enabled):
+                    x = hidden[tok].detach().requires_grad_(need_x)
+                    y = module._expert(x, e, gate_up[j], down[j])
+                dt = torch.promote_types(y.dtype, weights.dtype)  # the dtype autograd of ``y * w`` works in
+                if need_w:
+                    grad_w[tok, pos] = (go.to(dt) * y.detach().to(dt)).sum(-1).to(grad_w.dtype)
+                if need_x:
+                    (gx,) = torch.autograd.grad(y, x, (go.to(dt) * w.to(dt)).to(y.dtype))
+                    grad_x.index_add_(0, tok, gx.to(grad_x.dtype))
+            del gate_up, down
+        return grad_x, grad_w, None, None
