@@ -156,3 +156,143 @@ def test_save_and_load_refuse_bad_input(gpt_oss_model, tmp_path):
     assert not (tmp_path / "a").exists()
     with pytest.raises(NexusError, match="not a NEXUS adapter"):
         load_adapter(gpt_oss_model, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights fingerprint: same architecture, other weights
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finetuned_dir(gpt_oss_float_dir, tmp_path_factory):
+    """The tiny GPT-OSS with one router slightly changed (a fine-tune): same config, other weights."""
+    model = load_model(gpt_oss_float_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.router.weight[0, 0] += 0.25
+    path = tmp_path_factory.mktemp("finetuned")
+    model.save_pretrained(path, save_original_format=False)
+    return path
+
+
+def test_adapter_for_other_weights_is_refused_naming_both(gpt_oss, gpt_oss_model, gpt_oss_mxfp4_dir, finetuned_dir,
+                                                           tmp_path):
+    from nexus.fingerprint import weights_fingerprint
+
+    config = _adapted(gpt_oss, gpt_oss_model)
+    path = save_adapter(gpt_oss_model, tmp_path / "a", config)
+    saved = read_adapter_config(path)
+    assert len(saved.base_weights_fingerprint) == 16
+    assert "model.embed_tokens.weight" in saved.base_weights_tensors
+    assert "model.layers.0.mlp.router.weight" in saved.base_weights_tensors
+    assert not any(".experts." in n for n in saved.base_weights_tensors)  # stored MXFP4 or float alike
+    other_fp, _ = weights_fingerprint(finetuned_dir, saved.base_weights_tensors)
+    assert other_fp != saved.base_weights_fingerprint
+
+    other = load_model(finetuned_dir)
+    assert config_fingerprint(other.config) == saved.base_fingerprint  # the config check alone passes
+    with pytest.raises(AdapterMismatchError) as info:
+        load_adapter(other, path)
+    message = str(info.value)
+    for part in (saved.base_weights_fingerprint, other_fp, str(path), str(finetuned_dir)):
+        assert part in message
+    assert "\n" not in message
+    assert not any(is_shared_parameter(n) for n, _ in other.named_parameters())  # nothing attached
+
+
+def test_adapter_without_weights_fingerprint_loads_with_a_warning(gpt_oss, gpt_oss_model, gpt_oss_mxfp4_dir,
+                                                                  tmp_path, input_ids, caplog):
+    config = _adapted(gpt_oss, gpt_oss_model)
+    path = save_adapter(gpt_oss_model, tmp_path / "a", config)
+    data = json.loads((path / ADAPTER_CONFIG_NAME).read_text())
+    del data["base_weights_fingerprint"], data["base_weights_tensors"]  # as written before the field existed
+    (path / ADAPTER_CONFIG_NAME).write_text(json.dumps(data))
+    fresh = load_model(gpt_oss_mxfp4_dir)
+    with caplog.at_level("WARNING", logger="nexus.fingerprint"):
+        load_adapter(fresh, path)
+    assert "no base weights fingerprint" in caplog.text and str(path) in caplog.text
+    assert torch.equal(_logits(fresh, input_ids), _logits(gpt_oss_model, input_ids))
+
+
+def test_model_built_in_memory_skips_the_weights_check(gpt_oss, gpt_oss_config, gpt_oss_model, tmp_path, caplog):
+    from transformers import AutoModelForCausalLM
+
+    config = _adapted(gpt_oss, gpt_oss_model)
+    path = save_adapter(gpt_oss_model, tmp_path / "a", config)
+    torch.manual_seed(7)
+    in_memory = AutoModelForCausalLM.from_config(gpt_oss_config)  # other weights, but no checkpoint to read
+    with caplog.at_level("DEBUG", logger="nexus.fingerprint"):
+        load_adapter(in_memory, path)
+    assert "built in memory" in caplog.text
+    # ... and an adapter saved from it records no weights fingerprint.
+    cfg = AdapterConfig(family="gpt_oss", base_fingerprint=config_fingerprint(in_memory.config),
+                        shared_intermediate_size=32)
+    assert read_adapter_config(save_adapter(in_memory, tmp_path / "b", cfg)).base_weights_fingerprint == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged adapters: one clear error, the model left as it was
+# ---------------------------------------------------------------------------------------------
+
+
+def _damage(path, how: str):
+    weights = path / ADAPTER_WEIGHTS_NAME
+    if how == "no weights file":
+        weights.unlink()
+    elif how == "truncated":
+        raw = weights.read_bytes()
+        weights.write_bytes(raw[: len(raw) // 2])
+    elif how == "not safetensors":
+        weights.write_text('{"a": 1}')
+    else:
+        from safetensors.torch import save_file
+
+        tensors = load_file(weights)
+        key = "model.layers.1.mlp.nexus_shared.up_proj.weight"
+        if how == "missing tensor":
+            del tensors[key]
+        elif how == "mis-shaped":
+            tensors[key] = tensors[key][:, :-1].contiguous()
+        elif how == "nan":
+            tensors[key][0, 0] = float("nan")
+        save_file(tensors, str(weights))
+
+
+@pytest.mark.parametrize("how, match", [
+    ("no weights file", "has no adapter_model.safetensors"),
+    ("truncated", "not a readable safetensors file"),
+    ("not safetensors", "not a readable safetensors file"),
+    ("missing tensor", r"missing 1 tensors \(e\.g\. model\.layers\.1\.mlp\.nexus_shared\.up_proj\.weight\)"),
+    ("mis-shaped", r"up_proj\.weight has shape \(32, 63\) but the model expects \(32, 64\)"),
+    ("nan", "NaN or infinite"),
+])
+def test_damaged_adapter_is_one_clear_error(gpt_oss, gpt_oss_model, gpt_oss_mxfp4_dir, tmp_path, how, match):
+    path = save_adapter(gpt_oss_model, tmp_path / "a", _adapted(gpt_oss, gpt_oss_model))
+    _damage(path, how)
+    fresh = load_model(gpt_oss_mxfp4_dir)
+    with pytest.raises(NexusError, match=match) as info:
+        load_adapter(fresh, path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert not any(is_shared_parameter(n) for n, _ in fresh.named_parameters())
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "is not a JSON object"),
+    ('{"family": "gpt_oss"}', "lacks base_fingerprint, shared_intermediate_size"),
+])
+def test_damaged_adapter_config_is_one_clear_error(tmp_path, content, match):
+    (tmp_path / ADAPTER_CONFIG_NAME).write_text(content)
+    with pytest.raises(NexusError, match=match):
+        read_adapter_config(tmp_path)
+
+
+def test_adapter_of_another_family_names_the_family(gpt_oss, gpt_oss_model, tmp_path):
+    from nexus.adapter import adapter_family
+
+    config = _adapted(gpt_oss, gpt_oss_model)
+    path = save_adapter(gpt_oss_model, tmp_path / "a", config)
+    data = json.loads((path / ADAPTER_CONFIG_NAME).read_text())
+    data.update(family="mixtral", model_type="mixtral", base_fingerprint="0123456789abcdef")
+    (path / ADAPTER_CONFIG_NAME).write_text(json.dumps(data))
+    with pytest.raises(AdapterMismatchError, match=r"0123456789abcdef \(mixtral .*family mixtral\)"):
+        adapter_family(read_adapter_config(path), gpt_oss_model, path)

@@ -41,7 +41,7 @@ def selection(gpt_oss_mxfp4_dir):
 @pytest.fixture(scope="module")
 def base(gpt_oss_mxfp4_dir):
     """The loaded (dequantised) base, whose GptOssExperts parameters are the reference."""
-    return load_model(gpt_oss_mxfp4_dir)
+    return load_model(gpt_oss_mxfp4_dir, dequantize=True)
 
 
 def expert_average(model, layer: int, ids: list[int], weights: list[float]) -> dict[str, torch.Tensor]:
@@ -144,7 +144,9 @@ def test_random_top1_mean_all(gpt_oss_mxfp4_dir, selection, base, tmp_path):
     r2 = init(conv.convert(gpt_oss_mxfp4_dir, tmp_path / "r2", strategy="random", seed=2, progress=False))
     assert r1["experts"] == r1b["experts"] and r1["experts"] != r2["experts"]
     assert all(len(ids) == K == len(set(ids)) for ids in r1["experts"].values())
-    assert all(len(ids) == E for ids in r2["experts"].values())  # no selection: min(24, E)
+    from nexus.engines.select import default_top_k
+
+    assert all(len(ids) == default_top_k(E) for ids in r2["experts"].values())  # no selection: the default K
 
     top1 = conv.convert(gpt_oss_mxfp4_dir, tmp_path / "t", selection=selection, strategy="top1", progress=False)
     for x in selection["layers"]:
@@ -282,3 +284,71 @@ def test_benchmark_quick(script, tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ratio" in out.stdout and list(tmp_path.glob("*.json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Selections checked against the model and its weights
+# ---------------------------------------------------------------------------------------------
+
+
+def _edited(selection, **changes) -> dict:
+    """A copy of ``selection`` with ``changes`` applied to the entry of layer 1."""
+    doc = json.loads(json.dumps({k: v for k, v in selection.items() if not k.startswith("_")}))
+    doc["layers"][1].update(changes)
+    return doc
+
+
+@pytest.mark.parametrize("edit, match", [
+    (dict(experts=[2, 5, 2]), r"layer 1 lists experts \[2\] more than once"),
+    (dict(experts=[]), "layer 1 lists no experts; give at least one expert id in 0..7"),
+    (dict(experts=[3, 8, -1]), r"layer 1 lists expert ids \[8, -1\] outside the valid range 0..7 \(8 experts\)"),
+    (dict(experts=[1, "4"]), r"layer 1 lists expert ids \['4'\] outside the valid range"),
+    (dict(layer=7), r"layers \[7\] are not MoE layers of this model and MoE layers \[1\] have no entry"),
+    (dict(layer=0), "layer 0 appears twice"),
+    (dict(num_experts=16), "layer 1 was selected among 16 experts, but the model's layer 1 has 8"),
+])
+def test_hand_edited_selection_is_refused_saying_what_is_wrong(gpt_oss_mxfp4_dir, selection, tmp_path, edit, match):
+    path = tmp_path / "expert_selection.json"
+    path.write_text(json.dumps(_edited(selection, **edit)))
+    with pytest.raises(NexusError, match=match) as info:
+        conv.convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=path, progress=False)
+    assert str(path) in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["expert_selection.json"]
+
+
+def test_selection_fields_a_strategy_needs(gpt_oss_mxfp4_dir, selection, tmp_path):
+    with pytest.raises(NexusError, match="layer 1: --weighted needs one numeric score per expert"):
+        conv.convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=_edited(selection, scores=[1.0]),
+                     weighted=True, progress=False)
+    with pytest.raises(NexusError, match="layer 1: strategy top1 needs 'importance', one number per expert"):
+        conv.convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=_edited(selection, importance=[0.5] * 3),
+                     strategy="top1", progress=False)
+    assert not (tmp_path / "ad").exists()
+
+
+def test_adapter_records_weights_fingerprint_and_selection_for_other_weights_is_refused(
+        gpt_oss_mxfp4_dir, selection, tmp_path):
+    from nexus.fingerprint import weights_fingerprint
+
+    out = conv.convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=selection, progress=False)
+    cfg = read_adapter_config(out)
+    assert (cfg.base_weights_fingerprint, cfg.base_weights_tensors) == weights_fingerprint(
+        gpt_oss_mxfp4_dir, cfg.base_weights_tensors)
+    assert len(cfg.base_weights_fingerprint) == 16 and "model.embed_tokens.weight" in cfg.base_weights_tensors
+
+    other = dict(selection, base_weights_fingerprint="fedcba9876543210", base_weights_tensors=cfg.base_weights_tensors)
+    expected = f"fedcba9876543210.*{gpt_oss_mxfp4_dir}.*{cfg.base_weights_fingerprint}"
+    with pytest.raises(AdapterMismatchError, match=expected):
+        conv.convert(gpt_oss_mxfp4_dir, tmp_path / "ad2", selection=other, progress=False)
+    assert not (tmp_path / "ad2").exists()
+
+
+def test_statistics_given_as_selection_say_to_run_select(gpt_oss_mxfp4_dir, tmp_path):
+    stats = RouterStats({0: LayerStats.zeros(0, E, 2, "softmax")}, {"family": "gpt_oss", "identity": {}})
+    stats.layers[0].update(torch.softmax(torch.randn(20, E), -1))
+    stats.save(tmp_path / "stats")
+    for given in (tmp_path / "stats", tmp_path / "stats" / "router_stats.json",
+                  tmp_path / "stats" / "router_stats.safetensors"):
+        with pytest.raises(NexusError, match="holds router statistics, not an expert selection.*nexus select --stats"):
+            conv.convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=given, progress=False)
+    assert not (tmp_path / "ad").exists()

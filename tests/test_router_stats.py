@@ -233,3 +233,78 @@ def test_topk_counts_follow_the_family_selection():
     w = w / w.sum(1, keepdim=True)
     ref = torch.zeros(6, dtype=torch.float64).index_add_(0, idx.reshape(-1), w.reshape(-1))
     torch.testing.assert_close(biased.topk_weight, ref)
+
+
+def _saved_stats(directory: Path) -> Path:
+    stats = RouterStats({0: LayerStats.zeros(0, 4, 2, "softmax")}, {"family": "toy", "complete": True})
+    stats.layers[0].update(torch.softmax(torch.randn(30, 4, generator=torch.Generator().manual_seed(0)), -1))
+    stats.save(directory)
+    return directory / "router_stats.safetensors"
+
+
+def _rewrite(file: Path, tensors: dict, meta: str | None) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(file), metadata={"format": "pt", **({"nexus_meta": meta} if meta is not None else {})})
+
+
+@pytest.mark.parametrize("how, match", [
+    ("truncated", "not a readable safetensors file .*truncated or corrupt"),
+    ("json", "not a readable safetensors file .*it is not router statistics"),
+    ("no metadata", "was not written by `nexus collect`"),
+    ("bad metadata", "holds damaged router statistics"),
+    ("missing tensor", "holds damaged router statistics"),
+    ("mis-shaped", r"layer 0: sum_pp not shaped for 4 experts"),
+])
+def test_damaged_or_foreign_stats_file_is_one_clear_error(tmp_path, how, match):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    file = _saved_stats(tmp_path / "stats")
+    tensors = load_file(file)
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata()["nexus_meta"]
+    if how == "truncated":
+        raw = file.read_bytes()
+        file.write_bytes(raw[: len(raw) - 40])
+    elif how == "json":
+        file.write_text('{"layers": []}')
+    elif how == "no metadata":
+        _rewrite(file, tensors, None)
+    elif how == "bad metadata":
+        _rewrite(file, tensors, "{truncated")
+    elif how == "missing tensor":
+        del tensors["layers.0.sum_pp"]
+        _rewrite(file, tensors, meta)
+    else:
+        tensors["layers.0.sum_pp"] = torch.zeros(3, 3, dtype=torch.float64)
+        _rewrite(file, tensors, meta)
+    for given in (tmp_path / "stats", file):
+        with pytest.raises(NexusError, match=match) as info:
+            RouterStats.load(given)
+        assert str(file) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_select_on_files_that_are_not_statistics(gpt_oss_mxfp4_dir, tmp_path):
+    from nexus.engines.select import run_select
+
+    not_stats = tmp_path / "selection.json"
+    not_stats.write_text('{"layers": []}')
+    with pytest.raises(NexusError, match="it is not router statistics"):
+        run_select(not_stats, tmp_path / "out", plots=False)
+    with pytest.raises(NexusError, match="not written by `nexus collect`"):
+        run_select(gpt_oss_mxfp4_dir / "model.safetensors", tmp_path / "out", plots=False)
+    with pytest.raises(NexusError, match="run `nexus collect` first"):
+        run_select(gpt_oss_mxfp4_dir, tmp_path / "out", plots=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_stats_record_the_base_weights_fingerprint(model, gpt_oss, data, gpt_oss_mxfp4_dir):
+    from nexus.engines.select import select_experts
+    from nexus.fingerprint import weights_fingerprint
+
+    stats = collect_router_stats(model, gpt_oss, data, CollectArgs(batch_size=7), progress=False)
+    fp, tensors = stats.meta["base_weights_fingerprint"], stats.meta["base_weights_tensors"]
+    assert len(fp) == 16 and (fp, tensors) == weights_fingerprint(gpt_oss_mxfp4_dir, tensors)
+    doc = select_experts(stats, top_k=2)
+    assert (doc["base_weights_fingerprint"], doc["base_weights_tensors"]) == (fp, tensors)

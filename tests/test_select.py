@@ -109,17 +109,32 @@ def test_diversity_skips_a_duplicate_expert():
     assert diverse[0] in (0, 1) and diverse[1] not in (0, 1)
 
 
-def test_top_k_default_and_errors(collected):
+def test_top_k_default_and_errors(collected, caplog):
     stats, _ = collected
-    doc = select_experts(stats)  # default min(24, E)
-    assert all(sorted(x["experts"]) == list(range(E)) for x in doc["layers"])
+    with caplog.at_level(logging.WARNING, logger="nexus.engines.select"):
+        doc = select_experts(stats)  # default: a quarter of E, so that the selection leaves most experts out
+    assert all(len(x["experts"]) == E // 4 for x in doc["layers"])
     assert doc["args"]["top_k"] is None
+    assert not [r for r in caplog.records if "at least half" in r.getMessage()]
+    with caplog.at_level(logging.WARNING, logger="nexus.engines.select"):
+        select_experts(stats, top_k=E // 2)
+    warnings = [r.getMessage() for r in caplog.records if "at least half" in r.getMessage()]
+    assert len(warnings) == 1 and f"--top-k {E // 2}" in warnings[0], warnings
     with pytest.raises(NexusError, match=f"--top-k {E + 1} is more than the {E} experts"):
         select_experts(stats, top_k=E + 1)
     with pytest.raises(NexusError, match="--top-k must be at least 1"):
         select_experts(stats, top_k=0)
     with pytest.raises(NexusError, match="--diversity"):
         select_experts(stats, top_k=2, diversity=-1)
+
+
+@pytest.mark.parametrize("num_experts, k", [(1, 1), (2, 1), (4, 1), (8, 2), (16, 4), (32, 8), (60, 15), (64, 16),
+                                            (128, 24), (256, 24)])
+def test_default_top_k_scales_with_the_experts(num_experts, k):
+    from nexus.engines.select import default_top_k
+
+    assert default_top_k(num_experts) == k
+    assert k == 1 or 2 * k < num_experts  # the default never picks half of the experts or more
 
 
 @pytest.mark.parametrize(
@@ -170,7 +185,7 @@ def test_plots_for_any_shape(tmp_path, layers, experts):
         s.update(torch.softmax(torch.randn(300, experts, generator=g) * 2, -1))
         stats.layers[i] = s
     doc = select_experts(stats)
-    assert all(len(x["experts"]) == min(24, experts) for x in doc["layers"])
+    assert all(len(x["experts"]) == min(24, experts // 4) for x in doc["layers"])
     for f in plot_selection(doc, tmp_path / "sel"):
         assert f.stat().st_size > 1000
 

@@ -64,8 +64,8 @@ from nexus.constants import (
     SHARED_SCALE_NAME,
 )
 from nexus.errors import AdapterMismatchError, NexusError
-from nexus.fingerprint import config_fingerprint
-from nexus.io import atomic_dir, atomic_path, write_json, write_safetensors
+from nexus.fingerprint import check_weights, config_fingerprint, fingerprint_tensor_names, weights_fingerprint
+from nexus.io import atomic_dir, atomic_path, locks_output, write_json, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,18 @@ def meta_model(config):
         return AutoModelForCausalLM.from_config(config)
 
 
-def check_selection(selection: dict, config, blocks) -> None:
-    """Refuse a selection made for another model (fingerprint, MoE layers, expert counts).
+def check_selection(selection: dict, config, blocks, strategy: str = DEFAULT_STRATEGY, weighted: bool = False) -> None:
+    """Refuse a selection made for another model, or one that does not make sense for this one.
 
-    :raises AdapterMismatchError: with both fingerprints or the differing layout named.
+    Checks the base fingerprint; that the selection has exactly one entry per MoE layer of the
+    model with its expert count; that every layer lists at least one expert, each id once and in
+    ``0..E-1``; and that ``scores`` (used by ``weighted``) and ``importance`` (used by ``top1``)
+    have the right lengths.
+
+    :raises AdapterMismatchError: made for another base or MoE layout (both named).
+    :raises NexusError: a malformed (e.g. hand-edited) selection: which layer, which ids, the valid range.
     """
+    src = selection.get("_path") or "the selection"
     fp = config_fingerprint(config)
     if selection.get("base_fingerprint") != fp:
         raise AdapterMismatchError(
@@ -95,13 +102,49 @@ def check_selection(selection: dict, config, blocks) -> None:
             f"{selection.get('base_fingerprint')} ({selection.get('model_type') or '?'}), but the model has "
             f"fingerprint {fp} ({getattr(config, 'model_type', '?')}); run `nexus collect` and `nexus select` on this model"
         )
-    have = {b.layer: b.num_experts for b in blocks}
-    got = {x["layer"]: x["num_experts"] for x in selection["layers"]}
-    if have != got:
-        raise AdapterMismatchError(
-            f"the selection covers layers/experts {got} but the model's MoE layers are {have}; "
-            f"select again for this model"
-        )
+    moe = {b.layer: b for b in blocks}
+    entries: dict[int, dict] = {}
+    for x in selection["layers"]:
+        layer = x.get("layer") if isinstance(x, dict) else None
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise NexusError(f"{src}: an entry of 'layers' has no integer 'layer' ({str(x)[:80]}); select again")
+        if layer in entries:
+            raise NexusError(f"{src}: layer {layer} appears twice in 'layers'; keep one entry per MoE layer")
+        entries[layer] = x
+    not_moe = sorted(set(entries) - set(moe))
+    missing = sorted(set(moe) - set(entries))
+    if not_moe or missing:
+        what = ([f"layers {not_moe} are not MoE layers of this model"] if not_moe else []) + (
+            [f"MoE layers {missing} have no entry"] if missing else [])
+        raise AdapterMismatchError(f"{src}: {' and '.join(what)} (the model's MoE layers are {sorted(moe)}); "
+                                   f"select again for this model")
+    for layer, x in sorted(entries.items()):
+        e = moe[layer].num_experts
+        if x.get("num_experts", e) != e:
+            raise AdapterMismatchError(f"{src}: layer {layer} was selected among {x.get('num_experts')} experts, but "
+                                       f"the model's layer {layer} has {e}; select again for this model")
+        ids = x.get("experts")
+        where = f"{src}: layer {layer}"
+        if not isinstance(ids, list) or not ids:
+            raise NexusError(f"{where} lists no experts; give at least one expert id in 0..{e - 1}")
+        bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < e]
+        if bad:
+            raise NexusError(f"{where} lists expert ids {bad} outside the valid range 0..{e - 1} ({e} experts)")
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise NexusError(f"{where} lists experts {dup} more than once; give each expert id once")
+        scores = x.get("scores")
+        if strategy == "pca" and weighted and (not isinstance(scores, list) or len(scores) != len(ids)
+                                              or not all(_is_number(v) for v in scores)):
+            raise NexusError(f"{where}: --weighted needs one numeric score per expert ({len(ids)}) in 'scores'; "
+                             f"fix the file or drop --weighted")
+        imp = x.get("importance")
+        if strategy == "top1" and (not isinstance(imp, list) or len(imp) != e or not all(_is_number(v) for v in imp)):
+            raise NexusError(f"{where}: strategy top1 needs 'importance', one number per expert ({e}); select again")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def plan_experts(blocks, strategy: str, selection: dict | None, weighted: bool, seed: int) -> dict[int, tuple[list[int], list[float]]]:
@@ -109,7 +152,7 @@ def plan_experts(blocks, strategy: str, selection: dict | None, weighted: bool, 
 
     :return: ``{layer: (expert ids, weights)}``; empty lists for ``zeros``.
     """
-    from nexus.engines.select import DEFAULT_TOP_K
+    from nexus.engines.select import default_top_k
 
     if strategy not in STRATEGIES:
         raise NexusError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -130,7 +173,7 @@ def plan_experts(blocks, strategy: str, selection: dict | None, weighted: bool, 
         elif strategy == "mean_all":
             ids = list(range(b.num_experts))
         else:
-            k = len(sel["experts"]) if sel is not None else min(DEFAULT_TOP_K, b.num_experts)
+            k = len(sel["experts"]) if sel is not None else default_top_k(b.num_experts)
             ids = torch.randperm(b.num_experts, generator=gen)[:k].tolist()
         if strategy == "pca" and weighted:
             scores = [max(0.0, float(s)) for s in sel["scores"]]
@@ -301,6 +344,7 @@ def _workdir(output: Path, identity: dict) -> Path:
     return work
 
 
+@locks_output("output")
 def convert(
     model_path: str | Path,
     output: str | Path,
@@ -344,19 +388,26 @@ def convert(
         raise NexusError(f"--shared-intermediate-size must be positive, got {shared_intermediate_size}")
     config = load_config(model_path)
     family = resolve_family(config, name=family_name)
-    blocks = family.moe_blocks(meta_model(config))
+    skeleton = meta_model(config)
+    blocks = family.moe_blocks(skeleton)
     if isinstance(selection, (str, Path)):
         selection = load_selection(selection)
     if selection is not None:
-        check_selection(selection, config, blocks)
+        check_selection(selection, config, blocks, strategy, weighted)
     plan = plan_experts(blocks, strategy, selection, weighted, seed)
     size = shared_intermediate_size or blocks[0].intermediate_size
     CheckpointReader(model_path)  # a clear error now for a directory without safetensors weights
+    if selection is not None:
+        check_weights(selection.get("base_weights_fingerprint", ""), selection.get("base_weights_tensors", []),
+                      model_path, f"selection {selection.get('_path') or ''}".strip())
+    weights_fp, weights_tensors = weights_fingerprint(model_path, fingerprint_tensor_names(skeleton, family, blocks))
+    del skeleton
     reader = functools.partial(CheckpointReader, model_path)  # one per expert: see average_experts
     fp = config_fingerprint(config)
     args = {"strategy": strategy, "gate_mode": gate_mode, "shared_intermediate_size": size, "weighted": weighted,
             "seed": seed, "selection": selection.get("_path") if selection else None}
-    identity = {"base_fingerprint": fp, "args": args, "plan": {str(k): v for k, v in plan.items()},
+    identity = {"base_fingerprint": fp, "base_weights_fingerprint": weights_fp, "args": args,
+                "plan": {str(k): v for k, v in plan.items()},
                 "selection_sha256": selection.get("_sha256") if selection else None, "nexus_version": __version__}
     identity = json.loads(json.dumps(identity))  # as the manifest will read back (tuples -> lists)
     output = Path(output)
@@ -391,6 +442,7 @@ def convert(
     }
     cfg = AdapterConfig(
         family=family.name, base_fingerprint=fp, shared_intermediate_size=size, gate_mode=gate_mode,
+        base_weights_fingerprint=weights_fp, base_weights_tensors=weights_tensors,
         layers=[b.layer for b in blocks], base_model=str(model_path), model_type=getattr(config, "model_type", ""),
         init=init, args=args,
     )

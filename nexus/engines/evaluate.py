@@ -5,7 +5,12 @@ the data (padding masked, each batch weighted by its predicted tokens). With an 
 same model is run twice per batch: adapted, and as the base (:func:`base_view`: shared experts
 off, original routers), so no second copy is loaded. Router health per MoE layer: mean entropy
 of the router probabilities and load, the fraction of (token, top-k slot) assignments each
-expert receives (sums to 1; uniform is ``1/E``).
+expert receives (sums to 1; uniform is ``1/E``). The experts a token is assigned are the family's
+own choice (:meth:`nexus.types.RouterCapture.select`, selection bias included), as ``collect``
+counts them.
+
+Rows of a single token (nothing to predict) are left out when the data is cut into rows; their
+number is logged and reported as ``dropped_rows``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 
 from nexus import __version__
 from nexus.errors import NexusError
+from nexus.io import check_writable_output, locks_output, write_json
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +30,9 @@ log = logging.getLogger(__name__)
 class _RouterTally:
     """Per-layer sums for router entropy and top-k load over non-padding tokens."""
 
-    def __init__(self, blocks):
+    def __init__(self, family, blocks):
         self.blocks = blocks
+        self.captures = {b.layer: family.router_capture(b) for b in blocks}
         self.tokens = 0
         self.entropy = {b.layer: 0.0 for b in blocks}
         self.load = {b.layer: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks}
@@ -38,7 +45,7 @@ class _RouterTally:
             p = recorder.probs(b.layer)
             probs[b.layer] = p
             self.entropy[b.layer] += float(entropy_sum(p, mask))
-            top = recorder.logits[b.layer].topk(b.top_k, dim=-1).indices[mask]
+            top = self.captures[b.layer].select(recorder.logits[b.layer][mask], b.top_k)
             self.load[b.layer] += torch.bincount(top.reshape(-1).cpu(), minlength=b.num_experts).double()
         self.tokens += int(mask.sum())
         return probs
@@ -56,6 +63,7 @@ class _RouterTally:
         }
 
 
+@locks_output("output")
 def evaluate(
     model_path: str | Path,
     data,
@@ -67,28 +75,34 @@ def evaluate(
     text_column: str | None = None,
     device: str | None = None,
     bf16: bool = False,
+    output: str | Path | None = None,
+    dequantize: bool = False,
 ) -> dict:
     """Evaluate the base (and the adapted model, with ``adapter``) on ``data``.
 
-    :return: a JSON-able dict: ``tokens``, ``base``/``adapted`` (``nll``, ``perplexity``,
-        ``router``), ``kl_base_adapted`` (mean per predicted token of KL(base || adapted)) and
-        ``router_drift`` (per layer mean ``|p_adapted - p_base|``), plus provenance.
+    :param output: also write the result there as JSON (atomically); checked to be writable
+        before anything is loaded.
+    :return: a JSON-able dict: ``tokens``, ``dropped_rows``, ``base``/``adapted`` (``nll``,
+        ``perplexity``, ``router``), ``kl_base_adapted`` (mean per predicted token of
+        KL(base || adapted)) and ``router_drift`` (per layer mean ``|p_adapted - p_base|``), plus provenance.
+    :raises AdapterMismatchError: the adapter was made for another base (config or weights).
     """
-    from tqdm.auto import tqdm
-
-    from nexus.adapter import load_adapter, read_adapter_config
+    from nexus.adapter import adapter_family, load_adapter, read_adapter_config
     from nexus.data import load_token_data, load_tokenizer
     from nexus.engines.teachers import base_view, base_parameters
     from nexus.family import resolve_family
     from nexus.fingerprint import config_fingerprint
     from nexus.loading import load_model
     from nexus.losses import cross_entropy_sum, kl_div_sum, l1_drift_sum, shift_for_next_token
+    from nexus.progress import progress_bar
     from nexus.routing import RouterRecorder
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(model_path, dtype=torch.bfloat16 if bf16 else torch.float32, device=device)
+    output = check_writable_output(output, directory=False) if output is not None else None
     adapter_cfg = read_adapter_config(adapter) if adapter else None
-    family = resolve_family(model.config, name=adapter_cfg.family if adapter_cfg else None)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(model_path, dtype=torch.bfloat16 if bf16 else torch.float32, device=device,
+                       dequantize=dequantize)
+    family = adapter_family(adapter_cfg, model, adapter) if adapter_cfg else resolve_family(model.config)
     blocks = family.moe_blocks(model)
     originals = {n: p.detach().clone() for n, p in base_parameters(model, family, blocks).items()} if adapter_cfg and adapter_cfg.base_keys else {}
     if adapter:
@@ -96,16 +110,21 @@ def evaluate(
     model.eval()
     tok = load_tokenizer(tokenizer or model_path, model.config)
     tdata = load_token_data(data, tok, seq_len, text_column)
-    base_tally, adapted_tally = _RouterTally(blocks), _RouterTally(blocks)
+    if tdata.dropped_rows:
+        log.warning("%d rows of a single token (nothing to predict) were left out of %s", tdata.dropped_rows, data)
+    base_tally, adapted_tally = _RouterTally(family, blocks), _RouterTally(family, blocks)
     nll = {"base": 0.0, "adapted": 0.0}
     kl, drift, n_pred = 0.0, {b.layer: 0.0 for b in blocks}, 0
     total = -(-len(tdata.rows) // batch_size)
     if max_batches:
         total = min(total, max_batches)
     batches = tdata.batches(batch_size)
-    for i, (_, batch) in enumerate(tqdm(batches, total=total, desc="evaluate", unit="batch")):
+    bar_tokens = sum(len(r) for r in tdata.rows[: total * batch_size])
+    bar = progress_bar(bar_tokens, desc="evaluate", unit="tok", unit_scale=True)
+    for i, (_, batch) in enumerate(batches):
         if i >= total:
             break
+        bar.update(int(batch["attention_mask"].sum()))
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         in_mask = mask.reshape(-1).bool()
         with torch.no_grad():
@@ -125,6 +144,7 @@ def evaluate(
                 kl += float(kl_div_sum(lg, la, labels != -100))
                 for layer in drift:
                     drift[layer] += float(l1_drift_sum(base_probs[layer], probs[layer], in_mask))
+    bar.close()
     if n_pred == 0:
         raise NexusError(f"data {data} has no tokens to predict")
     import math
@@ -141,6 +161,7 @@ def evaluate(
         "data": str(data),
         "args": {"seq_len": seq_len, "batch_size": batch_size, "max_batches": max_batches, "bf16": bf16},
         "tokens": n_pred,
+        "dropped_rows": tdata.dropped_rows,
         "base": {**_ppl(nll["base"]), "router": base_tally.summary()},
     }
     if adapter:
@@ -148,6 +169,8 @@ def evaluate(
         result["kl_base_adapted"] = kl / n_pred
         result["router_drift"] = [drift[b.layer] / max(base_tally.tokens, 1) for b in blocks]
         result["perplexity_ratio"] = result["adapted"]["perplexity"] / result["base"]["perplexity"]
+    if output is not None:
+        write_json(output, result)
     return result
 
 
@@ -161,6 +184,7 @@ def generate(
     tokenizer: str | None = None,
     seed: int = 0,
     device: str | None = None,
+    dequantize: bool = False,
 ) -> str:
     """Continue ``prompt`` with the (adapted) model and return the new text only.
 
@@ -172,7 +196,7 @@ def generate(
     from nexus.loading import load_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(model_path, device=device)
+    model = load_model(model_path, device=device, dequantize=dequantize)
     if adapter:
         load_adapter(model, adapter)
     tok = load_tokenizer(tokenizer or model_path, model.config)

@@ -46,14 +46,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError
 
 from nexus import __version__
 from nexus.constants import ROUTER_STATS_META_NAME, ROUTER_STATS_NAME
-from nexus.errors import NexusError
-from nexus.fingerprint import config_fingerprint
-from nexus.io import write_json, write_safetensors
+from nexus.errors import Interrupted, NexusError
+from nexus.interrupts import StopFlag, signal_name
+from nexus.fingerprint import config_fingerprint, model_weights_fingerprint
+from nexus.io import output_lock, write_json, write_safetensors
 from nexus.routing import RouterRecorder
+from nexus.tensor_files import open_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -220,16 +222,29 @@ class RouterStats:
         file = path / ROUTER_STATS_NAME if path.is_dir() else path
         if not file.exists():
             raise NexusError(f"no router statistics at {path} (expected {ROUTER_STATS_NAME}); run `nexus collect` first")
-        with safe_open(file, framework="pt", device=str(device)) as f:
+        hint = (f"it is not router statistics: pass the directory `nexus collect` wrote ({ROUTER_STATS_NAME}) "
+                f"or collect again")
+        with open_safetensors(file, hint, device) as f:
             raw = (f.metadata() or {}).get("nexus_meta")
             if raw is None:
-                raise NexusError(f"{file} was not written by `nexus collect` (no nexus metadata)")
-            meta = json.loads(raw)
-            layers = {}
-            for info in meta["layers"]:
-                i = info["layer"]
-                t = {n: f.get_tensor(f"layers.{i}.{n}") for n in _FIELDS}
-                layers[i] = LayerStats(i, info["num_experts"], info["top_k"], info["scoring"], **t)
+                raise NexusError(f"{file} was not written by `nexus collect` (no nexus metadata); {hint}")
+            try:
+                meta = json.loads(raw)
+                layers = {}
+                for info in meta["layers"]:
+                    i = info["layer"]
+                    t = {n: f.get_tensor(f"layers.{i}.{n}") for n in _FIELDS}
+                    layers[i] = LayerStats(i, info["num_experts"], info["top_k"], info["scoring"], **t)
+            except (ValueError, KeyError, TypeError, SafetensorError) as exc:
+                raise NexusError(f"{file} holds damaged router statistics ({type(exc).__name__}: {exc}); "
+                                 f"collect again with --overwrite") from exc
+        for s in layers.values():
+            e = s.num_experts
+            shapes = {"count": (1,), "sum_p": (e,), "sum_pp": (e, e), "topk_count": (e,), "topk_weight": (e,)}
+            bad = [n for n, shape in shapes.items() if tuple(getattr(s, n).shape) != shape]
+            if bad:
+                raise NexusError(f"{file} holds damaged router statistics (layer {s.layer}: {', '.join(bad)} "
+                                 f"not shaped for {e} experts); collect again with --overwrite")
         return cls(layers, meta)
 
 
@@ -386,9 +401,12 @@ def collect_router_stats(
         "args": asdict(args),
         "source": dict(source or {}),
         "world_size": world,
+        "base_weights_fingerprint": "",
+        "base_weights_tensors": [],
         "topk_rule": "the family's selection (top-k of probabilities + selection_bias); weights: unbiased "
                      "probabilities renormalised over the top-k",
     }
+    meta["base_weights_fingerprint"], meta["base_weights_tensors"] = model_weights_fingerprint(model, family, blocks)
     resumed = _resume(output, identity, overwrite, device)
     if resumed is not None and resumed.meta.get("complete"):
         log.info("%s already holds complete statistics of this run (%d tokens); nothing to do", output, resumed.tokens)
@@ -419,14 +437,20 @@ def collect_router_stats(
         return summed
 
     captures = {b.layer: family.router_capture(b) for b in blocks}
-    next_batch, done_batches, complete = start, 0, False
-    with RouterRecorder(family, blocks) as rec, torch.no_grad():
+    next_batch, done_batches, complete, stopped_by = start, 0, False, 0
+    stop = StopFlag("collect", "after this batch, with the statistics saved")
+    with stop, RouterRecorder(family, blocks) as rec, torch.no_grad():
         for index, batch in _batches(data, args.batch_size, args.seed, start, rank, world):
             if max_batches is not None and done_batches >= max_batches:
                 break
             mask = batch["attention_mask"].reshape(-1).bool() if batch is not None else torch.zeros(0, dtype=torch.bool)
             local = int(mask.sum())
-            counts = gather(torch.tensor([local], device=device)).reshape(-1).tolist()
+            # Every process learns of a signal any of them received, so they all stop at this batch.
+            flags = gather(torch.tensor([local, stop.signum or 0], device=device)).reshape(-1, 2)
+            if int(flags[:, 1].max()):
+                stopped_by = int(flags[:, 1].max())
+                break
+            counts = flags[:, 0].tolist()
             budget = sum(counts) if target is None else min(sum(counts), target - seen)
             allowed = max(0, min(local, budget - sum(counts[:rank])))
             if batch is not None and allowed > 0:
@@ -456,6 +480,10 @@ def collect_router_stats(
             complete = True
     bar.close()
     result = save(next_batch, complete)
+    if stopped_by:
+        where = f"saved in {output}: run the same command again to continue" if output else "not saved (no output)"
+        raise Interrupted(f"collect stopped by {signal_name(stopped_by)} after {result.tokens} tokens; the statistics "
+                          f"so far are {where}", stopped_by)
     if complete and target is not None and result.tokens < target:
         log.warning("the data ran out after %d tokens, short of --target-tokens %d; the statistics cover all of it",
                     result.tokens, target)
@@ -485,6 +513,7 @@ def run_collect(
     max_batches: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    dequantize: bool = False,
 ) -> RouterStats:
     """Load the base, its tokenizer and the data, then :func:`collect_router_stats` into ``output``.
 
@@ -497,16 +526,17 @@ def run_collect(
     config = load_config(model_path)
     family = resolve_family(config, name=family_name)
     tokenizer = load_tokenizer(model_path, config)
-    data = load_token_data(data_path, tokenizer, seq_len, text_column=text_column)
+    data = load_token_data(data_path, tokenizer, seq_len, text_column=text_column, max_tokens=args.target_tokens)
     state = process_state()
     check_writable(Path(output))
-    done = _resume(Path(output), run_identity(config, data, args, state.num_processes), overwrite, "cpu")  # fail early
-    if done is not None and done.meta.get("complete"):
-        log.info("%s already holds complete statistics of this run (%d tokens); nothing to do", output, done.tokens)
-        return done
-    model = load_model(model_path, dtype=dtype, device=state.device)
-    family.moe_blocks(model)  # a clear error for a model without MoE blocks
-    source = {"base_model": str(model_path), "data": str(data_path), "seq_len": seq_len, "text_column": text_column,
-              "dtype": str(dtype).replace("torch.", "")}
-    return collect_router_stats(model, family, data, args, output, source=source, max_batches=max_batches,
-                                overwrite=overwrite, progress=progress)
+    with output_lock(output, enabled=state.is_main_process):
+        done = _resume(Path(output), run_identity(config, data, args, state.num_processes), overwrite, "cpu")  # fail early
+        if done is not None and done.meta.get("complete"):
+            log.info("%s already holds complete statistics of this run (%d tokens); nothing to do", output, done.tokens)
+            return done
+        model = load_model(model_path, dtype=dtype, device=state.device, dequantize=dequantize)
+        family.moe_blocks(model)  # a clear error for a model without MoE blocks
+        source = {"base_model": str(model_path), "data": str(data_path), "seq_len": seq_len, "text_column": text_column,
+                  "dtype": str(dtype).replace("torch.", "")}
+        return collect_router_stats(model, family, data, args, output, source=source, max_batches=max_batches,
+                                    overwrite=overwrite, progress=progress)

@@ -24,7 +24,9 @@ Per layer, from the streamed sums of :mod:`nexus.engines.router_stats` (N tokens
    one step ``v_j - v_{j+1}`` is at least 0.3 * v_1 (a few experts stand far above the rest);
    else ``moderate`` when the coefficient of variation is at least 0.3; else ``gradual``.
 
-K defaults to ``min(24, E)``; an explicit K above any layer's E is an error.
+K defaults to :func:`default_top_k` (a quarter of E, at least 1, at most 24; the rationale is in
+:mod:`nexus.constants`); an explicit K above any layer's E is an error, and K >= E/2 warns (the
+average of half the experts or more is close to ``mean_all``: the selection hardly matters).
 """
 
 from __future__ import annotations
@@ -32,21 +34,37 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
 
 from nexus import __version__
-from nexus.constants import SELECTION_NAME
+from nexus.constants import DEFAULT_DIVERSITY, DEFAULT_TOP_K, DEFAULT_TOP_K_FRACTION, SELECTION_NAME
 from nexus.errors import NexusError
-from nexus.io import write_json
+from nexus.io import locks_output, write_json
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOP_K = 24
-DEFAULT_DIVERSITY = 0.1
 PATTERNS = ("cliff", "moderate", "gradual", "even")
 EVEN_CV, CLIFF_STEP, MODERATE_CV = 0.1, 0.3, 0.3
+
+
+def default_top_k(num_experts: int) -> int:
+    """Experts per layer when ``--top-k`` is not given: ``ceil(E / 4)`` clipped to ``[1, 24]``
+    (``DEFAULT_TOP_K_FRACTION`` and ``DEFAULT_TOP_K`` in :mod:`nexus.constants`)."""
+    return max(1, min(DEFAULT_TOP_K, math.ceil(num_experts * DEFAULT_TOP_K_FRACTION)))
+
+
+def warn_if_top_k_large(top_k: int, num_experts: int) -> bool:
+    """Log a warning when ``top_k >= E / 2``: the selection then barely differs from averaging every
+    expert. :return: whether it warned."""
+    if num_experts > 1 and 2 * top_k >= num_experts:
+        log.warning("--top-k %d averages at least half of the %d experts per layer: the shared expert starts close "
+                    "to the mean of all experts and the PCA selection hardly matters; the default is %d",
+                    top_k, num_experts, default_top_k(num_experts))
+        return True
+    return False
 
 
 def pca_from_covariance(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,7 +146,7 @@ def select_experts(stats, top_k: int | None = None, diversity: float = DEFAULT_D
     """Pick experts for every layer of ``stats``.
 
     :param stats: a :class:`nexus.engines.router_stats.RouterStats`.
-    :param top_k: experts per layer; None: ``min(24, E)`` per layer.
+    :param top_k: experts per layer; None: :func:`default_top_k` of each layer's E.
     :param diversity: the redundancy weight lambda (>= 0).
     :param source: where the statistics came from (recorded).
     :return: the selection document written to ``expert_selection.json``: provenance plus
@@ -144,10 +162,14 @@ def select_experts(stats, top_k: int | None = None, diversity: float = DEFAULT_D
             raise NexusError(f"--top-k must be at least 1, got {top_k}")
         smallest = min(s.num_experts for s in stats.layers.values())
         if top_k > smallest:
-            raise NexusError(f"--top-k {top_k} is more than the {smallest} experts per layer of this model; pass at most {smallest}")
+            raise NexusError(f"--top-k {top_k} is more than the {smallest} experts per layer of this model; "
+                             f"pass at most {smallest}")
     layers = []
+    warned = set()
     for s in stats.layers.values():
-        k = top_k if top_k is not None else min(DEFAULT_TOP_K, s.num_experts)
+        k = top_k if top_k is not None else default_top_k(s.num_experts)
+        if (k, s.num_experts) not in warned and warn_if_top_k_large(k, s.num_experts):
+            warned.add((k, s.num_experts))
         var, ratio, comps = pca_from_covariance(s.covariance(ddof=1))
         imp = expert_importance(comps, ratio)
         ids = greedy_pick(imp, loading_similarity(comps, var), k, diversity)
@@ -165,7 +187,7 @@ def select_experts(stats, top_k: int | None = None, diversity: float = DEFAULT_D
             "pattern": importance_pattern(imp),
             "selection_frequency": (s.topk_count / s.count).tolist(),
         })
-        log.info("layer %d: picked %s (importance share %.3f, %s)", s.layer, ids, layers[-1]["importance_share"],
+        log.debug("layer %d: picked %s (importance share %.3f, %s)", s.layer, ids, layers[-1]["importance_share"],
                  layers[-1]["pattern"])
     meta = stats.meta
     return {
@@ -173,6 +195,8 @@ def select_experts(stats, top_k: int | None = None, diversity: float = DEFAULT_D
         "family": meta.get("family", ""),
         "base_fingerprint": meta.get("base_fingerprint", ""),
         "model_type": meta.get("model_type", ""),
+        "base_weights_fingerprint": meta.get("base_weights_fingerprint", ""),
+        "base_weights_tensors": meta.get("base_weights_tensors", []),
         "stats": {"path": source, "tokens": stats.tokens, "complete": meta.get("complete"),
                   "data": meta.get("source", {}).get("data")},
         "args": {"top_k": top_k, "diversity": diversity},
@@ -208,16 +232,28 @@ def load_selection(path: str | Path) -> dict:
 
     Unknown top-level keys (a newer NEXUS) are kept, with a warning naming them.
     """
-    file = selection_path(path) if Path(path).is_dir() or Path(path).suffix != ".json" else Path(path)
+    from nexus.constants import ROUTER_STATS_NAME
+
+    path = Path(path)
+    file = selection_path(path) if path.is_dir() or path.suffix != ".json" else path
+    stats_dir = path if path.is_dir() else path.parent
+    stats_hint = (f"it holds router statistics, not an expert selection: make one with "
+                  f"`nexus select --stats {stats_dir} --output DIR` and pass DIR/{SELECTION_NAME}")
     if not file.exists():
+        if path.name == ROUTER_STATS_NAME or (path.is_dir() and (path / ROUTER_STATS_NAME).exists()):
+            raise NexusError(f"{path}: {stats_hint}")
         raise NexusError(f"no expert selection at {path}; run `nexus select` first")
     try:
         doc = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
         raise NexusError(f"{file} is not valid JSON: {exc}") from exc
-    if not isinstance(doc, dict) or "layers" not in doc:
-        raise NexusError(f"{file} is not an expert selection (no 'layers')")
-    known = {"nexus_version", "family", "base_fingerprint", "model_type", "stats", "args", "rule", "layers"}
+    if not isinstance(doc, dict) or not isinstance(doc.get("layers"), list):
+        raise NexusError(f"{file} is not an expert selection (no 'layers' list); run `nexus select` to make one")
+    if "identity" in doc or any(isinstance(x, dict) and "experts" not in x for x in doc["layers"]):
+        raise NexusError(f"{file}: {stats_hint}" if "identity" in doc else
+                         f"{file} is not an expert selection (a layer without 'experts'); run `nexus select` again")
+    known = {"nexus_version", "family", "base_fingerprint", "model_type", "base_weights_fingerprint",
+             "base_weights_tensors", "stats", "args", "rule", "layers"}
     unknown = sorted(set(doc) - known)
     if unknown:
         log.warning("%s was written by nexus %s (this is %s); ignoring unknown keys: %s",
@@ -227,6 +263,7 @@ def load_selection(path: str | Path) -> dict:
     return doc
 
 
+@locks_output("output")
 def run_select(stats_path: str | Path, output: str | Path, top_k: int | None = None,
                diversity: float = DEFAULT_DIVERSITY, plots: bool = True) -> tuple[dict, list[Path]]:
     """Load statistics, :func:`select_experts`, :func:`save_selection`.
