@@ -17,3 +17,22 @@ INIT_STRATEGIES = ("pca", "random", "top1", "mean_all", "zeros")
 # (README, "Quality on real text").
 DEFAULT_STRATEGY = "pca"
 DEFAULT_GATE_MODE = "token"
+
+# `select`/`convert`/`run`: experts averaged per layer when --top-k is not given:
+# ceil(E * DEFAULT_TOP_K_FRACTION), at least 1 and at most DEFAULT_TOP_K. The shared expert starts
+# as the average of the picked experts, so K must stay a minority of E for the PCA selection to
+# matter (K = E is `mean_all`); a quarter keeps the most-routed experts of skewed routers while
+# leaving three quarters out, and the cap of 24 (the original NEXUS's setting for GPT-OSS-20B)
+# bounds what `convert` reads per layer on models with hundreds of experts. K >= E/2 warns.
+DEFAULT_TOP_K_FRACTION = 0.25
+DEFAULT_TOP_K = 24
+DEFAULT_DIVERSITY = 0.1
+
+# `run` without --eval-data evaluates on the documents of --data whose salted content hash falls
+# in this fraction, and trains/collects on the rest (nexus.data, "Held-out split").
+HOLDOUT_FRACTION = 0.1
+HOLDOUT_SALT = "nexus-heldout-v1:"
+
+# A tokenizer must map a data sample to at least min(this, distinct characters) distinct
+# non-special ids, or it is refused as unable to encode the data.
+MIN_DISTINCT_TOKEN_IDS = 8

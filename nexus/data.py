@@ -1,112 +1,490 @@
 """Training and statistics data: local files through ``datasets``, tokenised into fixed-length rows.
 
 Accepted inputs: a ``.jsonl``/``.json``/``.parquet``/``.txt``/``.arrow`` file, a directory of
-such files, or a dataset name already in the local ``datasets`` cache. Rows carry either a text
+such files, or a dataset name already in the local ``datasets`` cache (looked up offline). An
+argument that looks like a path (it starts with ``/``, ``.`` or ``~``, has two or more ``/``, or
+ends in a data suffix) is always local: a missing one fails at once. Rows carry either a text
 column (``text`` by default) or a chat ``messages`` column, rendered with the tokenizer's chat
 template.
+
+**Held-out split.** ``DATA@train`` and ``DATA@heldout`` name the two sides of a deterministic
+split of ``DATA`` by document (row): a document is held out when the SHA-256 of its content
+(salted with :data:`nexus.constants.HOLDOUT_SALT`) falls in the lowest
+:data:`nexus.constants.HOLDOUT_FRACTION` of the hash range. The decision depends on the
+document alone, so identical documents always land on the same side and appending rows never
+moves an existing document across.
+
+**Token cache.** Inside :func:`token_cache`, every complete tokenisation is stored as per-document
+token ids under the given directory, keyed by the data's content fingerprint, the tokenizer's
+fingerprint and the text column, so several stages reading the same data tokenise it once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import hashlib
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from nexus.constants import HOLDOUT_FRACTION, HOLDOUT_SALT, MIN_DISTINCT_TOKEN_IDS
 from nexus.errors import NexusError
 
 log = logging.getLogger(__name__)
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".arrow": "arrow"}
+# Suffixes that make an argument a local path even when it does not exist (a typo must not go to the Hub).
+_PATH_SUFFIXES = {*_BUILDERS, ".csv", ".tsv", ".gz", ".zst", ".bz2", ".xz", ".jsonl.gz"}
+SPLITS = ("train", "heldout")
+_BATCH = 256  # documents tokenised per call
+_cache_dir: contextvars.ContextVar[Path | None] = contextvars.ContextVar("nexus_token_cache", default=None)
 
 
-def load_rows(data: str | Path):
-    """Load a local file/directory (or cached hub dataset) as a ``datasets.Dataset``.
+@dataclass(frozen=True)
+class DataSource:
+    """A parsed data argument.
 
-    :raises NexusError: missing path, unknown format, or no rows.
+    Attributes:
+        spec: the argument as given (recorded in artifacts).
+        name: the local path (``~`` expanded) or the dataset name, without the split suffix.
+        local: whether ``name`` is a local file or directory.
+        split: ``"train"``, ``"heldout"`` or None (every document).
+    """
+
+    spec: str
+    name: str
+    local: bool
+    split: str | None = None
+
+    @property
+    def path(self) -> Path:
+        """``name`` as a path (meaningful when ``local``)."""
+        return Path(self.name)
+
+
+def _looks_like_path(s: str) -> bool:
+    p = Path(s)
+    return (s.startswith(("/", ".", "~")) or s.count("/") >= 2 or os.sep != "/" and os.sep in s
+            or p.suffix.lower() in _PATH_SUFFIXES)
+
+
+def parse_source(data: str | os.PathLike) -> DataSource:
+    """Parse a data argument: ``~`` expanded, an ``@train``/``@heldout`` suffix split off.
+
+    :raises NexusError: a path-like argument that does not exist.
+    """
+    spec = str(data)
+    name, split = spec, None
+    for s in SPLITS:
+        if spec.endswith(f"@{s}") and not Path(spec).expanduser().exists():
+            name, split = spec[: -len(s) - 1], s
+    expanded = Path(name).expanduser()
+    if expanded.exists():
+        return DataSource(spec, str(expanded), True, split)
+    if _looks_like_path(name):
+        raise NexusError(f"data {name} does not exist; check the path (a file or a directory of "
+                         f"{', '.join(_BUILDERS)} files)")
+    return DataSource(spec, name, False, split)
+
+
+def split_specs(data: str) -> tuple[str, str]:
+    """``(DATA@train, DATA@heldout)``: the two sides of the held-out split of ``data``."""
+    return f"{data}@train", f"{data}@heldout"
+
+
+def is_heldout(doc) -> bool:
+    """Whether a document (a text, or a ``messages`` list) belongs to the held-out split."""
+    key = doc if isinstance(doc, str) else json.dumps(doc, sort_keys=True, default=str)
+    digest = hashlib.sha256((HOLDOUT_SALT + key).encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") < HOLDOUT_FRACTION * 2**64
+
+
+def _data_files(src: DataSource) -> list[Path]:
+    if src.path.is_dir():
+        return sorted(p for p in src.path.rglob("*") if p.suffix in _BUILDERS and p.is_file())
+    return [src.path]
+
+
+def data_fingerprint(data: str | os.PathLike) -> str:
+    """16 hex chars that change whenever the data's content changes (appended rows, edits in place).
+
+    Local files: SHA-256 over every file's relative name, size and content (the modification time
+    is left out, so touching or copying a file is no change). A cached dataset: its ``datasets``
+    fingerprint. The ``@train``/``@heldout`` suffix does not enter.
+    """
+    src = parse_source(data)
+    h = hashlib.sha256()
+    if not src.local:
+        h.update(load_rows(src.name)._fingerprint.encode())
+        return h.hexdigest()[:16]
+    root = src.path if src.path.is_dir() else src.path.parent
+    for f in _data_files(src):
+        h.update(f"{f.relative_to(root)}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()[:16]
+
+
+def load_rows(data: str | os.PathLike | DataSource, text_column: str | None = None):
+    """Load a local file/directory (or cached hub dataset) as a ``datasets.Dataset`` (every
+    document; an ``@train``/``@heldout`` suffix is ignored here).
+
+    :param text_column: the column that must hold strings, for the message about a file that
+        ``datasets`` cannot read (default ``text``).
+    :raises NexusError: missing path, unknown format, unreadable content (naming the file and
+        line), or no rows.
     """
     import datasets
 
-    path = Path(str(data)).expanduser()
+    src = data if isinstance(data, DataSource) else parse_source(data)
     datasets.disable_progress_bars()
-    if path.is_file() and path.stat().st_size == 0:
-        raise NexusError(f"data {data} is empty")
+    if src.local and src.path.is_file() and src.path.stat().st_size == 0:
+        raise NexusError(f"data {src.name} is empty")
     try:
-        ds = _load(datasets, path, data)
+        ds = _load(datasets, src, text_column or "text")
     except StopIteration as exc:  # datasets' json builder on a file without rows
-        raise NexusError(f"data {data} is empty") from exc
+        raise NexusError(f"data {src.name} is empty") from exc
     if len(ds) == 0:
-        raise NexusError(f"data {data} is empty")
+        raise NexusError(f"data {src.name} is empty")
     return ds
 
 
-def _load(datasets, path: Path, data):
+def _load(datasets, src: DataSource, column: str):
+    path = src.path
+    if not src.local:
+        offline = datasets.config.HF_HUB_OFFLINE
+        datasets.config.HF_HUB_OFFLINE = True  # only what is already in the local cache; no Hub retries
+        try:
+            return datasets.load_dataset(src.name, split="train")
+        except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
+            raise NexusError(f"data {src.name!r} is not a local file or directory, nor a dataset in the local "
+                             f"datasets cache; give a path to a .jsonl/.parquet/.txt file or directory") from exc
+        finally:
+            datasets.config.HF_HUB_OFFLINE = offline
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS)
+        files = _data_files(src)
         if not files:
             raise NexusError(f"{path} has no data files ({', '.join(_BUILDERS)})")
         kinds = {_BUILDERS[p.suffix] for p in files}
         if len(kinds) > 1:
             raise NexusError(f"{path} mixes data formats {sorted(kinds)}; keep one format per directory")
-        ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
-    elif path.exists():
+        builder = kinds.pop()
+    else:
         if path.suffix not in _BUILDERS:
             raise NexusError(f"cannot read {path}: use one of {', '.join(_BUILDERS)}")
-        ds = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train")
-    else:
+        files, builder = [path], _BUILDERS[path.suffix]
+    quiet = logging.getLogger("datasets")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # its own report of a bad file would duplicate ours
+    try:
+        return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
+    except Exception as exc:  # noqa: BLE001 - find the line at fault, else report the library's reason
+        if builder in ("json", "text"):
+            for f in files:
+                _check_lines(f, builder, column)
+        cause = exc.__cause__ or exc
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise NexusError(f"cannot read data {path}: {reason}") from exc
+    finally:
+        quiet.setLevel(level)
+
+
+def _check_lines(file: Path, builder: str, column: str = "text") -> None:
+    """Raise a :class:`NexusError` naming the first line of ``file`` that is not UTF-8, not a JSON
+    object, or whose ``column`` is not a string."""
+    if file.suffix == ".json":
         try:
-            ds = datasets.load_dataset(str(data), split="train")
-        except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
-            raise NexusError(f"data {data!r} is not a local file or directory, nor a cached dataset: {exc}") from exc
-    return ds
+            doc = json.loads(file.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            line = file.read_bytes()[: exc.start].count(b"\n") + 1
+            raise NexusError(f"{file} line {line}: bytes that are not UTF-8; re-encode the file as UTF-8") from exc
+        except json.JSONDecodeError:
+            doc = None  # maybe JSON lines in a .json file: checked below
+        if isinstance(doc, (list, dict)):
+            return
+    with open(file, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise NexusError(f"{file} line {n}: bytes that are not UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                                 f"{exc.start + 1}); re-encode the file as UTF-8") from exc
+            if builder != "json" or not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise NexusError(f"{file} line {n}: invalid JSON ({exc.msg}, column {exc.colno}); "
+                                 "each line must be one JSON object") from exc
+            if not isinstance(obj, dict):
+                raise NexusError(f"{file} line {n}: a JSON {type(obj).__name__}, not an object; "
+                                 'each line must be one JSON object such as {"text": "..."}')
+            value = obj.get(column)
+            if value is not None and not isinstance(value, str) and column != "messages":
+                raise NexusError(f"{file} line {n}: {column!r} is not a string but {type(value).__name__} "
+                                 f"{str(value)[:40]}; put the document's text in {column!r} as a JSON string")
 
 
-def row_texts(ds, tokenizer, text_column: str | None = None) -> list[str]:
-    """The text of every row: ``text_column`` (default ``text``), or ``messages`` rendered by the
-    tokenizer's chat template. Empty texts are dropped.
+def _where(src: DataSource, row: int) -> str:
+    """``FILE line N`` for a row of JSON-lines data, else ``DATA row N`` (1-based)."""
+    if src.local:
+        files = _data_files(src)
+        if files and all(f.suffix in (".jsonl", ".json") for f in files):
+            seen = 0
+            for f in files:
+                with open(f, "rb") as fh:
+                    for n, raw in enumerate(fh, 1):
+                        if raw.strip():
+                            if seen == row:
+                                return f"{f} line {n}"
+                            seen += 1
+    return f"{src.name} row {row + 1}"
 
-    :raises NexusError: neither column exists (the message lists the columns there are).
+
+def _text_column(ds, tokenizer, text_column: str | None) -> tuple[str, bool]:
+    """``(column, is_chat)``: the column holding the documents.
+
+    :raises NexusError: neither column exists (the message lists the columns there are), or chat
+        data with a tokenizer that has no chat template.
     """
     cols = ds.column_names
     if text_column is None and "text" not in cols and "messages" in cols:
         if getattr(tokenizer, "chat_template", None) is None:
-            raise NexusError("the data has a 'messages' column but the tokenizer has no chat template; pass --text-column")
-        texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in ds["messages"]]
-    else:
-        col = text_column or "text"
-        if col not in cols:
-            raise NexusError(f"the data has no column {col!r} (columns: {', '.join(cols)}); pass --text-column NAME")
-        texts = list(ds[col])
-    texts = [t for t in texts if isinstance(t, str) and t.strip()]
-    if not texts:
-        raise NexusError("the data has no non-empty text")
-    return texts
+            raise NexusError("the data has a 'messages' column but the tokenizer has no chat template; "
+                             "pass --text-column")
+        return "messages", True
+    col = text_column or "text"
+    if col not in cols:
+        raise NexusError(f"the data has no column {col!r} (columns: {', '.join(cols)}); pass --text-column NAME")
+    return col, False
 
 
-def tokenize_rows(texts: list[str], tokenizer, seq_len: int, pack: bool = True) -> list[list[int]]:
-    """Tokenise ``texts`` into rows of at most ``seq_len`` token ids.
+def iter_documents(src: DataSource, tokenizer, text_column: str | None = None, ds=None) -> Iterator[tuple[str, bool]]:
+    """Yield ``(text, held_out)`` for every non-empty document of ``src`` in order (both sides of
+    the split), chat ``messages`` rendered with the tokenizer's chat template. Reads the rows in
+    batches, so stopping early reads no further.
 
-    ``pack``: documents are joined with EOS and cut into ``seq_len`` rows (the last may be
-    shorter). Otherwise each document becomes its own rows, a long one split into several:
-    nothing is ever dropped.
+    :raises NexusError: a document that is not a string (naming the file and line).
     """
+    ds = load_rows(src, text_column) if ds is None else ds
+    col, chat = _text_column(ds, tokenizer, text_column)
+    for start in range(0, len(ds), _BATCH):
+        try:
+            values = ds[start : start + _BATCH][col]
+        except UnicodeDecodeError as exc:  # pyarrow keeps bytes it never validated as UTF-8
+            for f in _data_files(src) if src.local else []:
+                _check_lines(f, "text")
+            raise NexusError(f"{src.name} rows {start + 1}-{start + _BATCH}: bytes that are not UTF-8; "
+                             "re-encode the data as UTF-8") from exc
+        for i, value in enumerate(values):
+            if value is None:
+                continue
+            if chat:
+                try:
+                    text = tokenizer.apply_chat_template(value, tokenize=False)
+                except Exception as exc:  # noqa: BLE001
+                    raise NexusError(f"{_where(src, start + i)}: 'messages' cannot be rendered by the chat template "
+                                     f"({exc}); give a list of {{role, content}} objects") from exc
+            elif isinstance(value, str):
+                text = value
+            else:
+                raise NexusError(f"{_where(src, start + i)}: {col!r} is not a string but {type(value).__name__} "
+                                 f"{str(value)[:40]}; put the document's text in {col!r} as a JSON string")
+            if text.strip():
+                yield text, is_heldout(value)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """16 hex chars identifying how a tokenizer encodes text (its full definition when fast, else its
+    vocabulary) and renders chat (its chat template)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps([type(tokenizer).__name__, getattr(tokenizer, "chat_template", None)], default=str)
+    return hashlib.sha256((body + extra).encode()).hexdigest()[:16]
+
+
+def _tokenizer_source(tokenizer) -> str:
+    return getattr(tokenizer, "_nexus_source", None) or getattr(tokenizer, "name_or_path", "") or "?"
+
+
+def check_tokenizer_encodes(tokenizer, texts: list[str], ids: list[list[int]], data: str) -> None:
+    """Refuse a tokenizer that cannot encode ``texts`` (a sample of the data), given their ``ids``.
+
+    The texts must map to at least ``min(MIN_DISTINCT_TOKEN_IDS, distinct characters)`` distinct
+    ids that are not special tokens: an empty or wrong tokenizer maps everything to nothing or to
+    one unknown id, which would silently train on end-of-text tokens.
+
+    :raises NexusError: naming the tokenizer's path and the data.
+    """
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    distinct = {t for row in ids for t in row} - special
+    needed = min(MIN_DISTINCT_TOKEN_IDS, len({c for t in texts for c in t if not c.isspace()}))
+    if len(distinct) < needed:
+        where = _tokenizer_source(tokenizer)
+        raise NexusError(f"the tokenizer from {where} encodes {data} into only {len(distinct)} distinct token ids "
+                         f"(vocabulary {len(tokenizer)}): it cannot encode this data; save the model's own tokenizer "
+                         f"files (tokenizer.json, tokenizer_config.json) in {where}")
+
+
+def check_data(data, tokenizer, text_column: str | None = None, sample_tokens: int = 4096) -> None:
+    """Fail fast on ``data``: it exists, is readable, has the text column, and ``tokenizer`` encodes
+    its first documents (about ``sample_tokens`` tokens; later rows are checked when read).
+
+    :raises NexusError: as :func:`load_token_data` would.
+    """
+    src = parse_source(data)
+    _encode_documents(DataSource(src.spec, src.name, src.local), tokenizer, text_column, sample_tokens)
+
+
+def heldout_counts(data, tokenizer, text_column: str | None = None) -> tuple[int, int]:
+    """``(held-out documents, documents)`` of ``data`` (every row read, nothing tokenised)."""
+    held = total = 0
+    for _, h in iter_documents(parse_source(data), tokenizer, text_column):
+        held, total = held + h, total + 1
+    return held, total
+
+
+@contextlib.contextmanager
+def token_cache(directory: str | os.PathLike):
+    """Within the block, complete tokenisations are stored in (and reused from) ``directory``."""
+    token = _cache_dir.set(Path(directory))
+    try:
+        yield Path(directory)
+    finally:
+        _cache_dir.reset(token)
+
+
+def _cache_file(src: DataSource, tokenizer, text_column: str | None) -> Path | None:
+    directory = _cache_dir.get()
+    if directory is None:
+        return None
+    key = json.dumps([data_fingerprint(src.name), tokenizer_fingerprint(tokenizer), text_column])
+    return directory / f"tokens-{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
+
+
+def _read_cache(file: Path | None) -> tuple[list[list[int]], list[bool]] | None:
+    if file is None or not file.exists():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        t = load_file(str(file))
+    except Exception as exc:  # noqa: BLE001 - a damaged cache entry is rebuilt
+        log.warning("ignoring unreadable token cache %s (%s)", file, exc)
+        return None
+    ids, offsets = t["ids"].tolist(), t["offsets"].tolist()
+    docs = [ids[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+    return docs, t["heldout"].bool().tolist()
+
+
+def _write_cache(file: Path, docs: list[list[int]], heldout: list[bool]) -> None:
+    from nexus.io import write_safetensors
+
+    lengths = torch.tensor([0] + [len(d) for d in docs], dtype=torch.int64)
+    flat = torch.tensor([t for d in docs for t in d], dtype=torch.int64)
+    held = torch.tensor(heldout, dtype=torch.uint8)
+    write_safetensors(file, {"ids": flat, "offsets": lengths.cumsum(0), "heldout": held})
+    log.info("token cache: wrote %s (%d documents)", file, len(docs))
+
+
+def _encode_documents(src: DataSource, tokenizer, text_column, max_tokens) -> tuple[list[list[int]], list[bool], bool]:
+    """``(ids per document, held-out flags, complete)``: documents of ``src`` (only its split's
+    when a token budget is given) tokenised in batches, stopping once ``max_tokens`` are reached."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    docs, flags, total, checked = [], [], 0, False
+    limit = 16  # documents in the first batch, whose ids also check the tokenizer
+    want = None if src.split is None else src.split == "heldout"
+    batch: list[tuple[str, bool]] = []
+
+    def flush() -> bool:
+        nonlocal total, checked
+        texts = [t for t, _ in batch]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        if not checked:
+            check_tokenizer_encodes(tokenizer, texts, ids, src.name)
+            checked = True
+        docs.extend(ids)
+        flags.extend(h for _, h in batch)
+        total += sum(len(x) + len(eos) for x in ids)
+        batch.clear()
+        return max_tokens is not None and total >= max_tokens
+
+    seen = 0
+    for text, held in iter_documents(src, tokenizer, text_column):
+        seen += 1
+        if max_tokens is not None and want is not None and held != want:
+            continue
+        batch.append((text, held))
+        if len(batch) >= limit and flush():
+            return docs, flags, False
+        if not batch:  # with a budget, the next batch is sized to what the budget still needs
+            need = _BATCH if max_tokens is None else -(-(max_tokens - total) * len(docs) // max(total, 1))
+            limit = max(1, min(_BATCH, need))
+    if seen == 0:
+        raise NexusError(f"data {src.name} has no non-empty text")
+    if batch:
+        flush()
+    return docs, flags, max_tokens is None or want is None
+
+
+def tokenize_documents(data, tokenizer, text_column: str | None = None,
+                       max_tokens: int | None = None) -> list[list[int]]:
+    """Token ids of each non-empty document of ``data`` (its ``@train``/``@heldout`` side only
+    when suffixed), no special tokens added. With ``max_tokens``, stops reading once the documents
+    (plus one EOS each) reach that many tokens.
+
+    :raises NexusError: unreadable data, a tokenizer that cannot encode it, or an empty split.
+    """
+    src = parse_source(data)
+    cache = _cache_file(src, tokenizer, text_column)
+    cached = _read_cache(cache)
+    if cached is not None:
+        docs, flags = cached
+        log.info("token cache: %s from %s", src.spec, cache)
+    else:
+        docs, flags, complete = _encode_documents(src, tokenizer, text_column, max_tokens)
+        if cache is not None and complete:
+            _write_cache(cache, docs, flags)
+    if src.split is not None:
+        want = src.split == "heldout"
+        kept = [d for d, h in zip(docs, flags) if h == want]
+        if not kept:
+            raise NexusError(f"the {src.split} split of {src.name} is empty ({len(docs)} documents, "
+                             f"{HOLDOUT_FRACTION:.0%} held out by content hash); give more documents or --eval-data")
+        docs = kept
+    return docs
+
+
+def check_seq_len(seq_len: int, tokenizer) -> None:
+    """:raises NexusError: ``seq_len`` below 2 or above the model's ``max_position_embeddings``."""
     if seq_len < 2:
         raise NexusError(f"--seq-len must be at least 2, got {seq_len}")
     limit = getattr(getattr(tokenizer, "_nexus_model_config", None), "max_position_embeddings", None)
     if limit and seq_len > limit:
         raise NexusError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {limit}")
-    eos = tokenizer.eos_token_id
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def pack_documents(docs: list[list[int]], seq_len: int, eos_id: int | None, pack: bool = True) -> list[list[int]]:
+    """Cut documents' token ids into rows of at most ``seq_len`` ids.
+
+    ``pack``: documents are joined with EOS and cut into ``seq_len`` rows (the last may be
+    shorter). Otherwise each document becomes its own rows, a long one split into several.
+    Rows shorter than 2 tokens (nothing to predict) are left out.
+    """
     rows: list[list[int]] = []
     if pack:
         stream: list[int] = []
-        for ids in encoded:
-            stream.extend(ids + ([eos] if eos is not None else []))
+        for ids in docs:
+            stream.extend(ids + ([eos_id] if eos_id is not None else []))
         rows = [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]
     else:
-        for ids in encoded:
+        for ids in docs:
             rows.extend(ids[i : i + seq_len] for i in range(0, len(ids), seq_len))
     return [r for r in rows if len(r) >= 2]
 
@@ -129,10 +507,14 @@ def collate(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 
 @dataclass
 class TokenData:
-    """Tokenised rows plus the padding id; batches are drawn in a seeded order."""
+    """Tokenised rows plus the padding id; batches are drawn in a seeded order.
+
+    ``dropped_rows``: rows of a single token (nothing to predict) left out when the data was cut.
+    """
 
     rows: list[list[int]]
     pad_id: int
+    dropped_rows: int = 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -173,29 +555,47 @@ class TokenData:
             index += 1
 
 
-def load_token_data(data, tokenizer, seq_len: int, text_column: str | None = None, pack: bool = True) -> TokenData:
-    """Load, render and tokenise ``data`` (see :func:`load_rows`) into a :class:`TokenData`."""
-    texts = row_texts(load_rows(data), tokenizer, text_column)
-    rows = tokenize_rows(texts, tokenizer, seq_len, pack=pack)
+def load_token_data(data, tokenizer, seq_len: int, text_column: str | None = None, pack: bool = True,
+                    max_tokens: int | None = None) -> TokenData:
+    """Load, render and tokenise ``data`` (see :func:`load_rows`; ``DATA@train``/``DATA@heldout``
+    for a side of the held-out split) into a :class:`TokenData` of rows of at most ``seq_len`` ids.
+
+    :param max_tokens: stop reading the data once this many tokens are collected (None: all of it).
+    :raises NexusError: unreadable data (naming the file and line), a tokenizer that cannot
+        encode it (naming the tokenizer's path), or no rows of at least 2 tokens.
+    """
+    check_seq_len(seq_len, tokenizer)
+    # A row may end up 1 token short of what was read (too short to keep): read a row more.
+    docs = tokenize_documents(data, tokenizer, text_column, None if max_tokens is None else max_tokens + seq_len)
+    rows = pack_documents(docs, seq_len, tokenizer.eos_token_id, pack=pack)
     if not rows:
         raise NexusError(f"data {data} gives no rows of at least 2 tokens")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    log.info("data %s: %d rows, %d tokens (seq_len %d)", data, len(rows), sum(map(len, rows)), seq_len)
-    return TokenData(rows, pad)
+    log.info("data %s: %d documents, %d rows, %d tokens (seq_len %d)", data, len(docs), len(rows),
+             sum(map(len, rows)), seq_len)
+    # Every token read ends up in one row; the rest were single-token rows, left out.
+    read = sum(map(len, docs)) + (len(docs) if pack and tokenizer.eos_token_id is not None else 0)
+    return TokenData(rows, pad, dropped_rows=read - sum(map(len, rows)))
 
 
 def load_tokenizer(path, model_config=None):
     """``AutoTokenizer`` from ``path``, with a pad token (EOS when missing).
 
-    :raises NexusError: the directory has no tokenizer.
+    :raises NexusError: the directory has no tokenizer, or one with an empty vocabulary.
     """
     from transformers import AutoTokenizer
 
+    path = Path(str(path)).expanduser()
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # noqa: BLE001
         raise NexusError(f"no tokenizer in {path}: {exc}. Save one beside the model or pass --tokenizer") from exc
+    special = set(tok.all_special_ids)
+    if not any(i not in special for i in tok.get_vocab().values()):
+        raise NexusError(f"the tokenizer in {path} has an empty vocabulary (no tokenizer files?); save the model's "
+                         "own tokenizer files (tokenizer.json, tokenizer_config.json) there")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok._nexus_model_config = model_config
+    tok._nexus_source = str(path)
     return tok

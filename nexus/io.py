@@ -1,18 +1,36 @@
-"""Atomic writes: every artifact appears whole or not at all (temp file + rename)."""
+"""Atomic writes (every artifact appears whole or not at all: temp file + rename) and output locks."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
+from nexus.errors import NexusError, OutputLockedError
 
-from nexus.errors import NexusError
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+def current_umask() -> int:
+    """The process's umask (read from ``/proc`` where it can be, so that it is never changed)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -25,6 +43,7 @@ def atomic_path(path: str | os.PathLike):
     except OSError as exc:
         raise NexusError(f"cannot write {path}: {exc.strerror}; choose a writable output location") from exc
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; the artifact gets the user's usual mode
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -41,6 +60,8 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     """Save ``tensors`` (contiguous copies) to a safetensors file, atomically."""
+    from safetensors.torch import save_file
+
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
@@ -54,6 +75,7 @@ def atomic_dir(path: str | os.PathLike):
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     except OSError as exc:
         raise NexusError(f"cannot write {path}: {exc.strerror}; choose a writable output location") from exc
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
     try:
         yield tmp
         if path.exists():
@@ -67,3 +89,153 @@ def atomic_dir(path: str | os.PathLike):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+_HELD: dict[Path, int] = {}  # lock files this process holds -> nesting depth
+
+
+def lock_path(output: str | os.PathLike) -> Path:
+    """The lock file of an output directory or file: ``.<name>.lock`` beside it (so that replacing
+    the output atomically, or clearing it with ``--overwrite``, leaves the lock in place)."""
+    output = Path(output).expanduser().absolute()
+    return output.parent / f".{output.name}.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def _read_holder(path: Path) -> tuple[int | None, str]:
+    try:
+        holder = json.loads(path.read_text())
+        return int(holder["pid"]), str(holder["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, ""
+
+
+@contextlib.contextmanager
+def output_lock(output: str | os.PathLike, enabled: bool = True):
+    """Hold the lock of ``output`` (a directory or file a stage writes) for the duration of the block.
+
+    The lock is a file created with ``O_CREAT | O_EXCL`` holding this process's pid and host. A lock
+    left by a process that no longer runs on this host is taken over with a warning. Nested use on
+    the same output in one process is allowed. Under a launcher, only the main process should lock
+    (``enabled=False`` elsewhere).
+
+    :raises OutputLockedError: a live process (or one on another host) holds the lock.
+    :raises NexusError: the lock cannot be written (the output location is not writable).
+    """
+    if not enabled:
+        yield None
+        return
+    path = lock_path(output)
+    if path in _HELD:
+        _HELD[path] += 1
+        try:
+            yield path
+        finally:
+            _HELD[path] -= 1
+        return
+    host = socket.gethostname()
+    created = []  # directories made here for the lock, removed again when the stage left them empty
+    missing = path.parent
+    while not missing.exists() and missing != missing.parent:
+        created.append(missing)
+        missing = missing.parent
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NexusError(f"cannot write {output}: {exc.strerror}; choose a writable output location") from exc
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid, holder_host = _read_holder(path)
+            if pid is not None and holder_host == host and not _pid_alive(pid):
+                log.warning("taking over the stale lock %s of process %d, which no longer runs", path, pid)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                continue
+            who = f"process {pid} on host {holder_host}" if pid is not None else "another process"
+            raise OutputLockedError(
+                f"{output} is in use by {who} (lock file {path}); wait for it to finish, or delete the lock file "
+                f"if that process is gone"
+            ) from None
+        except OSError as exc:
+            raise NexusError(f"cannot write {output}: {exc.strerror}; choose a writable output location") from exc
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"pid": os.getpid(), "host": host}) + "\n")
+        break
+    else:
+        raise OutputLockedError(f"could not take the lock {path} of {output}; another process keeps taking it")
+    _HELD[path] = 1
+    try:
+        yield path
+    finally:
+        del _HELD[path]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        for directory in created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only when empty
+
+
+def check_writable_output(path: str | os.PathLike, directory: bool, what: str = "--output") -> Path:
+    """Refuse, before any work, an output location that cannot be written.
+
+    :param path: where a command will write (it may not exist yet).
+    :param directory: whether the output is a directory (else a file).
+    :param what: how the user named it, for the message (``--output``, ``RUN_DIR/plots``...).
+    :return: ``path`` with ``~`` expanded.
+    :raises NexusError: ``path`` is a file where a directory is needed (or the reverse), a file
+        stands where a parent directory should be, or the nearest existing directory is not writable.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and path.is_dir() != directory:
+        kind, need = ("a file", "a directory") if directory else ("a directory", "a file path")
+        raise NexusError(f"{what} {path} is {kind}; give {need}")
+    existing = path if path.is_dir() else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NexusError(f"cannot write {what} {path}: {existing} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise NexusError(
+            f"cannot write {what} {path}: {existing} is not writable ({exc.strerror}); choose a writable location"
+        ) from exc
+    return path
+
+
+def locks_output(argument: str = "output", subpath: str | None = None):
+    """Decorator: hold :func:`output_lock` on the function's ``argument`` (joined with ``subpath``)
+    while it runs; nothing is locked when that argument is None.
+
+    :param argument: the name of the parameter holding the output directory or file.
+    :param subpath: what the function writes under that path (e.g. ``plots`` under a run directory).
+    """
+    import functools
+    import inspect
+
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            target = signature.bind_partial(*args, **kwargs).arguments.get(argument)
+            if target is None:
+                return fn(*args, **kwargs)
+            with output_lock(Path(target, subpath) if subpath else target):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate

@@ -21,14 +21,51 @@ from pathlib import Path
 import torch
 
 
+def _poison_gradient_at(call: int) -> None:
+    """From micro-batch ``call`` on, add ``sqrt(|w - w|^2)`` of a trainable weight to the CE: the loss
+    stays finite while that weight's gradient becomes NaN (0 * inf)."""
+    import nexus.engines.train as engine
+
+    real, calls = engine.distill_losses, {"n": 0}
+
+    def poisoned(student, *args, **kwargs):
+        parts = real(student, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] >= call:
+            w = next(p for p in student.parameters() if p.requires_grad)
+            parts.ce = parts.ce + torch.sqrt((w - w.detach()).float().pow(2).sum())
+        return parts
+
+    engine.distill_losses = poisoned
+
+
+def _trainable_after_failure(accelerator) -> dict:
+    """Whether every trainable weight left in memory after a NonFiniteLossError is finite."""
+    from nexus.engines.zero import read_full
+
+    model = accelerator._models[0]
+    model = getattr(model, "module", model)
+    finite = all(bool(torch.isfinite(read_full(p)).all()) for p in model.parameters() if p.requires_grad)
+    return {"trainable_finite": finite}
+
+
 def _check(engine: str, config, accelerator) -> dict:
     """Train under ``engine``; whether every frozen parameter is bit-identical to the checkpoint."""
+    import os
+
     from nexus.engines.distributed import force_engine
     from nexus.engines.sharding import full_tensor, is_sharded
-    from nexus.engines.train import train
+    from nexus.engines.train import NonFiniteLossError, train
     from nexus.loading import load_model
 
     force_engine(accelerator, engine, config.bf16)
+    if os.environ.get("NEXUS_TEST_NAN_GRADIENT_AT"):
+        _poison_gradient_at(int(os.environ["NEXUS_TEST_NAN_GRADIENT_AT"]))
+        try:
+            train(config, accelerator=accelerator)
+        except NonFiniteLossError as exc:
+            return {"error": str(exc), **_trainable_after_failure(accelerator)}
+        return {"error": None}
     result = train(config, accelerator=accelerator)
     reference = dict(load_model(config.model, dtype=torch.bfloat16 if config.bf16 else torch.float32).named_parameters())
     frozen, sharded, identical = 0, 0, True

@@ -53,11 +53,12 @@ def subprocess_env() -> dict:
     return env
 
 
-def torchrun(*args: str, no_python: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``args`` as two ``torchrun`` processes (gloo on CPU); assert they succeed."""
+def torchrun(*args: str, no_python: bool = False, timeout: float = 300,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``args`` as two ``torchrun`` processes (gloo on CPU), ``env`` added; assert they succeed."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            *(["--no-python"] if no_python else []), *args]
-    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(cmd, env={**subprocess_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 

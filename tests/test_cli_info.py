@@ -107,7 +107,7 @@ def test_inspect_json(gpt_oss_mxfp4_dir, gpt_oss_config):
     from nexus.fingerprint import config_fingerprint
     from nexus.loading import load_model
 
-    model = load_model(gpt_oss_mxfp4_dir)
+    model = load_model(gpt_oss_mxfp4_dir, dequantize=True)  # every parameter, experts included
     assert info["total_parameters"] == sum(p.numel() for p in model.parameters())
     assert info["fingerprint"] == config_fingerprint(model.config)
     assert info["checkpoint_bytes"] == (gpt_oss_mxfp4_dir / "model.safetensors").stat().st_size
@@ -138,3 +138,65 @@ def test_version(args):
     from nexus import __version__
 
     assert __version__ in _run(*args).output
+
+
+def test_version_is_the_installed_package_version():
+    from importlib.metadata import version
+
+    assert _run("--version").output.strip() == f"nexus, version {version('nexus-moe')}"
+
+
+_STARTUP = """
+import sys
+from click.testing import CliRunner
+from nexus.cli import cli
+assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported by nexus.cli'
+for args in (['--version'], ['--help'], ['train', '--help'], ['run', '--help'], ['precompute', '--help'],
+             ['select', '--help'], ['evaluate', '--help']):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, (args, result.output)
+    heavy = sorted({'torch', 'transformers', 'families', 'nexus_family_example'} & set(sys.modules))
+    assert not heavy, (args, heavy)
+assert not cli.plugins_loaded
+"""
+
+
+def test_help_and_version_import_neither_torch_nor_plugins():
+    """``nexus --help``/``--version`` and every built-in command's ``--help`` start without torch,
+    transformers or any plugin (which import both)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _STARTUP], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_a_plugin_command_is_found_without_building_the_cli_again():
+    import click
+
+    import nexus
+    from nexus.plugins import get_plugin_manager
+
+    class LatePlugin:
+        __name__ = "LatePlugin"
+
+        @nexus.hookimpl
+        def nexus_register_commands(self, cli):
+            @cli.command(name="late-hello")
+            def hello():
+                """Say hello."""
+                click.echo("hello from a plugin")
+
+    pm = get_plugin_manager()
+    plugin = LatePlugin()
+    pm.register(plugin, name="late-plugin")
+    loaded = cli.plugins_loaded
+    cli.plugins_loaded = False  # as in a fresh process: plugins not loaded yet
+    try:
+        assert _run("late-hello").output == "hello from a plugin\n"
+        assert cli.plugins_loaded
+    finally:
+        pm.unregister(plugin)
+        cli.commands.pop("late-hello", None)
+        cli.plugins_loaded = loaded
+    assert _run("late-hello", ok=False).exit_code == 2

@@ -160,3 +160,13 @@ def test_help_documents_the_rules():
     assert "mean_all" in out and "--shared-intermediate-size" in out
     out = CliRunner().invoke(cli, ["collect", "--help"]).output
     assert "--target-tokens" in out and "--checkpoint-every" in out
+
+
+def test_select_reports_each_layer_once(pipeline, tmp_path):
+    import re
+
+    result = CliRunner().invoke(cli, ["select", "--stats", str(pipeline / "stats"), "--top-k", "3", "--no-plots",
+                                      "--output", str(tmp_path / "sel.json")])  # default log level (INFO)
+    assert result.exit_code == 0, result.output
+    for layer in range(3):
+        assert len(re.findall(rf"layer\s+{layer}:", result.output)) == 1, result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -98,3 +99,109 @@ def test_adapter_for_another_base_is_refused(gpt_oss_float_dir, tmp_path):
                                       "--data", str(data), "--seq-len", "32"])
     line = _error_line(result)
     assert "fingerprint" in line
+
+
+def _docs_of(spec, base):
+    from nexus.data import load_tokenizer, tokenize_documents
+
+    return {tuple(d) for d in tokenize_documents(spec, load_tokenizer(base))}
+
+
+def test_run_holds_out_documents_and_reruns_when_the_data_changes(gpt_oss_float_dir, tmp_path):
+    base = make_base(gpt_oss_float_dir, tmp_path / "base")
+    data = make_data(tmp_path / "train.jsonl", 30)
+    out = tmp_path / "run"
+    args = ["run", "--model", str(base), "--data", str(data), "--output", str(out), *SMALL[:2], "--max-steps", "2"]
+    first = _run(args)
+    assert first.exit_code == 0, first.output
+    assert "held out by content hash, not trained on" in first.output
+
+    # Without --eval-data: evaluate reads only held-out documents, collect and train only the others.
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["data"] == f"{data}@heldout" and ev["eval_source"]["kind"] == "heldout_split"
+    trained_on = json.loads((out / "train/run_config.json").read_text())["config"]["data"]
+    collected_on = json.loads((out / "stats/router_stats.json").read_text())["source"]["data"]
+    assert trained_on == collected_on == f"{data}@train"
+    held, train = _docs_of(ev["data"], base), _docs_of(trained_on, base)
+    assert held and train and not held & train
+    assert len(held) + len(train) == len(_docs_of(data, base))
+
+    # Rows appended: every stage that reads the data runs again.
+    with data.open("a") as f:
+        f.write(json.dumps({"text": "A new paragraph about the state of the union and its finances."}) + "\n")
+    appended = _run(args)
+    assert appended.exit_code == 0, appended.output
+    assert "ran collect, select, convert, train, evaluate, plot" in appended.output
+
+    # Edited in place, same size, same modification time: still a change.
+    stat, text = data.stat(), data.read_text()
+    data.write_text(text.replace("the", "thy", 1))
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    edited = _run(args)
+    assert edited.exit_code == 0, edited.output
+    assert "ran collect, select, convert, train, evaluate, plot" in edited.output
+    unchanged = _run(args)
+    assert "ran nothing" in unchanged.output
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--lr", "-1"], "--lr must be a positive"),
+    (["--eval-data", "missing.jsonl"], "missing.jsonl does not exist"),
+    (["--top-k", "99"], "--top-k must be between 1 and 8"),
+    (["--eval-batches", "0"], "--eval-batches must be at least 1"),
+    (["--diversity", "-1"], "--diversity must be"),
+])
+def test_run_checks_every_argument_before_the_first_stage(gpt_oss_float_dir, tmp_path, monkeypatch, extra, expected):
+    base = make_base(gpt_oss_float_dir, tmp_path / "base")
+    data = make_data(tmp_path / "train.jsonl", 30)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["-q", "run", "--model", str(base), "--data", str(data), "--output", str(out),
+                                      *SMALL[:-2], *extra])
+    assert expected in _error_line(result)
+    assert not (out / "stages").exists() and not (out / "stats").exists()
+
+
+def test_run_refuses_a_model_without_a_tokenizer(tmp_path):
+    from helpers_conformance import build_checkpoint
+
+    from nexus.family import resolve_family
+
+    model = build_checkpoint(resolve_family(name="qwen3_moe"), tmp_path / "q3")
+    data = make_data(tmp_path / "train.jsonl", 30)
+    result = CliRunner().invoke(cli, ["-q", "run", "--model", str(model), "--data", str(data),
+                                      "--output", str(tmp_path / "run"), *SMALL])
+    line = _error_line(result)
+    assert str(model) in line and "tokenizer" in line
+    assert not (tmp_path / "run" / "stages").exists()
+
+
+@pytest.mark.parametrize("stage, exc, code", [
+    ("train", "SIGINT", 130), ("train", "SIGTERM", 143), ("collect", "KeyboardInterrupt", 130),
+])
+def test_run_stops_after_an_interrupted_stage(gpt_oss_float_dir, tmp_path, monkeypatch, stage, exc, code):
+    import signal
+
+    import nexus.engines.router_stats
+    import nexus.engines.train
+    from nexus.errors import Interrupted
+
+    def stop(*args, **kwargs):
+        if exc == "KeyboardInterrupt":
+            raise KeyboardInterrupt
+        raise Interrupted("saved a checkpoint at step 1; resume with --resume", getattr(signal, exc))
+
+    target = {"train": (nexus.engines.train, "train"), "collect": (nexus.engines.router_stats, "run_collect")}[stage]
+    monkeypatch.setattr(*target, stop)
+    evaluated = []
+    monkeypatch.setattr("nexus.engines.evaluate.evaluate", lambda *a, **k: evaluated.append(1))
+    base = make_base(gpt_oss_float_dir, tmp_path / "base")
+    data = make_data(tmp_path / "train.jsonl", 30)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["-q", "run", "--model", str(base), "--data", str(data), "--output", str(out),
+                                      *SMALL])
+    assert result.exit_code == code, result.output
+    line = _error_line(result)
+    assert f"run stopped in stage {stage}" in line or f"aborted in stage {stage}" in line
+    assert not evaluated and not (out / "eval.json").exists()
+    assert not (out / "stages" / f"{stage}.json").exists() and (out / "stages" / f"{stage}.started.json").exists()

@@ -112,3 +112,48 @@ def test_cache_refuses_other_tokenizer_data_or_temperature(work, tmp_path):
         train(TrainConfig(model=str(work["base"]), output=str(tmp_path / "r2"), data=str(wrong), **common))
     with pytest.raises(NexusError, match="temperature"):
         train(TrainConfig(model=str(work["base"]), output=str(tmp_path / "r3"), temperature=2.0, **common))
+
+
+def test_cache_holds_log_probs_at_its_temperature(work, tmp_path):
+    from nexus.loading import load_model
+
+    out = precompute(PrecomputeConfig(teacher=str(work["base"]), data=str(work["data"]), output=str(tmp_path / "t2"),
+                                      top_k=8, seq_len=32, batch_size=3, rows_per_shard=4, temperature=2.0))
+    batch = TeacherCache(out).collate([0])
+    with torch.no_grad():
+        logits = load_model(work["base"])(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want = torch.log_softmax(logits[0, :-1] / 2.0, -1).topk(8)
+    torch.testing.assert_close(batch["teacher_topk_logprobs"][0], want.values, rtol=0, atol=1e-5)
+    assert torch.equal(batch["teacher_topk_indices"][0], want.indices)
+
+
+def test_interrupted_precompute_keeps_whole_shards_and_the_same_command_finishes(work, tmp_path, monkeypatch):
+    import signal
+
+    import nexus.losses
+    from nexus.errors import Interrupted
+    from nexus.io import lock_path
+
+    real, calls = nexus.losses.topk_logprobs, {"n": 0}
+
+    def signalled(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the first batch of shard 1 (two batches of 3 rows per 4-row shard)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nexus.losses, "topk_logprobs", signalled)
+    args = dict(teacher=str(work["base"]), data=str(work["data"]), output=str(tmp_path / "cache"), top_k=256,
+                seq_len=32, batch_size=3, rows_per_shard=4, router_logits=True)
+    with pytest.raises(Interrupted, match="stopped by SIGINT: 1 of .* shards .*run the same command again") as info:
+        precompute(PrecomputeConfig(**args))
+    assert info.value.exit_code == 130
+    assert sorted(p.name for p in (tmp_path / "cache").glob("shard-*")) == ["shard-00000.parquet"]
+    assert not lock_path(tmp_path / "cache").exists()
+    monkeypatch.setattr(nexus.losses, "topk_logprobs", real)
+    precompute(PrecomputeConfig(**args))
+    done, reference = TeacherCache(tmp_path / "cache"), TeacherCache(work["cache"])
+    assert done.rows == reference.rows
+    idx = list(range(len(done.rows)))
+    key = "teacher_topk_logprobs"
+    torch.testing.assert_close(done.collate(idx)[key], reference.collate(idx)[key])

@@ -39,11 +39,11 @@ def _settings(work, out, **kw) -> dict:
     return args
 
 
-def _launch(tmp_path, engine, name, settings) -> dict:
+def _launch(tmp_path, engine, name, settings, env=None) -> dict:
     """Train with ``settings`` as two processes under ``engine`` (fsdp2, zero1, zero2); rank 0's report."""
     cfg, res = tmp_path / f"{name}.json", tmp_path / f"{name}-result.json"
     cfg.write_text(json.dumps(settings))
-    torchrun(SCRIPT, engine, str(cfg), str(res), timeout=400)
+    torchrun(SCRIPT, engine, str(cfg), str(res), timeout=400, env=env)
     return json.loads(res.read_text())
 
 
@@ -145,3 +145,12 @@ def test_engines_benchmark_quick_shows_each_engine_partitioning_its_share(tmp_pa
     assert ratios["zero2"]["frozen_base_ddp_over_engine"] == pytest.approx(1.0)
     for engine in ratios:
         assert ratios[engine]["optimizer_state_ddp_over_engine"] == pytest.approx(2.0, rel=0.05)
+
+
+def test_zero2_bf16_never_applies_a_non_finite_gradient(work, tmp_path):
+    settings = _settings(work, tmp_path / "nan", bf16=True, max_steps=4, sfa_interval=0, grad_accum=1, save_every=1)
+    # Step 3's loss is finite but its gradient is NaN: DeepSpeed must skip the update and nexus stop.
+    result = _launch(tmp_path, "zero2", "nan", settings, env={"NEXUS_TEST_NAN_GRADIENT_AT": "3"})
+    assert result["error"] and "non-finite" in result["error"] and "at step 3" in result["error"]
+    assert "stopped without updating the weights" in result["error"] and "step-2" in result["error"]
+    assert result["trainable_finite"]

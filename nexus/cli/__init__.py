@@ -12,7 +12,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import importlib  # noqa: E402
 import logging  # noqa: E402
-import sys  # noqa: E402
 
 import click
 
@@ -30,7 +29,15 @@ COMMAND_MODULES = (
 
 
 class NexusGroup(click.Group):
-    """Turns :class:`NexusError` into a one-line message and exit code 1, never a traceback."""
+    """The ``nexus`` group: one-line errors, and plugin commands loaded only when needed.
+
+    A :class:`NexusError` becomes a one-line message and its ``exit_code`` (default 1), never a
+    traceback (``-vv`` shows it). Plugins (and with them torch and transformers) are loaded the
+    first time a command that is not built in is asked for, so ``--help``, ``--version`` and the
+    built-in commands' help start in a fraction of a second.
+    """
+
+    plugins_loaded = False
 
     def invoke(self, ctx):
         try:
@@ -38,7 +45,21 @@ class NexusGroup(click.Group):
         except NexusError as exc:
             if ctx.obj and ctx.obj.get("verbose", 0) > 1:
                 raise
-            raise click.ClickException(str(exc)) from None
+            error = click.ClickException(str(exc))
+            error.exit_code = getattr(exc, "exit_code", 1)
+            raise error from None
+        except KeyboardInterrupt:  # a second Ctrl-C, or one before a stage's own handler is installed
+            if ctx.obj and ctx.obj.get("verbose", 0) > 1:
+                raise
+            click.echo("Error: interrupted; what the stage saved before (checkpoints, finished shards) is kept", err=True)
+            ctx.exit(130)
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        if command is None and not self.plugins_loaded:
+            load_plugin_commands()
+            command = super().get_command(ctx, cmd_name)
+        return command
 
 
 EPILOG = """\b
@@ -52,6 +73,8 @@ Examples:
   nexus evaluate --model M --adapter run/final --data heldout.jsonl
   nexus inspect --model M --json                  # layers, experts, sizes, quantisation
   nexus families / nexus plugins                  # what is installed
+
+Commands that plugins add are not listed here; run them as any other (nexus plugins lists the plugins).
 """
 
 
@@ -84,22 +107,27 @@ def get_family(ctx: click.Context, config=None):
     return resolve_family(config, name=ctx.find_root().obj.get("family"))
 
 
-def _build() -> click.Group:
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(cli)
+def load_plugin_commands() -> click.Group:
+    """Let every plugin add its commands (hook ``nexus_register_commands``); returns :data:`cli`.
+
+    Runs the hook again when called again (for plugins registered since).
+
+    :raises NexusError: a plugin failed to import.
+    """
     from nexus.plugins import get_plugin_manager
 
-    try:
-        get_plugin_manager().hook.nexus_register_commands(cli=cli)
-    except NexusError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(1)
+    cli.plugins_loaded = True
+    get_plugin_manager().hook.nexus_register_commands(cli=cli)
     return cli
+
+
+_build = load_plugin_commands
 
 
 def main() -> None:
     """Console-script entry point."""
-    _build()(prog_name="nexus")
+    cli(prog_name="nexus")
 
 
-_build()
+for _name in COMMAND_MODULES:
+    importlib.import_module(_name).register(cli)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
+
+from nexus.cli.options import FiniteFloat
 
 
 @click.command()
@@ -12,13 +15,15 @@ import click
 @click.option("--adapter", type=click.Path(exists=True), default=None, help="Adapter directory (omit to evaluate the base alone).")
 @click.option("--data", required=True, help="Held-out data: .jsonl/.parquet/.txt file, a directory of them, or a cached dataset.")
 @click.option("--output", type=click.Path(), default=None, help="Write the results JSON here (default: print it).")
-@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per row.")
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Rows per forward pass.")
-@click.option("--max-batches", type=int, default=None, help="Stop after this many batches.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per row.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Rows per forward pass.")
+@click.option("--max-batches", type=click.IntRange(min=1), default=None, help="Stop after this many batches.")
 @click.option("--tokenizer", type=click.Path(exists=True), default=None, help="Tokenizer directory (default: the model's).")
 @click.option("--text-column", default=None, help="Text column of the data (default: text, or chat messages).")
 @click.option("--bf16", is_flag=True, help="Run in bfloat16.")
-def evaluate(model_path, adapter, data, output, seq_len, batch_size, max_batches, tokenizer, text_column, bf16):
+@click.option("--dequantize", is_flag=True, help="Dequantise experts stored quantised (MXFP4, FP8) at load instead of keeping them packed as stored.")
+def evaluate(model_path, adapter, data, output, seq_len, batch_size, max_batches, tokenizer, text_column, bf16,
+             dequantize):
     """Perplexity of the adapted model vs its base, KL(base || adapted), router entropy and load per layer.
 
     \b
@@ -26,10 +31,13 @@ def evaluate(model_path, adapter, data, output, seq_len, batch_size, max_batches
       nexus evaluate --model base/ --adapter runs/a/final --data heldout.jsonl --output eval.json
     """
     from nexus.engines.evaluate import evaluate as run_evaluate
-    from nexus.io import write_json
+    from nexus.io import check_writable_output, write_json
 
+    if output:
+        check_writable_output(output, directory=False)
     result = run_evaluate(model_path, data, adapter=adapter, seq_len=seq_len, batch_size=batch_size,
-                          max_batches=max_batches, tokenizer=tokenizer, text_column=text_column, bf16=bf16)
+                          max_batches=max_batches, tokenizer=tokenizer, text_column=text_column, bf16=bf16,
+                          dequantize=dequantize)
     if output:
         write_json(output, result)
         base = result["base"]["perplexity"]
@@ -46,11 +54,12 @@ def evaluate(model_path, adapter, data, output, seq_len, batch_size, max_batches
 @click.option("--adapter", type=click.Path(exists=True), default=None, help="Adapter directory (omit for the base).")
 @click.option("--prompt", required=True, help="Text to continue (or the user message with --chat).")
 @click.option("--chat", is_flag=True, help="Format the prompt with the tokenizer's chat template.")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Tokens to generate.")
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy; otherwise sample.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens to generate.")
+@click.option("--temperature", type=FiniteFloat(min=0.0), default=0.0, show_default=True, help="0: greedy; otherwise sample.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option("--tokenizer", type=click.Path(exists=True), default=None, help="Tokenizer directory (default: the model's).")
-def generate(model_path, adapter, prompt, chat, max_new_tokens, temperature, seed, tokenizer):
+@click.option("--dequantize", is_flag=True, help="Dequantise experts stored quantised (MXFP4, FP8) at load instead of keeping them packed as stored.")
+def generate(model_path, adapter, prompt, chat, max_new_tokens, temperature, seed, tokenizer, dequantize):
     """Generate text with the base or adapted model.
 
     \b
@@ -60,15 +69,17 @@ def generate(model_path, adapter, prompt, chat, max_new_tokens, temperature, see
     from nexus.engines.evaluate import generate as run_generate
 
     click.echo(run_generate(model_path, prompt, adapter=adapter, chat=chat, max_new_tokens=max_new_tokens,
-                            temperature=temperature, tokenizer=tokenizer, seed=seed))
+                            temperature=temperature, tokenizer=tokenizer, seed=seed, dequantize=dequantize))
 
 
 @click.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 def plot(run_dir):
     """Draw loss, KL, router drift/entropy, LR and grad-norm curves of RUN_DIR into RUN_DIR/plots/."""
-    from nexus.engines.plots import plot_run
+    from nexus.engines.plots import PLOTS_DIR, plot_run
+    from nexus.io import check_writable_output
 
+    check_writable_output(Path(run_dir) / PLOTS_DIR, directory=True, what="plot output")
     for path in plot_run(run_dir):
         click.echo(str(path))
 

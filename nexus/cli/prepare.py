@@ -6,12 +6,9 @@ from pathlib import Path
 
 import click
 
-from nexus.constants import DEFAULT_GATE_MODE, DEFAULT_STRATEGY, GATE_MODES, INIT_STRATEGIES
-
-# Mirrors of the select engine's constants, so that building the CLI does not import torch
-# (tests/test_cli_prepare.py checks they agree).
-DEFAULT_TOP_K = 24
-DEFAULT_DIVERSITY = 0.1
+from nexus.cli.options import FiniteFloat
+from nexus.constants import (DEFAULT_DIVERSITY, DEFAULT_GATE_MODE, DEFAULT_STRATEGY, DEFAULT_TOP_K, GATE_MODES,
+                             INIT_STRATEGIES)
 
 
 def _model_or_demo(ctx: click.Context, model_path: str | None) -> tuple[str, bool]:
@@ -60,9 +57,10 @@ Examples:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Dtype the base is loaded in.")
 @click.option("--overwrite", is_flag=True, help="Discard statistics of a different run found in --output.")
+@click.option("--dequantize", is_flag=True, help="Dequantise experts stored quantised (MXFP4, FP8) at load instead of keeping them packed as stored.")
 @click.pass_context
 def collect(ctx, model_path, data_path, output, target_tokens, batch_size, seq_len, text_column, seed,
-            checkpoint_every, max_batches, dtype, overwrite):
+            checkpoint_every, max_batches, dtype, overwrite, dequantize):
     """Accumulate per-layer router statistics of the base model over your data.
 
     Streams float64 sums (token count, sum p, sum p p^T, top-k counts and weights) per MoE
@@ -85,7 +83,7 @@ def collect(ctx, model_path, data_path, output, target_tokens, batch_size, seq_l
     stats = run_collect(
         model_path, data_path, output, args, family_name=ctx.find_root().obj.get("family"), seq_len=seq_len,
         text_column=text_column, dtype=getattr(torch, dtype), max_batches=max_batches, overwrite=overwrite,
-        progress=_progress(ctx),
+        progress=_progress(ctx), dequantize=dequantize,
     )
     from nexus.engines.distributed import end_processes
     from nexus.engines.router_stats import process_state
@@ -110,7 +108,8 @@ Patterns: even (CV<0.1), cliff (a step >= 0.3 x top), moderate (CV>=0.3), gradua
 Examples:
   nexus select --stats stats/ --output selection.json
   nexus select --stats stats/ --top-k 8 --diversity 0 --output sel/
-Default --top-k: min({DEFAULT_TOP_K}, E).
+Default --top-k: ceil(E/4), at least 1 and at most {DEFAULT_TOP_K}: the shared expert starts as the
+average of the picked experts, so K stays a minority of E for the selection to matter (K >= E/2 warns).
 """
 
 
@@ -119,8 +118,8 @@ Default --top-k: min({DEFAULT_TOP_K}, E).
               help="Directory (or .safetensors file) written by `nexus collect`.")
 @click.option("--output", "-o", type=click.Path(), default=None,
               help="Selection file (.json) or directory for expert_selection.json (default: beside the stats).")
-@click.option("--top-k", type=int, default=None, help=f"Experts per layer (default: min({DEFAULT_TOP_K}, E)); more than E is an error.")
-@click.option("--diversity", type=float, default=DEFAULT_DIVERSITY, show_default=True, metavar="LAMBDA",
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help=f"Experts per layer (default: ceil(E/4), at most {DEFAULT_TOP_K}); more than E is an error.")
+@click.option("--diversity", type=FiniteFloat(min=0.0), default=DEFAULT_DIVERSITY, show_default=True, metavar="LAMBDA",
               help="Weight of the redundancy penalty in the greedy pick (0: pure importance).")
 @click.option("--plots/--no-plots", default=True, show_default=True,
               help="Also write <output>_importance.png (heatmap) and <output>_variance.png.")

@@ -8,6 +8,7 @@ import os
 import click
 
 from nexus.cli.options import dataclass_options
+from nexus.errors import Interrupted
 
 
 def _is_main_process() -> bool:
@@ -39,13 +40,20 @@ def _train_command():
         """Train the shared experts of an adapter with CE + distillation from a teacher.
 
         Writes OUTPUT/run_config.json, metrics.jsonl, checkpoints/step-N/ and final/ (an adapter).
-        SIGINT/SIGTERM save a checkpoint and stop; --resume continues bit-identically.
+        SIGINT/SIGTERM save a checkpoint and stop (exit status 130/143); --resume continues bit-identically.
+        An OUTPUT holding another run is refused unless --resume or --overwrite.
         """
         from nexus.engines.distributed import end_processes
         from nexus.engines.train import train as run_train
+        from nexus.io import check_writable_output
 
+        check_writable_output(kwargs["output"], directory=True)
         main = _is_main_process()
-        result = run_train(TrainConfig(**kwargs))
+        try:
+            result = run_train(TrainConfig(**kwargs))
+        except Interrupted:  # every process stops together, so they can free their groups together
+            end_processes()
+            raise
         if result.final is not None:
             message = f"trained {result.step} steps; adapter in {result.final}"
         else:
@@ -59,7 +67,7 @@ def _train_command():
 
 
 def _precompute_command():
-    from nexus.engines.teacher_cache import PrecomputeConfig
+    from nexus.engines.precompute_config import PrecomputeConfig
 
     @click.command(epilog="\b\nExample:\n  nexus precompute --teacher base/ --data train.jsonl --top-k 64 --output cache/\n")
     @dataclass_options(PrecomputeConfig)
@@ -70,9 +78,15 @@ def _precompute_command():
         """
         from nexus.engines.distributed import end_processes
         from nexus.engines.teacher_cache import precompute as run_precompute
+        from nexus.io import check_writable_output
 
+        check_writable_output(kwargs["output"], directory=True)
         main = _is_main_process()
-        out = run_precompute(PrecomputeConfig(**kwargs))
+        try:
+            out = run_precompute(PrecomputeConfig(**kwargs))
+        except Interrupted:  # every process stops together, so they can free their groups together
+            end_processes()
+            raise
         end_processes()
         if main:
             click.echo(f"teacher cache in {out}")

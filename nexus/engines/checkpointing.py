@@ -122,7 +122,7 @@ class MetricsLog:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            kept = [json.dumps(r) for r in _parse_metrics(self.path) if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in kept))
 
     def write(self, record: dict) -> None:
@@ -139,4 +139,22 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         from nexus.errors import NexusError
 
         raise NexusError(f"{run_dir} has no {METRICS_NAME}; is it a nexus train run directory?")
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return _parse_metrics(path)
+
+
+def _parse_metrics(path: Path) -> list[dict]:
+    """The JSON objects of a metrics file; a line that does not parse (the last one, when a run was
+    killed mid-write) is skipped with a warning naming the file and line."""
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            log.warning("%s line %d is not a JSON object (truncated by a killed run?); skipping it", path, number)
+            continue
+        records.append(record)
+    return records

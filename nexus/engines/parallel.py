@@ -76,7 +76,7 @@ class Replicated:
         """Accumulate the gradient of ``loss`` (already normalised; the engine must not rescale it)."""
         self.accelerator.backward(loss)
 
-    def step(self, params: list[torch.nn.Parameter], check: Callable[[float], None]) -> float:
+    def step(self, params: list[torch.nn.Parameter], check: Callable[..., None]) -> float:
         """Clip, call ``check(grad_norm)`` (which may raise to stop before the update), step, zero grads.
 
         :return: the global gradient norm before clipping.
@@ -136,10 +136,13 @@ class ZeRO(Replicated):
         self.student.backward(loss, scale_wrt_gas=False)  # nexus normalised it already
 
     def step(self, params, check):
-        # Reduces, clips, steps and zeroes in one call; with fp32 weights a non-finite norm skips the update.
+        """DeepSpeed reduces, clips, steps and zeroes in one call, so the gradient norm is known
+        only inside it: :func:`nexus.engines.zero.configure` makes it skip a step whose gradients
+        hold NaN/inf (``check_grad_overflow``, also under bf16), and ``check`` then stops the run.
+        Were the step applied anyway, ``check`` is told so (``applied=True``)."""
         self.student.step()
         norm = float(self.student.get_global_grad_norm())
-        check(norm)
+        check(norm, applied=not zero.step_skipped(self.student))
         return norm
 
     def optimizer_state(self, run_dir, step):

@@ -39,16 +39,18 @@ def plot_importance(doc: dict, path: str | Path) -> Path:
         grid[row, : imp.size] = imp / imp.sum() if imp.sum() > 0 else imp
     fig = Figure(figsize=(min(24, max(6, 0.12 * width + 2)), min(20, max(2.5, 0.3 * len(layers) + 1.5))))
     ax = fig.add_subplot()
-    im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
+    # Shares are >= 0: the colour scale starts at zero so that a pale cell means "unimportant".
+    im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0)
     for row, x in enumerate(layers):
         ax.scatter(x["experts"], [row] * len(x["experts"]), s=max(2, 60 / max(1, width / 16)), c="white",
                    edgecolors="black", linewidths=0.3)
-    ax.set_xlabel("expert")
-    ax.set_ylabel("layer")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("expert id")
+    ax.set_ylabel("MoE layer")
+    ax.xaxis.set_major_locator(MaxNLocator(min(width, 16), integer=True))
     ax.set_yticks(range(len(layers)), [str(x["layer"]) for x in layers])
     if len(layers) > 24:
-        from matplotlib.ticker import MaxNLocator
-
         ax.yaxis.set_major_locator(MaxNLocator(12, integer=True))
     k = len(layers[0]["experts"]) if layers else 0
     family = f"{doc['family']}, " if doc.get("family") else ""
@@ -73,19 +75,23 @@ def plot_variance(doc: dict, path: str | Path) -> Path:
         cum = np.cumsum(np.asarray(x["explained_variance_ratio"], dtype=float))
         ax.plot(np.arange(1, cum.size + 1), cum, color=cmap(j / max(1, len(layers) - 1) * 0.9),
                 lw=1, marker="." if cum.size <= 16 else None, label=f"layer {x['layer']}" if len(layers) <= 8 else None)
-    ax.axhline(0.9, color="grey", ls="--", lw=0.8)
-    ax.set_xlabel("principal components")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.axhline(0.9, color="grey", ls="--", lw=0.8, label="90% of the variance")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("number of principal components")
     ax.set_ylabel("cumulative explained variance ratio")
     ax.set_ylim(0, 1.02)
     ax.set_title("router probability PCA: variance explained per layer")
     if len(layers) <= 8:
         ax.legend(fontsize=8)
     else:
+        ax.legend(handles=[ax.lines[-1]], fontsize=8)
         from matplotlib.cm import ScalarMappable
         from matplotlib.colors import Normalize
 
         sm = ScalarMappable(norm=Normalize(layers[0]["layer"], layers[-1]["layer"]), cmap=cmap)
-        fig.colorbar(sm, ax=ax, label="layer")
+        fig.colorbar(sm, ax=ax, label="MoE layer")
     return _save(fig, Path(path))
 
 

@@ -22,7 +22,6 @@ import functools
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +29,9 @@ import torch
 
 from nexus import __version__
 from nexus.constants import CACHE_METADATA_NAME
-from nexus.errors import NexusError
-from nexus.io import atomic_path, write_json
+from nexus.engines.precompute_config import PrecomputeConfig
+from nexus.errors import Interrupted, NexusError
+from nexus.io import atomic_path, output_lock, write_json
 
 log = logging.getLogger(__name__)
 
@@ -39,24 +39,6 @@ CACHE_VERSION = 1
 # Metadata keys that must agree for a resumed precompute to add to an existing cache.
 _RESUME_KEYS = ("teacher_fingerprint", "tokenizer_fingerprint", "data_fingerprint", "top_k", "seq_len",
                 "temperature", "router_logits", "rows_per_shard", "num_rows")
-
-
-@dataclass
-class PrecomputeConfig:
-    """Arguments of ``nexus precompute``; each field's help is also the CLI's."""
-
-    teacher: str = field(metadata={"help": "Teacher model directory (a Hugging Face causal LM)."})
-    data: str = field(metadata={"help": "Data: .jsonl/.parquet/.txt file, a directory of them, or a cached dataset."})
-    output: str = field(metadata={"help": "Cache directory to write (resumed when it exists)."})
-    top_k: int = field(default=64, metadata={"help": "Teacher log-probabilities kept per token."})
-    seq_len: int = field(default=512, metadata={"help": "Tokens per row (packed)."})
-    batch_size: int = field(default=4, metadata={"help": "Rows per forward pass (per process)."})
-    rows_per_shard: int = field(default=256, metadata={"help": "Rows per Parquet shard."})
-    temperature: float = field(default=1.0, metadata={"help": "Teacher temperature the log-probs are taken at (train with the same --temperature)."})
-    router_logits: bool = field(default=False, metadata={"help": "Also store the teacher's router logits (for --router-kl-weight)."})
-    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer directory (default: the teacher's)."})
-    text_column: str | None = field(default=None, metadata={"help": "Text column of the data (default: text, or chat messages)."})
-    bf16: bool = field(default=False, metadata={"help": "Run the teacher in bfloat16."})
 
 
 def rows_fingerprint(rows: list[list[int]]) -> str:
@@ -88,22 +70,32 @@ def precompute(config: PrecomputeConfig, accelerator=None) -> Path:
     """Write (or complete) a teacher cache for ``config.data`` under ``config.output``.
 
     Runs under ``accelerate launch`` / ``torchrun`` as well: each process computes its own shards.
+    The output is locked for the duration (:func:`nexus.io.output_lock`, main process).
 
     :return: the cache directory.
+    :raises Interrupted: SIGINT/SIGTERM stopped it; the shards written so far are kept and the
+        same command finishes the cache.
     """
-    from tqdm.auto import tqdm
-
-    from nexus.data import collate, load_token_data, load_tokenizer
     from nexus.engines.distributed import make_accelerator
-    from nexus.engines.teachers import tokenizer_fingerprint
-    from nexus.fingerprint import config_fingerprint
-    from nexus.loading import load_model
-    from nexus.losses import topk_logprobs
-    from nexus.routing import RouterRecorder
 
     accelerator = accelerator or make_accelerator(config.bf16)
+    with output_lock(config.output, enabled=accelerator.is_main_process):
+        return _precompute(config, accelerator)
+
+
+def _precompute(config: PrecomputeConfig, accelerator) -> Path:
+    from nexus.data import collate, load_token_data, load_tokenizer
+    from nexus.engines.teachers import tokenizer_fingerprint
+    from nexus.fingerprint import config_fingerprint
+    from nexus.interrupts import StopFlag, signal_name
+    from nexus.loading import load_model
+    from nexus.losses import topk_logprobs
+    from nexus.progress import progress_bar
+    from nexus.routing import RouterRecorder
+
     out = Path(config.output)
-    model = load_model(config.teacher, dtype=torch.bfloat16 if config.bf16 else torch.float32, device=accelerator.device)
+    model = load_model(config.teacher, dtype=torch.bfloat16 if config.bf16 else torch.float32, device=accelerator.device,
+                       dequantize=config.dequantize)
     tokenizer = load_tokenizer(config.tokenizer or config.teacher, model.config)
     data = load_token_data(config.data, tokenizer, config.seq_len, config.text_column)
     family, blocks = None, []
@@ -156,31 +148,47 @@ def precompute(config: PrecomputeConfig, accelerator=None) -> Path:
     todo = [i for i in mine if not _shard_path(out, i).exists()]
     log.info("precompute: %d shards, %d for this process, %d left", num_shards, len(mine), len(todo))
     k, t = meta["top_k"], config.temperature
-    for shard in tqdm(todo, desc="teacher cache shards", disable=not accelerator.is_local_main_process):
-        ids = list(range(shard * config.rows_per_shard, min((shard + 1) * config.rows_per_shard, len(data.rows))))
-        cols: dict[str, list[np.ndarray]] = {"input_ids": [], "topk_indices": [], "topk_logprobs": []}
-        if blocks:
-            cols["router_logits"] = []
-        for start in range(0, len(ids), config.batch_size):
-            chunk = ids[start : start + config.batch_size]
-            batch = collate([data.rows[i] for i in chunk], data.pad_id)
-            with torch.no_grad(), RouterRecorder(family, blocks, detach=True) as rec, accelerator.autocast():
-                logits = model(
-                    input_ids=batch["input_ids"].to(accelerator.device),
-                    attention_mask=batch["attention_mask"].to(accelerator.device),
-                    use_cache=False,
-                ).logits
-            lp, ix = topk_logprobs(logits[:, :-1], k, t)
-            width = batch["input_ids"].shape[1]
-            for j, row in enumerate(chunk):
-                n = len(data.rows[row])
-                cols["input_ids"].append(np.asarray(data.rows[row], dtype=np.int32))
-                cols["topk_indices"].append(ix[j, : n - 1].cpu().numpy().astype(np.int32))
-                cols["topk_logprobs"].append(lp[j, : n - 1].cpu().numpy().astype(np.float32))
-                if blocks:
-                    stacked = torch.stack([rec.logits[b.layer].reshape(len(chunk), width, -1)[j, :n] for b in blocks])
-                    cols["router_logits"].append(stacked.float().cpu().numpy())
-        _write_shard(_shard_path(out, shard), cols)
+    todo_tokens = sum(len(data.rows[r]) for i in todo
+                      for r in range(i * config.rows_per_shard, min((i + 1) * config.rows_per_shard, len(data.rows))))
+    bar = progress_bar(total=todo_tokens, desc="teacher cache", unit="tok", enabled=accelerator.is_local_main_process,
+                       unit_scale=True)
+    with StopFlag("precompute", "after this batch; finished shards are kept") as stop, bar:
+        for shard in todo:
+            ids = list(range(shard * config.rows_per_shard, min((shard + 1) * config.rows_per_shard, len(data.rows))))
+            cols: dict[str, list[np.ndarray]] = {"input_ids": [], "topk_indices": [], "topk_logprobs": []}
+            if blocks:
+                cols["router_logits"] = []
+            for start in range(0, len(ids), config.batch_size):
+                if stop.requested:
+                    break
+                chunk = ids[start : start + config.batch_size]
+                batch = collate([data.rows[i] for i in chunk], data.pad_id)
+                with torch.no_grad(), RouterRecorder(family, blocks, detach=True) as rec, accelerator.autocast():
+                    logits = model(
+                        input_ids=batch["input_ids"].to(accelerator.device),
+                        attention_mask=batch["attention_mask"].to(accelerator.device),
+                        use_cache=False,
+                    ).logits
+                lp, ix = topk_logprobs(logits[:, :-1], k, t)
+                width = batch["input_ids"].shape[1]
+                for j, row in enumerate(chunk):
+                    n = len(data.rows[row])
+                    cols["input_ids"].append(np.asarray(data.rows[row], dtype=np.int32))
+                    cols["topk_indices"].append(ix[j, : n - 1].cpu().numpy().astype(np.int32))
+                    cols["topk_logprobs"].append(lp[j, : n - 1].cpu().numpy().astype(np.float32))
+                    if blocks:
+                        stacked = torch.stack([rec.logits[b.layer].reshape(len(chunk), width, -1)[j, :n]
+                                               for b in blocks])
+                        cols["router_logits"].append(stacked.float().cpu().numpy())
+                bar.update(int(batch["attention_mask"].sum()))
+            if stop.requested:
+                break
+            _write_shard(_shard_path(out, shard), cols)
+    if stop.requested:
+        done = sum(_shard_path(out, i).exists() for i in range(num_shards))
+        raise Interrupted(
+            f"precompute stopped by {signal_name(stop.signum)}: {done} of {num_shards} shards are in {out} (the shard "
+            f"in progress was dropped); run the same command again to finish the cache", stop.signum)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         missing = [i for i in range(num_shards) if not _shard_path(out, i).exists()]

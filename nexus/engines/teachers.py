@@ -170,9 +170,10 @@ def is_teacher_cache(path) -> bool:
 
 
 def check_same_vocab(student_config, student_tokenizer, teacher_path: str | Path, teacher_config) -> None:
-    """Refuse a teacher whose vocabulary differs from the student's.
+    """Refuse a teacher whose tokenizer is not the student's.
 
-    :raises NexusError: vocabulary sizes differ, or both tokenizers exist and map tokens differently.
+    :raises NexusError: vocabulary sizes differ, the teacher's tokenizer cannot be loaded (or is
+        empty), or it maps tokens differently.
     """
     sv, tv = student_config.vocab_size, teacher_config.vocab_size
     if sv != tv:
@@ -184,9 +185,14 @@ def check_same_vocab(student_config, student_tokenizer, teacher_path: str | Path
         from transformers import AutoTokenizer
 
         teacher_tok = AutoTokenizer.from_pretrained(str(teacher_path))
-    except Exception:  # noqa: BLE001 - a teacher without a tokenizer is checked by size only
-        log.warning("teacher %s has no tokenizer; only the vocabulary size could be checked (%d)", teacher_path, tv)
-        return
+        if not teacher_tok.get_vocab():
+            raise ValueError("its vocabulary is empty")
+    except Exception as exc:  # noqa: BLE001 - any failure means the tokenizers cannot be compared
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise NexusError(
+            f"cannot load the tokenizer of teacher {teacher_path} ({reason}), so it cannot be checked against the "
+            f"model's: distillation needs the same tokenizer; save the model's tokenizer files in {teacher_path}"
+        ) from None
     if tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(student_tokenizer):
         raise NexusError(
             f"the tokenizer of teacher {teacher_path} differs from the model's (same size {tv}, different tokens): "

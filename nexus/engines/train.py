@@ -24,8 +24,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import shutil
 import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +33,13 @@ from pathlib import Path
 import torch
 
 from nexus import __version__
-from nexus.adapter import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
-from nexus.constants import RUN_CONFIG_NAME
+from nexus.adapter import adapter_family, adapter_state_dict, load_adapter, read_adapter_config, save_adapter
+from nexus.constants import METRICS_NAME, RUN_CONFIG_NAME
 from nexus.engines.average import SFA
 from nexus.engines.distributed import make_accelerator
 from nexus.engines.checkpointing import (
     ADAPTER_SUBDIR,
+    CHECKPOINTS,
     MetricsLog,
     latest_checkpoint,
     load_checkpoint,
@@ -50,8 +51,9 @@ from nexus.engines.parallel import select_engine
 from nexus.engines.sharding import gather_full
 from nexus.engines.train_config import RESUME_MUST_MATCH, TrainConfig
 from nexus.engines.train_step import distill_losses, micro_batches
-from nexus.errors import NexusError
-from nexus.io import write_json
+from nexus.errors import Interrupted, NexusError
+from nexus.interrupts import StopFlag, signal_name
+from nexus.io import output_lock, write_json
 
 log = logging.getLogger(__name__)
 
@@ -100,30 +102,6 @@ def lr_lambda(config: TrainConfig):
     return factor
 
 
-class _StopFlag:
-    """Set by SIGINT/SIGTERM; checked after each optimizer step. A second SIGINT aborts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        log.warning("received %s: saving a checkpoint after this step, then stopping", signal.Signals(signum).name)
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def _check_resume(run_dir: Path, config: TrainConfig, world_size: int, engine: str) -> None:
     """Refuse to resume a run whose settings, number of processes or optimizer-state format differ.
     (DDP and FSDP2 checkpoints share one format; DeepSpeed's per-process partitions are their own.)"""
@@ -133,7 +111,9 @@ def _check_resume(run_dir: Path, config: TrainConfig, world_size: int, engine: s
     if not path.exists():
         return
     old = json.loads(path.read_text())
-    diff = [k for k in RESUME_MUST_MATCH if old.get("config", {}).get(k) != getattr(config, k)]
+    old_config = old.get("config", {})
+    diff = [f"{k} ({old_config.get(k)!r} vs {getattr(config, k)!r})"
+            for k in RESUME_MUST_MATCH if old_config.get(k) != getattr(config, k)]
     if old.get("world_size") != world_size:
         diff.append(f"world_size ({old.get('world_size')} vs {world_size})")
     old_engine = old.get("engine", "ddp")
@@ -141,9 +121,37 @@ def _check_resume(run_dir: Path, config: TrainConfig, world_size: int, engine: s
         diff.append(f"engine ({old_engine} vs {engine})")
     if diff:
         raise NexusError(
-            f"cannot resume {run_dir}: these settings differ from the original run: {', '.join(diff)}; "
+            f"cannot resume {run_dir}: these settings differ from the original run (old vs new): {', '.join(diff)}; "
             f"use the same arguments, or a new --output"
         )
+
+
+RUN_FILES = (RUN_CONFIG_NAME, METRICS_NAME, CHECKPOINTS, "final")  # what --overwrite deletes
+
+
+def _existing_run(run_dir: Path) -> list[str]:
+    """The files of a training run found in ``run_dir`` (empty when there is none)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NexusError(f"--output {run_dir} is a file; give a directory for the run")
+    return [name for name in RUN_FILES if (run_dir / name).exists()]
+
+
+def _prepare_run_dir(run_dir: Path, config: TrainConfig, main: bool) -> None:
+    """Refuse a directory holding another run unless ``--resume`` or ``--overwrite``; with
+    ``--overwrite`` delete that run's files (main process)."""
+    found = _existing_run(run_dir)
+    if not found or config.resume:
+        return
+    if not config.overwrite:
+        raise NexusError(
+            f"{run_dir} already holds a training run ({', '.join(found)}); use --resume to continue it, "
+            f"--overwrite to delete it and start over, or another --output"
+        )
+    if main:
+        log.warning("--overwrite: deleting the run in %s (%s)", run_dir, ", ".join(found))
+        for name in found:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _enable_checkpointing(model) -> None:
@@ -163,7 +171,8 @@ def _enable_checkpointing(model) -> None:
 
 
 def _build_teacher(config, model, family, blocks, tokenizer, base_originals, device, autocast):
-    """The teacher for ``config.teacher`` and, for a cache, the cache (its rows are the data)."""
+    """The teacher for ``config.teacher``, the cache when it is one (its rows are the data), and
+    why router metrics (router KL, drift, entropies) are unavailable with it (None when they are)."""
     from nexus.engines.teacher_cache import TeacherCache
     from nexus.engines.teachers import (
         CacheTeacher,
@@ -176,7 +185,7 @@ def _build_teacher(config, model, family, blocks, tokenizer, base_originals, dev
     from nexus.loading import load_config, load_model
 
     if config.teacher == "self":
-        return SelfTeacher(model, family, blocks, base_originals, autocast), None
+        return SelfTeacher(model, family, blocks, base_originals, autocast), None, None
     if is_teacher_cache(config.teacher):
         cache = TeacherCache(config.teacher)
         cache.check(model.config, tokenizer, need_routers=config.router_kl_weight > 0)
@@ -185,24 +194,30 @@ def _build_teacher(config, model, family, blocks, tokenizer, base_originals, dev
                 f"teacher cache {config.teacher} holds log-probs at temperature {cache.meta['temperature']}, "
                 f"but --temperature is {config.temperature}; train with --temperature {cache.meta['temperature']} or precompute again"
             )
-        return CacheTeacher(cache), cache
+        note = None if cache.has_router_logits else f"teacher cache {config.teacher} holds no router logits"
+        return CacheTeacher(cache), cache, note
     teacher_config = load_config(config.teacher)
     check_same_vocab(model.config, tokenizer, config.teacher, teacher_config)
-    teacher_model = load_model(config.teacher, dtype=torch.bfloat16 if config.bf16 else torch.float32, device=device)
+    teacher_model = load_model(config.teacher, dtype=torch.bfloat16 if config.bf16 else torch.float32, device=device,
+                               dequantize=config.dequantize)
     teacher_model.requires_grad_(False)
-    t_family, t_blocks = None, []
+    t_family, t_blocks, note = None, [], None
     try:
         from nexus.family import resolve_family
 
         t_family = resolve_family(teacher_model.config)
         t_blocks = t_family.moe_blocks(teacher_model)
         if not same_router_layout(blocks, t_blocks):
+            note = (f"the MoE layers of teacher {config.teacher} (layer, experts: "
+                    f"{[(b.layer, b.num_experts) for b in t_blocks]}) differ from the model's "
+                    f"({[(b.layer, b.num_experts) for b in blocks]})")
             t_family, t_blocks = None, []
-    except NexusError:
+    except NexusError as exc:
+        note = f"teacher {config.teacher} has no MoE layers nexus can read ({exc})"
         t_family, t_blocks = None, []
     if config.router_kl_weight > 0 and not t_blocks:
         raise NexusError(f"--router-kl-weight needs a teacher with the model's MoE layout; {config.teacher} differs. Set it to 0")
-    return ModelTeacher(teacher_model, t_family, t_blocks, autocast), None
+    return ModelTeacher(teacher_model, t_family, t_blocks, autocast), None, note
 
 
 def _load_data(config, tokenizer, cache):
@@ -252,13 +267,13 @@ def _load_student(config: TrainConfig, engine, checkpoint: Path | None) -> _Stud
     except routers / native shared experts when trained, and build AdamW over the trainable
     parameters (routers in their own group, at ``--router-lr``)."""
     from nexus.engines.teachers import base_parameters, router_parameters
-    from nexus.family import resolve_family
     from nexus.loading import load_model
     from nexus.shared_expert import freeze_base, native_shared_modules
 
     adapter_cfg = read_adapter_config(config.adapter)
-    model = load_model(config.model, dtype=torch.bfloat16 if config.bf16 else torch.float32, device=engine.load_device)
-    family = resolve_family(model.config, name=adapter_cfg.family)
+    model = load_model(config.model, dtype=torch.bfloat16 if config.bf16 else torch.float32, device=engine.load_device,
+                       dequantize=config.dequantize)
+    family = adapter_family(adapter_cfg, model, config.adapter)
     blocks = family.moe_blocks(model)
     routers = router_parameters(model, family, blocks)
     touched_base = config.train_routers or config.train_native_shared or bool(adapter_cfg.base_keys)
@@ -285,23 +300,50 @@ def _load_student(config: TrainConfig, engine, checkpoint: Path | None) -> _Stud
     return _Student(model, family, blocks, optimizer, base_originals, adapter_cfg, router_names + native_names)
 
 
+def loss_to_backpropagate(config: TrainConfig, ce, kd, router_kl, n_pred: float, n_in: float, n_layers: int):
+    """The training loss of one micro-batch, as back-propagated and (summed over the window) logged.
+
+    ``(ce_weight * CE + kd_weight * T^2 * KD) / n_pred + router_kl_weight * RKL / (n_in * n_layers)``
+    with CE, KD, RKL the micro-batch's token sums (scalar tensors or floats) and ``n_pred`` /
+    ``n_in`` the predicted / input tokens of the whole window on every process.
+    """
+    loss = (config.ce_weight * ce + config.kd_weight * config.temperature**2 * kd) / max(n_pred, 1.0)
+    if config.router_kl_weight > 0:
+        loss = loss + config.router_kl_weight * router_kl / (max(n_in, 1.0) * n_layers)
+    return loss
+
+
 def train(config: TrainConfig, accelerator=None) -> TrainResult:
     """Run (or resume) a training run described by ``config``; see the module docstring.
 
+    The run directory is locked for the duration (:func:`nexus.io.output_lock`, main process).
+
     :param accelerator: an ``accelerate.Accelerator``; default one built from ``config``.
-    :return: a :class:`TrainResult`.
+    :return: a :class:`TrainResult` (``interrupted`` when ``stop_after`` stopped it).
     :raises NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+    :raises Interrupted: SIGINT/SIGTERM stopped it after saving a checkpoint.
+    :raises NexusError: ``--output`` holds another run and neither ``resume`` nor ``overwrite`` is set.
     """
+    accelerator = accelerator or make_accelerator(config.bf16, log_with=config.report_to, project_dir=config.output)
+    engine = select_engine(accelerator, config.batch_size, config.max_grad_norm)
+    run_dir = Path(config.output)
+    main = accelerator.is_main_process
+    _existing_run(run_dir)  # refuses a file before the lock is taken beside it
+    with output_lock(run_dir, enabled=main):
+        _prepare_run_dir(run_dir, config, main)
+        accelerator.wait_for_everyone()
+        return _train(config, accelerator, engine, run_dir)
+
+
+def _train(config: TrainConfig, accelerator, engine, run_dir: Path) -> TrainResult:
     from accelerate.utils import gather_object, set_seed
 
     from nexus.data import load_tokenizer
     from nexus.engines.teachers import is_teacher_cache
     from nexus.fingerprint import config_fingerprint
+    from nexus.progress import progress_bar
 
-    accelerator = accelerator or make_accelerator(config.bf16, log_with=config.report_to, project_dir=config.output)
-    engine = select_engine(accelerator, config.batch_size, config.max_grad_norm)
     main, world, rank, device = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index, accelerator.device
-    run_dir = Path(config.output)
     checkpoint = latest_checkpoint(run_dir) if config.resume else None
     if config.resume and checkpoint is None:
         log.warning("--resume: no checkpoint in %s, starting from the beginning", run_dir)
@@ -318,12 +360,15 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     save_cfg = loaded.save_config(config)
 
     tokenizer = load_tokenizer(config.tokenizer or config.model, model.config)
-    teacher, cache = None, None
+    teacher, cache, router_note = None, None, None
     if config.kd_weight > 0 or config.router_kl_weight > 0 or is_teacher_cache(config.teacher):
         # A teacher cache is also the data source, so it is opened even for CE-only training.
-        teacher, cache = _build_teacher(config, model, family, blocks, tokenizer, base_originals, device, accelerator.autocast)
+        teacher, cache, router_note = _build_teacher(config, model, family, blocks, tokenizer, base_originals, device,
+                                                     accelerator.autocast)
         if config.kd_weight == 0 and config.router_kl_weight == 0:
-            teacher = None
+            teacher, router_note = None, None
+    if router_note and main:
+        log.warning("router drift and entropy metrics are unavailable: %s", router_note)
     data, collate = _load_data(config, tokenizer, cache)
 
     step, next_batch, tokens_seen = 0, 0, 0
@@ -343,7 +388,7 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
             "nexus_version": __version__, "family": family.name, "base_fingerprint": config_fingerprint(model.config),
             "world_size": world, "engine": engine.kind, "global_batch_size": config.batch_size * world * config.grad_accum,
             "trainable_parameters": sum(p.numel() for p in named.values()), "teacher_kind": getattr(teacher, "kind", None),
-            "num_rows": len(data.rows), "config": config.to_dict(),
+            "router_metrics_unavailable": router_note, "num_rows": len(data.rows), "config": config.to_dict(),
         })
     metrics = MetricsLog(run_dir, enabled=main, resume_step=step if checkpoint else None)
     if config.report_to:
@@ -381,9 +426,10 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     params = list(named.values())
     n_layers = max(1, len(blocks))
     acc = _Accumulator()
-    last_ckpt, interrupted, steps_here = checkpoint, False, 0
-    t_start = time.perf_counter()
-    with _StopFlag() as stop:
+    last_ckpt, stopped_by, steps_here = checkpoint, None, 0
+    t_start = t_bar = time.perf_counter()
+    bar = progress_bar(total=config.max_steps, initial=step, desc="train", unit="step", enabled=main)
+    with StopFlag("training", "after this step, with a checkpoint") as stop, bar:
         while step < config.max_steps:
             window = [next(batches) for _ in range(config.grad_accum)]
             local = torch.tensor(
@@ -399,21 +445,27 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
                         temperature=config.temperature, family=family, blocks=blocks if teacher is not None else [],
                         router_grad=config.router_kl_weight > 0, autocast=accelerator.autocast,
                     )
-                    loss = (config.ce_weight * parts.ce + config.kd_weight * config.temperature**2 * parts.kd) / max(n_pred_g, 1.0)
-                    if config.router_kl_weight > 0:
-                        loss = loss + config.router_kl_weight * parts.router_kl / (max(n_in_g, 1.0) * n_layers)
+                    loss = loss_to_backpropagate(config, parts.ce, parts.kd, parts.router_kl, n_pred_g, n_in_g,
+                                                 n_layers)
                     engine.backward(loss * world)
-                sums = _add(sums, parts)
+                sums = _add(sums, loss, parts)
             reduced = accelerator.reduce(sums.to(device), reduction="sum") if world > 1 else sums
-            ce, kd, rkl = (reduced[:3] / torch.tensor([max(n_pred_g, 1), max(n_pred_g, 1), max(n_in_g, 1) * n_layers], device=reduced.device)).tolist()
-            _stop_if_non_finite(step, "loss", (ce, kd, rkl), last_ckpt)
+            step_loss = float(reduced[0])
+            per = torch.tensor([max(n_pred_g, 1), max(n_pred_g, 1), max(n_in_g, 1) * n_layers], device=reduced.device)
+            ce, kd, rkl = (reduced[1:4] / per).tolist()
+            _stop_if_non_finite(step, "loss", (step_loss, ce, kd, rkl), last_ckpt)
             lrs = [g["lr"] for g in optimizer.param_groups]
-            grad_norm = engine.step(params, check=lambda norm: _stop_if_non_finite(step, "gradient norm", (norm,), last_ckpt))
+            grad_norm = engine.step(params, check=lambda norm, applied=False: _stop_if_non_finite(
+                step, "gradient norm", (norm,), last_ckpt, applied))
             scheduler.step()
             step, steps_here, next_batch = step + 1, steps_here + 1, window[-1][0] + 1
             tokens_seen += int(n_in_g)
             merged = sfa.maybe_merge(step)
             acc.add(reduced, n_pred_g, n_in_g, grad_norm, merged, step)
+            now = time.perf_counter()
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4g}", tok_s=f"{n_in_g / max(now - t_bar, 1e-9):.0f}", refresh=False)
+            t_bar = now
             if step % config.log_every == 0 or step == config.max_steps:
                 record = acc.record(step, config, lrs, tokens_seen, time.perf_counter() - t_start, sfa, [b.layer for b in blocks], n_layers)
                 metrics.write(record)
@@ -421,14 +473,18 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
                     accelerator.log(_flat(record), step=step)
                 log.info("step %d loss %.4f ce %.4f kd %.4f lr %.3g", step, record["loss"], record["ce"], record["kd"], lrs[0])
                 acc, t_start = _Accumulator(), time.perf_counter()
-            stop_now = stop.requested or (config.stop_after is not None and steps_here >= config.stop_after)
+            flags = torch.tensor([float(config.stop_after is not None and steps_here >= config.stop_after),
+                                  float(stop.signum == signal.SIGINT), float(stop.signum == signal.SIGTERM)])
             if world > 1:
-                stop_now = bool(accelerator.reduce(torch.tensor([float(stop_now)], device=device), reduction="sum").item())
+                flags = accelerator.reduce(flags.to(device), reduction="sum").cpu()
+            stop_now = bool(flags.sum() > 0)
+            if flags[1] > 0 or flags[2] > 0:
+                stopped_by = signal.SIGINT if flags[1] > 0 else signal.SIGTERM
             if (config.save_every and step % config.save_every == 0) or step == config.max_steps or stop_now:
                 last_ckpt = save(step, next_batch)
             if stop_now:
-                interrupted = step < config.max_steps
                 break
+    interrupted = step < config.max_steps
     final = None
     if step >= config.max_steps:
         final = run_dir / "final"
@@ -438,23 +494,31 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
         accelerator.wait_for_everyone()
     if config.report_to:
         accelerator.end_training()
+    if stopped_by is not None and interrupted:
+        raise Interrupted(
+            f"training stopped by {signal_name(stopped_by)} at step {step} of {config.max_steps}; checkpoint "
+            f"{last_ckpt} saved. Continue with the same command and --resume", stopped_by)
     return TrainResult(run_dir, step, final, last_ckpt, interrupted, model, optimizer)
 
 
-def _stop_if_non_finite(step, what, values, last_ckpt) -> None:
-    """Raise :class:`NonFiniteLossError` when any of ``values`` is NaN/inf (before the update of step ``step + 1``)."""
+def _stop_if_non_finite(step, what, values, last_ckpt, applied: bool = False) -> None:
+    """Raise :class:`NonFiniteLossError` when any of ``values`` is NaN/inf (before the update of
+    step ``step + 1``; ``applied``: the engine applied that update regardless)."""
     if all(math.isfinite(v) for v in values):
         return
     where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+    outcome = "the optimizer applied that update" if applied else "stopped without updating the weights"
     raise NonFiniteLossError(
-        f"the {what} became non-finite ({', '.join(f'{v:.4g}' for v in values)}) at step {step + 1}; stopped without "
-        f"updating the weights, {where}. Lower --lr, check the data, or resume with --resume"
+        f"the {what} became non-finite ({', '.join(f'{v:.4g}' for v in values)}) at step {step + 1}; {outcome}, "
+        f"{where}. Lower --lr, check the data, or resume with --resume"
     )
 
 
-def _add(sums, parts) -> torch.Tensor:
-    """Stack a micro-batch's detached sums into one vector: ce, kd, router_kl, drift[L], ent_s[L], ent_t[L]."""
-    vec = [parts.ce.detach().float().reshape(1), parts.kd.detach().float().reshape(1), parts.router_kl.detach().float().reshape(1)]
+def _add(sums, loss, parts) -> torch.Tensor:
+    """Stack a micro-batch's detached loss and sums into one vector:
+    loss, ce, kd, router_kl, drift[L], ent_s[L], ent_t[L]."""
+    vec = [loss.detach().float().reshape(1), parts.ce.detach().float().reshape(1), parts.kd.detach().float().reshape(1),
+           parts.router_kl.detach().float().reshape(1)]
     if parts.drift is not None:
         vec += [parts.drift.float(), parts.ent_student.float(), parts.ent_teacher.float()]
     v = torch.cat(vec)
@@ -475,20 +539,22 @@ class _Accumulator:
             self.merge_steps.append(step)
 
     def record(self, step, config, lrs, tokens, seconds, sfa, layers, n_layers) -> dict:
+        """The metrics line: ``loss`` is the mean over the steps of the back-propagated loss; its
+        parts are token-weighted over those steps."""
         s, n_pred, n_in = self.sums, max(self.n_pred, 1.0), max(self.n_in, 1.0)
-        ce, kd, rkl = float(s[0]) / n_pred, float(s[1]) / n_pred, float(s[2]) / (n_in * n_layers)
+        ce, kd, rkl = float(s[1]) / n_pred, float(s[2]) / n_pred, float(s[3]) / (n_in * n_layers)
         rec = {
             "step": step,
-            "loss": config.ce_weight * ce + config.kd_weight * config.temperature**2 * kd + config.router_kl_weight * rkl,
+            "loss": float(s[0]) / self.steps,
             "ce": ce, "kd": kd, "router_kl": rkl,
             "lr": lrs[0], "router_lr": lrs[1] if len(lrs) > 1 else None,
             "grad_norm": sum(self.grad_norms) / len(self.grad_norms),
             "tokens": tokens, "tokens_per_s": self.n_in / max(seconds, 1e-9),
             "sfa_merges": sfa.merges, "sfa_merge_steps": self.merge_steps,
         }
-        if len(s) > 3:
-            L = (len(s) - 3) // 3
-            drift, ent_s, ent_t = s[3 : 3 + L] / n_in, s[3 + L : 3 + 2 * L] / n_in, s[3 + 2 * L :] / n_in
+        if len(s) > 4:
+            L = (len(s) - 4) // 3
+            drift, ent_s, ent_t = s[4 : 4 + L] / n_in, s[4 + L : 4 + 2 * L] / n_in, s[4 + 2 * L :] / n_in
             rec.update(router_layers=layers[:L], router_drift=drift.tolist(),
                        router_entropy_student=ent_s.tolist(), router_entropy_teacher=ent_t.tolist())
         return rec

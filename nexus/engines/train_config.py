@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from nexus.errors import NexusError
@@ -43,34 +44,57 @@ class TrainConfig:
     save_every: int = _f(100, "Checkpoint every N steps (0: only at the end).")
     keep_last: int = _f(3, "Checkpoints kept (older ones are deleted; 0 keeps all).")
     resume: bool = _f(False, "Resume from the latest checkpoint in --output.")
+    overwrite: bool = _f(False, "Delete the run already in --output (checkpoints, metrics.jsonl, final/), "
+                                "then start over.")
     stop_after: int | None = _f(None, "Stop after this many steps in this invocation, with a checkpoint (resume later).")
     log_every: int = _f(10, "Write a metrics.jsonl line every N steps.")
     report_to: str | None = _f(None, "Also log to accelerate trackers: tensorboard, wandb, ... or all.")
     gradient_checkpointing: bool = _f(False, "Recompute decoder-layer activations in backward to save memory.")
     seed: int = _f(0, "Seed of the data order and of torch.")
     bf16: bool = _f(False, "Base weights in bfloat16 and bf16 autocast (shared experts and optimizer stay fp32).")
+    dequantize: bool = _f(False, "Dequantise experts stored quantised (MXFP4, FP8) at load instead of keeping them "
+                          "packed as stored.")
 
     def __post_init__(self):
         for name in ("model", "adapter", "output"):
             if not getattr(self, name):
                 raise NexusError(f"--{name} is required")
-        positive = {"seq_len": 2, "batch_size": 1, "grad_accum": 1, "max_steps": 1, "log_every": 1}
-        for name, low in positive.items():
+        at_least = {"seq_len": 2, "batch_size": 1, "grad_accum": 1, "max_steps": 1, "log_every": 1,
+                    "warmup_steps": 0, "save_every": 0, "keep_last": 0, "sfa_interval": 0}
+        if self.stop_after is not None:
+            at_least["stop_after"] = 1
+        for name, low in at_least.items():
             if getattr(self, name) < low:
-                raise NexusError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+                raise NexusError(f"{_flag(name)} must be at least {low}, got {getattr(self, name)}")
         if self.schedule not in ("cosine", "constant"):
             raise NexusError(f"--schedule must be cosine or constant, got {self.schedule!r}")
-        if self.temperature <= 0:
-            raise NexusError(f"--temperature must be positive, got {self.temperature}")
-        if min(self.ce_weight, self.kd_weight, self.router_kl_weight) < 0 or self.ce_weight + self.kd_weight + self.router_kl_weight == 0:
-            raise NexusError("loss weights must be non-negative and not all zero (--ce-weight, --kd-weight, --router-kl-weight)")
-        if self.sfa_interval < 0 or not 0 <= self.sfa_beta <= 1:
-            raise NexusError("--sfa-interval must be >= 0 and --sfa-beta in [0, 1]")
+        positive = ["lr", "temperature"] + (["router_lr"] if self.router_lr is not None else [])
+        non_negative = ["weight_decay", "max_grad_norm", "ce_weight", "kd_weight", "router_kl_weight"]
+        for name in positive + non_negative:
+            value = getattr(self, name)
+            bad = not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+            if bad or (name in positive and value == 0):
+                kind = "a positive" if name in positive else "a non-negative"
+                raise NexusError(f"{_flag(name)} must be {kind} finite number, got {value}")
+        if self.ce_weight + self.kd_weight + self.router_kl_weight == 0:
+            raise NexusError("loss weights must not all be zero (--ce-weight, --kd-weight, --router-kl-weight)")
+        if not (0 <= self.min_lr_ratio <= 1):
+            raise NexusError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not (0 <= self.sfa_beta <= 1):
+            raise NexusError(f"--sfa-beta must be in [0, 1], got {self.sfa_beta}")
+        if self.resume and self.overwrite:
+            raise NexusError("--resume continues the run in --output and --overwrite deletes it: give only one")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-# Changing these between a run and its resume would silently change what is trained.
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# Changing these between a run and its resume would silently change what is trained, or be silently
+# ignored (the optimizer state restores the learning rates and weight decay of the original run).
 RESUME_MUST_MATCH = ("model", "adapter", "teacher", "data", "seq_len", "batch_size", "grad_accum", "seed",
-                     "train_routers", "train_native_shared", "sfa_interval", "sfa_anchor", "text_column", "tokenizer")
+                     "train_routers", "train_native_shared", "sfa_interval", "sfa_anchor", "text_column", "tokenizer",
+                     "lr", "router_lr", "weight_decay", "ce_weight", "kd_weight", "router_kl_weight", "temperature")

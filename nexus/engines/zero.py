@@ -67,6 +67,12 @@ def configure(accelerator, batch_size: int, max_grad_norm: float) -> int:
                 f"(--lr, --weight-decay, --warmup-steps, --schedule): remove the {key!r} section"
             )
     zero["compute_grad_norm"] = True  # logged every step and checked for NaN/inf
+    bf16 = ds.get("bf16") or ds.get("bfloat16")
+    if isinstance(bf16, dict):
+        if bf16.get("check_grad_overflow") is False:
+            log.warning("DeepSpeed config bf16.check_grad_overflow=false is replaced by true: nexus train never "
+                        "applies a non-finite gradient")
+        bf16["check_grad_overflow"] = True  # a step with NaN/inf gradients is skipped, never applied
     world = accelerator.num_processes
     owned = {  # key: (value, the nexus option that sets it)
         "train_micro_batch_size_per_gpu": (batch_size, "--batch-size"),
@@ -81,6 +87,11 @@ def configure(accelerator, batch_size: int, max_grad_norm: float) -> int:
             log.warning("DeepSpeed config %s=%s is replaced by %s (set by nexus train's %s)", key, old, value, option)
         ds[key] = value
     return stage
+
+
+def step_skipped(engine) -> bool:
+    """Whether DeepSpeed's last ``engine.step()`` skipped the update (NaN/inf gradients)."""
+    return bool(getattr(getattr(engine, "optimizer", None), "overflow", False))
 
 
 def is_zero_param(p) -> bool:

@@ -6,22 +6,38 @@ Layout of the run directory::
     expert_selection.json  PCA selection (+ PNGs beside it)
     adapter_init/          the initialised adapter (convert)
     train/                 checkpoints, metrics.jsonl, final/ (train), plots/ (plot)
-    eval.json              base vs adapted on held-out data (evaluate)
+    eval.json              base vs adapted on held-out data (evaluate), with the source of that data
     stages/                one stamp per finished stage; a rerun skips stages whose inputs match
+    cache/                 tokenised data shared by the stages (nexus.data.token_cache)
 
-Every stage is resumable on its own (collect and train checkpoint as they go), so an
-interrupted ``run`` continues where it stopped when rerun with the same arguments.
+Every argument of every stage is checked before the first stage starts. Stamps cover the data's
+content, so editing or appending to the data reruns the stages that read it. Without
+``--eval-data``, a deterministic 10% of the documents of ``--data`` (by content hash, see
+:mod:`nexus.data`) is held out: collect and train read ``DATA@train``, evaluate reads
+``DATA@heldout``. Every stage is resumable on its own (collect and train checkpoint as they go):
+an interrupted ``run`` stops after the interrupted stage (exit status 130 for SIGINT, 143 for
+SIGTERM) and continues where it stopped when rerun with the same arguments.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from nexus.constants import DEFAULT_GATE_MODE, DEFAULT_STRATEGY
-from nexus.errors import NexusError
+from nexus.constants import (
+    DEFAULT_DIVERSITY,
+    DEFAULT_GATE_MODE,
+    DEFAULT_STRATEGY,
+    DEFAULT_TOP_K,
+    GATE_MODES,
+    HOLDOUT_FRACTION,
+    INIT_STRATEGIES,
+)
+from nexus.errors import Interrupted, NexusError
 from nexus.options import option as _f
 from nexus.pipeline.stages import StageRunner
 
@@ -35,16 +51,19 @@ class RunConfig:
     output: str = _f(None, "Run directory.", required=True)
     model: str | None = _f(None, "Base checkpoint directory (default: the family's demo checkpoint).")
     data: str | None = _f(None, "Training data (default with the demo: the shipped text sample).")
-    eval_data: str | None = _f(None, "Held-out data for evaluate (default: --data, or the demo's held-out sample).")
+    eval_data: str | None = _f(None, f"Held-out data for evaluate (default: {HOLDOUT_FRACTION:.0%} of the documents "
+                                     "of --data, picked by content hash and left out of collect and train; with the "
+                                     "demo, its held-out sample).")
     family: str | None = _f(None, "Family name (default: detected).")
     text_column: str | None = _f(None, "Text column of the data.")
     seq_len: int = _f(128, "Tokens per row.")
     batch_size: int = _f(8, "Rows per batch (collect, train, evaluate).")
     target_tokens: int | None = _f(None, "Tokens for router statistics (default: the whole data once).")
-    top_k: int | None = _f(None, "Experts averaged per layer (default: min(24, E)).")
-    diversity: float = _f(0.1, "Redundancy penalty of the selection.")
-    strategy: str = _f(DEFAULT_STRATEGY, "Initialisation: pca, random, top1, mean_all, zeros.")
-    gate_mode: str = _f(DEFAULT_GATE_MODE, "Shared-expert gate: none, scalar, token.")
+    top_k: int | None = _f(None, f"Experts averaged per layer (default: a quarter of E, at least 1, at most "
+                                 f"{DEFAULT_TOP_K}, so that the selection matters; K >= E/2 warns).")
+    diversity: float = _f(DEFAULT_DIVERSITY, "Redundancy penalty of the selection.")
+    strategy: str = _f(DEFAULT_STRATEGY, "Initialisation.", choices=INIT_STRATEGIES)
+    gate_mode: str = _f(DEFAULT_GATE_MODE, "Shared-expert gate.", choices=GATE_MODES)
     shared_intermediate_size: int | None = _f(None, "Shared expert width (default: the expert width).")
     max_steps: int = _f(100, "Training steps.")
     lr: float = _f(1e-3, "Peak learning rate.")
@@ -56,28 +75,44 @@ class RunConfig:
     eval_batches: int | None = _f(None, "Limit evaluation to this many batches.")
     seed: int = _f(0, "Seed.")
     force: bool = _f(False, "Rerun every stage even when its artifact is up to date.")
+    dequantize: bool = _f(False, "Dequantise experts stored quantised (MXFP4, FP8) at load instead of keeping them packed as stored.")
 
 
-def run_pipeline(cfg: RunConfig) -> dict:
-    """Run every stage into ``cfg.output``; skip stages whose inputs did not change.
+@dataclass
+class _Plan:
+    """What :func:`validate_run` checked and resolved, for the stages to use."""
 
-    :return: ``{"ran": [...], "skipped": [...], "eval": eval dict, "run_dir": path}``.
+    family: object
+    train_data: str  # --data, or its @train side
+    eval_data: str
+    eval_source: dict  # how eval_data relates to --data, recorded in eval.json
+    collect_args: object
+    train_config: object
+    data_fingerprint: str
+    eval_fingerprint: str
+
+
+def validate_run(cfg: RunConfig) -> _Plan:
+    """Check every argument of every stage before any stage starts (so a bad --lr or a missing
+    evaluation file fails in seconds, not after collect), and resolve the defaults.
+
+    Fills in ``cfg.model``/``cfg.data``/``cfg.eval_data`` from the family's demo when ``--model``
+    is not given.
+
+    :raises NexusError: the first argument that is wrong, naming it.
     """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from nexus.data import check_data, check_seq_len, data_fingerprint, heldout_counts, load_tokenizer, split_specs
     from nexus.demo import demo_checkpoint, demo_eval_path, demo_text_path
-    from nexus.engines.convert import convert
-    from nexus.engines.evaluate import evaluate
-    from nexus.engines.plots import plot_run
-    from nexus.engines.router_stats import CollectArgs, run_collect
-    from nexus.engines.select import run_select
-    from nexus.engines.train import train
+    from nexus.engines.router_stats import CollectArgs
     from nexus.engines.train_config import TrainConfig
     from nexus.family import resolve_family
-    from nexus.io import write_json
     from nexus.loading import load_config
 
     if cfg.output is None:
         raise NexusError("give --output DIR for the run")
-    out = Path(cfg.output)
     if cfg.model is None:
         if cfg.family is None:
             raise NexusError("give --model PATH, or --family NAME to run on that family's demo checkpoint "
@@ -89,56 +124,162 @@ def run_pipeline(cfg: RunConfig) -> dict:
         log.info("no --model: using the %s demo checkpoint %s", family.name, cfg.model)
     if cfg.data is None:
         raise NexusError("give --data (a .jsonl/.parquet/.txt file or directory) with --model")
-    family = resolve_family(load_config(cfg.model), name=cfg.family)
-    eval_data = cfg.eval_data or cfg.data
+    cfg.model = str(Path(cfg.model).expanduser())
+    config = load_config(cfg.model)
+    family = resolve_family(config, name=cfg.family)
+    with torch.device("meta"):
+        blocks = family.moe_blocks(AutoModelForCausalLM.from_config(config))
+    smallest = min(b.num_experts for b in blocks)
+    if cfg.top_k is not None and not 1 <= cfg.top_k <= smallest:
+        raise NexusError(f"--top-k must be between 1 and {smallest} (the experts per layer of {cfg.model}), "
+                         f"got {cfg.top_k}")
+    if not math.isfinite(cfg.diversity) or cfg.diversity < 0:
+        raise NexusError(f"--diversity must be a finite number >= 0, got {cfg.diversity}")
+    if cfg.strategy not in INIT_STRATEGIES:
+        raise NexusError(f"--strategy must be one of {', '.join(INIT_STRATEGIES)}, got {cfg.strategy!r}")
+    if cfg.gate_mode not in GATE_MODES:
+        raise NexusError(f"--gate-mode must be one of {', '.join(GATE_MODES)}, got {cfg.gate_mode!r}")
+    for name in ("shared_intermediate_size", "eval_batches"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise NexusError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    collect_args = CollectArgs(target_tokens=cfg.target_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
+
+    tokenizer = load_tokenizer(cfg.model, config)
+    check_seq_len(cfg.seq_len, tokenizer)
+    check_data(cfg.data, tokenizer, cfg.text_column)
+    if cfg.eval_data is not None:
+        check_data(cfg.eval_data, tokenizer, cfg.text_column)
+        train_data, eval_data = cfg.data, cfg.eval_data
+        eval_source = {"kind": "eval_data", "data": cfg.eval_data}
+    else:
+        held, total = heldout_counts(cfg.data, tokenizer, cfg.text_column)
+        if held == 0 or held == total:
+            raise NexusError(f"--data {cfg.data} has {total} documents, {held} of them in the {HOLDOUT_FRACTION:.0%} "
+                             "held-out split: too few to hold some out; give more documents or --eval-data")
+        train_data, eval_data = split_specs(cfg.data)
+        eval_source = {"kind": "heldout_split", "data": cfg.data, "fraction": HOLDOUT_FRACTION,
+                       "documents": held, "of_documents": total,
+                       "rule": "documents of --data whose salted SHA-256 falls in the lowest fraction; "
+                               "left out of collect and train"}
+        log.info("no --eval-data: holding out %d of the %d documents of %s (%s) for evaluate; collect and train "
+                 "read the other %d", held, total, cfg.data, eval_data, total - held)
+    train_dir = Path(cfg.output) / "train"
+    tcfg = TrainConfig(
+        model=cfg.model, adapter=str(Path(cfg.output) / "adapter_init"), output=str(train_dir), data=train_data,
+        text_column=cfg.text_column, seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_steps=cfg.max_steps,
+        lr=cfg.lr, warmup_steps=cfg.warmup_steps, kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight,
+        sfa_interval=cfg.sfa_interval, train_routers=cfg.train_routers, seed=cfg.seed, dequantize=cfg.dequantize,
+        save_every=max(1, cfg.max_steps // 4), log_every=max(1, min(10, cfg.max_steps // 20)),
+    )
+    return _Plan(family, train_data, eval_data, eval_source, collect_args, tcfg,
+                 data_fingerprint(cfg.data), data_fingerprint(eval_data))
+
+
+def run_pipeline(cfg: RunConfig) -> dict:
+    """Validate every argument (:func:`validate_run`), then run every stage into ``cfg.output``;
+    skip stages whose inputs (data content included) did not change.
+
+    :return: ``{"ran": [...], "skipped": [...], "eval": eval dict, "run_dir": path}``.
+    :raises Interrupted: SIGINT/SIGTERM stopped a stage (after it saved what it could); nothing
+        after that stage ran.
+    """
+    import json
+
+    from nexus.data import token_cache
+    from nexus.engines.convert import convert
+    from nexus.engines.evaluate import evaluate
+    from nexus.engines.plots import plot_run
+    from nexus.engines.router_stats import run_collect
+    from nexus.engines.select import run_select
+    from nexus.engines.train import train
+    from nexus.io import write_json
+
+    plan = validate_run(cfg)
+    family = plan.family
+    out = Path(cfg.output)
     stages = StageRunner(out, force=cfg.force)
     model_id = {"model": str(Path(cfg.model).resolve()), "family": family.name}
-    data_id = {"data": str(cfg.data), "text_column": cfg.text_column, "seq_len": cfg.seq_len}
+    data_id = {"data": plan.train_data, "data_fingerprint": plan.data_fingerprint, "text_column": cfg.text_column,
+               "seq_len": cfg.seq_len}
 
     stats_dir = out / "stats"
-    collect_args = CollectArgs(target_tokens=cfg.target_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
-    stages.run(
-        "collect", {**model_id, **data_id, **dataclasses.asdict(collect_args)}, stats_dir / "router_stats.json",
-        lambda: run_collect(cfg.model, cfg.data, stats_dir, collect_args, family_name=family.name,
-                            seq_len=cfg.seq_len, text_column=cfg.text_column, overwrite=True),
-    )
     selection = out / "expert_selection.json"
-    stages.run("select", {"top_k": cfg.top_k, "diversity": cfg.diversity}, selection,
-               lambda: run_select(stats_dir, selection, top_k=cfg.top_k, diversity=cfg.diversity), after=("collect",))
     adapter_init = out / "adapter_init"
-    stages.run(
-        "convert",
-        {**model_id, "strategy": cfg.strategy, "gate_mode": cfg.gate_mode, "size": cfg.shared_intermediate_size,
-         "seed": cfg.seed},
-        adapter_init,
-        lambda: convert(cfg.model, adapter_init, selection=selection, strategy=cfg.strategy, gate_mode=cfg.gate_mode,
-                        shared_intermediate_size=cfg.shared_intermediate_size, seed=cfg.seed, family_name=family.name),
-        after=("select",),
-    )
-    train_dir = out / "train"
-    tcfg = TrainConfig(
-        model=cfg.model, adapter=str(adapter_init), output=str(train_dir), data=cfg.data, text_column=cfg.text_column,
-        seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_steps=cfg.max_steps, lr=cfg.lr,
-        warmup_steps=cfg.warmup_steps, kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight,
-        sfa_interval=cfg.sfa_interval, train_routers=cfg.train_routers, seed=cfg.seed,
-        save_every=max(1, cfg.max_steps // 4), log_every=max(1, min(10, cfg.max_steps // 20)),
-        resume=(train_dir / "run_config.json").exists() and not (train_dir / "final").exists(),
-    )
-    train_inputs = {k: v for k, v in tcfg.to_dict().items() if k != "resume"}
-    stages.run("train", train_inputs, train_dir / "final", lambda: train(tcfg), after=("convert",))
+    tcfg = plan.train_config
+    train_dir = Path(tcfg.output)
     eval_path = out / "eval.json"
 
+    def _train(resume: bool):
+        result = train(dataclasses.replace(tcfg, resume=resume, overwrite=not resume))
+        if result.final is None:
+            raise NexusError(f"training stopped at step {result.step} before --max-steps; rerun to continue")
+        return result
+
     def _evaluate():
-        result = evaluate(cfg.model, eval_data, adapter=train_dir / "final", seq_len=cfg.seq_len,
-                          batch_size=cfg.batch_size, max_batches=cfg.eval_batches, text_column=cfg.text_column)
+        result = evaluate(cfg.model, plan.eval_data, adapter=train_dir / "final", seq_len=cfg.seq_len,
+                          batch_size=cfg.batch_size, max_batches=cfg.eval_batches, text_column=cfg.text_column,
+                          dequantize=cfg.dequantize)
+        result["eval_source"] = plan.eval_source
         write_json(eval_path, result)
         return result
 
-    stages.run("evaluate", {"eval_data": str(eval_data), "max_batches": cfg.eval_batches}, eval_path, _evaluate,
-               after=("train",))
-    plots = train_dir / "plots"
-    stages.run("plot", {}, plots, lambda: plot_run(train_dir), after=("train",))
-    import json
-
+    try:
+        with token_cache(out / "cache"), _SigtermInterrupts():
+            stages.run(
+                "collect", {**model_id, **data_id, **dataclasses.asdict(plan.collect_args)},
+                stats_dir / "router_stats.json",
+                lambda resume: run_collect(cfg.model, plan.train_data, stats_dir, plan.collect_args,
+                                           family_name=family.name, seq_len=cfg.seq_len, text_column=cfg.text_column,
+                                           overwrite=not resume, dequantize=cfg.dequantize),
+                resumable=True,
+            )
+            stages.run("select", {"top_k": cfg.top_k, "diversity": cfg.diversity}, selection,
+                       lambda: run_select(stats_dir, selection, top_k=cfg.top_k, diversity=cfg.diversity),
+                       after=("collect",))
+            stages.run(
+                "convert",
+                {**model_id, "strategy": cfg.strategy, "gate_mode": cfg.gate_mode,
+                 "size": cfg.shared_intermediate_size, "seed": cfg.seed},
+                adapter_init,
+                lambda: convert(cfg.model, adapter_init, selection=selection, strategy=cfg.strategy,
+                                gate_mode=cfg.gate_mode, shared_intermediate_size=cfg.shared_intermediate_size,
+                                seed=cfg.seed, family_name=family.name),
+                after=("select",),
+            )
+            train_inputs = {k: v for k, v in tcfg.to_dict().items() if k not in ("resume", "overwrite")}
+            stages.run("train", {**train_inputs, "data_fingerprint": plan.data_fingerprint}, train_dir / "final",
+                       _train, after=("convert",), resumable=True)
+            stages.run("evaluate", {"eval_data": plan.eval_data, "eval_fingerprint": plan.eval_fingerprint,
+                                    "max_batches": cfg.eval_batches, "eval_source": plan.eval_source},
+                       eval_path, _evaluate, after=("train",))
+            stages.run("plot", {}, train_dir / "plots", lambda: plot_run(train_dir), after=("train",))
+    except Interrupted as exc:
+        raise Interrupted(f"run stopped in stage {stages.current}: {exc}. Rerun the same `nexus run` command to "
+                          "continue; the stages after it did not run", exc.signum) from exc
+    except KeyboardInterrupt as exc:
+        raise Interrupted(f"run aborted in stage {stages.current} by SIGINT; rerun the same `nexus run` command to "
+                          "continue from the stage's last checkpoint", signal.SIGINT) from exc
     return {"run_dir": str(out), "ran": stages.ran, "skipped": stages.skipped,
             "eval": json.loads(eval_path.read_text())}
+
+
+class _SigtermInterrupts:
+    """Turn SIGTERM into ``Interrupted`` (exit status 143) in stages that install no handler of their
+    own (SIGINT already raises ``KeyboardInterrupt``); a stage's own handlers take precedence."""
+
+    def __enter__(self):
+        import threading
+
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    @staticmethod
+    def _handle(signum, frame):
+        raise Interrupted("received SIGTERM", signum)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

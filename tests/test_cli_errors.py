@@ -1,0 +1,248 @@
+"""Every command of the CLI over a table of bad inputs: a non-zero exit, one ``Error:`` line, no
+traceback, and nothing written where the command was told to write.
+
+The commands run through click's CliRunner on ``nexus.cli.cli``, the group ``main()`` calls, so
+the error handling is the console script's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from helpers_prepare import model_with_tokenizer, write_jsonl
+from helpers_train import make_adapter
+from nexus.cli import cli
+
+
+@pytest.fixture(scope="module")
+def fx(gpt_oss_mxfp4_dir, tmp_path_factory):
+    """Shared inputs, built once: a model with a tokenizer, data, statistics, an adapter, an
+    adapter of another family, a run directory with metrics."""
+    from nexus.demo import build_checkpoint
+    from nexus.family import resolve_family
+
+    root = tmp_path_factory.mktemp("cli_errors")
+    base = model_with_tokenizer(gpt_oss_mxfp4_dir, root / "base")
+    data = write_jsonl(root / "data.jsonl", n=12)
+    r = _invoke("collect", "--model", base, "--data", data, "--output", root / "stats", "--seq-len", 32,
+                "--batch-size", 4, "--target-tokens", 200)
+    assert r.exit_code == 0, r.output
+    mixtral = resolve_family(name="mixtral")
+    other = model_with_tokenizer(build_checkpoint(mixtral, root / "mixtral_src"), root / "mixtral")
+    run = root / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5.0 - s / 10, "ce": 5.0 - s / 10,
+                                                           "kd": 0.01 * s, "router_kl": 0.0, "lr": 1e-3})
+                                               + "\n" for s in (1, 2, 3)))
+    return {
+        "root": root, "base": base, "data": data, "stats": root / "stats", "run": run,
+        "adapter": make_adapter(base, root / "adapter"),
+        "other_adapter": make_adapter(other, root / "other_adapter", intermediate_size=16),
+    }
+
+
+def _invoke(*args):
+    return CliRunner().invoke(cli, ["-q", *map(str, args)])
+
+
+# Each builder takes (fixtures, work dir) and returns the command line; the work dir is where the
+# command is told to write, and must be unchanged afterwards.
+
+
+def _truncated(src: Path, dst: Path, keep: float = 0.5) -> Path:
+    """A copy of ``src`` (a file, or the .safetensors of a directory) cut to ``keep`` of its bytes."""
+    if src.is_dir():
+        shutil.copytree(src, dst)
+        target = next(dst.glob("*.safetensors"))
+    else:
+        dst.write_bytes(src.read_bytes())
+        target = dst
+    data = target.read_bytes()
+    target.write_bytes(data[: int(len(data) * keep)])
+    return dst
+
+
+def _garbage_header(src: Path, dst: Path) -> Path:
+    """A copy of the directory ``src`` whose .safetensors starts with a header length of garbage."""
+    shutil.copytree(src, dst)
+    target = next(dst.glob("*.safetensors"))
+    data = target.read_bytes()
+    target.write_bytes(b"\xff" * 8 + data[8:])
+    return dst
+
+
+def _adapter_with(fx, dst: Path, edit) -> Path:
+    """A copy of the shared adapter whose tensors went through ``edit(dict) -> dict``."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(fx["adapter"], dst)
+    weights = next(dst.glob("*.safetensors"))
+    tensors = edit(load_file(weights))
+    save_file(tensors, weights)
+    return dst
+
+
+def _drop_one(tensors: dict) -> dict:
+    tensors.pop(sorted(tensors)[0])
+    return tensors
+
+
+def _misshape(tensors: dict) -> dict:
+    key = next(k for k in sorted(tensors) if tensors[k].dim() == 2)
+    tensors[key] = tensors[key][:-1].contiguous()
+    return tensors
+
+
+def _data_file(work: Path, name: str, content: bytes) -> Path:
+    path = work.parent / name  # beside the work dir, so that writing it is not "a write by the command"
+    path.write_bytes(content)
+    return path
+
+
+def _evaluate(fx, work, **kw):
+    args = {"--model": fx["base"], "--adapter": fx["adapter"], "--data": fx["data"], "--output": work / "eval.json",
+            "--seq-len": 24, "--batch-size": 2, "--max-batches": 1}
+    args.update(kw)
+    return ["evaluate", *[x for k, v in args.items() if v is not None for x in (k, v)]]
+
+
+def _train(fx, work, **kw):
+    args = {"--model": fx["base"], "--adapter": fx["adapter"], "--data": fx["data"], "--output": work / "run",
+            "--seq-len": 24, "--batch-size": 2, "--max-steps": 1}
+    args.update(kw)
+    return ["train", *[x for k, v in args.items() if v is not None for x in (k, v)]]
+
+
+def _a_file(work: Path) -> Path:
+    (work / "file").write_text("not a directory\n")
+    return work / "file"
+
+
+NOT_WRITABLE = Path("/proc/nexus-not-writable")  # cannot be created, not even by root
+
+CASES = {
+    # corrupt or truncated safetensors
+    "base truncated": lambda fx, w: _evaluate(fx, w, **{"--model": _truncated(fx["base"], w.parent / "b")}),
+    "base corrupt header": lambda fx, w: _evaluate(fx, w, **{"--model": _garbage_header(fx["base"], w.parent / "b")}),
+    "adapter truncated": lambda fx, w: _evaluate(fx, w, **{"--adapter": _truncated(fx["adapter"], w.parent / "a")}),
+    "adapter corrupt header": lambda fx, w: _evaluate(fx, w, **{
+        "--adapter": _garbage_header(fx["adapter"], w.parent / "a")}),
+    "adapter missing weights": lambda fx, w: _evaluate(fx, w, **{
+        "--adapter": _adapter_with(fx, w.parent / "a", _drop_one)}),
+    "adapter mis-shaped weights": lambda fx, w: _evaluate(fx, w, **{
+        "--adapter": _adapter_with(fx, w.parent / "a", _misshape)}),
+    "adapter truncated (train)": lambda fx, w: _train(fx, w, **{
+        "--adapter": _truncated(fx["adapter"], w.parent / "a")}),
+    "stats truncated": lambda fx, w: ["select", "--stats", _truncated(fx["stats"], w.parent / "stats"),
+                                      "--output", w / "selection.json"],
+    "select on a file that is not statistics": lambda fx, w: ["select", "--stats", fx["data"],
+                                                              "--output", w / "selection.json"],
+    "convert given statistics JSON": lambda fx, w: ["convert", "--model", fx["base"], "--selection",
+                                                    fx["stats"] / "router_stats.json", "--output", w / "adapter"],
+    # data
+    "data: invalid JSON line": lambda fx, w: _evaluate(fx, w, **{"--data": _data_file(
+        w, "bad.jsonl", b'{"text": "fine"}\n{"text": "cut\n')}),
+    "data: not UTF-8": lambda fx, w: _evaluate(fx, w, **{"--data": _data_file(
+        w, "latin1.jsonl", '{"text": "caf\u00e9"}\n'.encode("latin-1"))}),
+    "data: text is a number": lambda fx, w: _evaluate(fx, w, **{"--data": _data_file(
+        w, "num.jsonl", b'{"text": 123}\n')}),
+    "data: invalid JSON line (train)": lambda fx, w: _train(fx, w, **{"--data": _data_file(
+        w, "bad.jsonl", b'{"text": "fine"}\n{"text": "cut\n')}),
+    "data: path does not exist": lambda fx, w: _evaluate(fx, w, **{"--data": w.parent / "missing" / "data.jsonl"}),
+    "data: path does not exist (train)": lambda fx, w: _train(fx, w, **{"--data": w.parent / "missing.jsonl"}),
+    # arguments
+    "train --lr negative": lambda fx, w: _train(fx, w, **{"--lr": "-1e-3"}),
+    "train --lr nan": lambda fx, w: _train(fx, w, **{"--lr": "nan"}),
+    "generate --max-new-tokens 0": lambda fx, w: ["generate", "--model", fx["base"], "--prompt", "Hello",
+                                                  "--max-new-tokens", "0"],
+    "generate --temperature negative": lambda fx, w: ["generate", "--model", fx["base"], "--prompt", "Hello",
+                                                      "--temperature", "-0.5"],
+    "select --diversity nan": lambda fx, w: ["select", "--stats", fx["stats"], "--diversity", "nan",
+                                             "--output", w / "selection.json"],
+    "precompute without arguments": lambda fx, w: ["precompute"],
+    # an adapter made for another family
+    "adapter of another family (evaluate)": lambda fx, w: _evaluate(fx, w, **{"--adapter": fx["other_adapter"]}),
+    "adapter of another family (train)": lambda fx, w: _train(fx, w, **{"--adapter": fx["other_adapter"]}),
+    # output locations
+    "train --output is a file": lambda fx, w: _train(fx, w, **{"--output": _a_file(w)}),
+    "train --output not writable": lambda fx, w: _train(fx, w, **{"--output": NOT_WRITABLE / "run"}),
+    "evaluate --output is a directory": lambda fx, w: _evaluate(fx, w, **{"--output": w}),
+    "evaluate --output under a file": lambda fx, w: _evaluate(fx, w, **{"--output": _a_file(w) / "eval.json"}),
+    "evaluate --output not writable": lambda fx, w: _evaluate(fx, w, **{"--output": NOT_WRITABLE / "eval.json"}),
+    "plot: plots/ is a file": lambda fx, w: ["plot", _plot_run(fx, w, plots_file=True)],
+}
+
+
+def _plot_run(fx, work: Path, plots_file: bool) -> Path:
+    run = work / "run"
+    shutil.copytree(fx["run"], run)
+    if plots_file:
+        (run / "plots").write_text("a file where the plots would go\n")
+    return run
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, bytes | None]]:
+    """Every path under ``root`` with its size and, for small files, its bytes."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = (p.stat().st_size, p.read_bytes() if p.is_file() and p.stat().st_size < 1 << 16 else None)
+    return out
+
+
+def assert_one_line_error(result) -> str:
+    """A non-zero exit with exactly one ``Error:`` line, no traceback (click's usage hint may
+    precede a usage error, exit status 2); returns the error line."""
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        f"uncaught {type(result.exception).__name__}: {result.exception}\n{result.output}")
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    if result.exit_code == 2:
+        lines = [ln for ln in lines if not ln.startswith(("Usage: ", "Try '"))]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_and_writes_nothing(fx, tmp_path, case):
+    work = tmp_path / "work"
+    work.mkdir()
+    args = CASES[case](fx, work)
+    before = _snapshot(work)
+    result = _invoke(*args)
+    assert_one_line_error(result)
+    assert _snapshot(work) == before, f"{case}: the command wrote into {work}"
+    assert not NOT_WRITABLE.exists()
+
+
+def test_plot_skips_a_truncated_metrics_line_with_a_warning(fx, tmp_path):
+    run = _plot_run(fx, tmp_path, plots_file=False)
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    # A corrupt line in the middle, and the half-written last line a killed run leaves.
+    metrics.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    result = _invoke("plot", run)  # the CLI's own log handler writes warnings into the output
+    assert result.exit_code == 0, result.output
+    assert (run / "plots" / "loss.png").exists()
+    warned = [ln for ln in result.output.splitlines() if ln.startswith("WARNING")]
+    assert len(warned) == 2, result.output
+    assert f"{metrics} line 2 " in warned[0] and f"{metrics} line 5 " in warned[1], warned
+
+
+def test_load_model_expands_the_home_directory(fx, tmp_path, monkeypatch):
+    from nexus.loading import load_config, load_model
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny").symlink_to(fx["base"], target_is_directory=True)
+    assert load_model("~/models/tiny").config.model_type == "gpt_oss"
+    from nexus.errors import NexusError
+
+    with pytest.raises(NexusError, match=str(tmp_path / "models" / "missing")):
+        load_config("~/models/missing")

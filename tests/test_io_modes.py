@@ -1,0 +1,50 @@
+"""Artifacts are created with the user's umask, as any other file they write (not mkstemp's 0600)."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from nexus.io import atomic_dir, atomic_path, current_umask, write_json
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_current_umask_reads_without_changing_it(umask_027):
+    assert current_umask() == 0o027
+    assert current_umask() == 0o027
+
+
+def test_files_and_directories_get_the_umask(tmp_path, umask_027):
+    write_json(tmp_path / "a.json", {"x": 1})
+    assert _mode(tmp_path / "a.json") == 0o640
+    with atomic_path(tmp_path / "b.bin") as tmp:
+        tmp.write_bytes(b"x")
+    assert _mode(tmp_path / "b.bin") == 0o640
+    with atomic_dir(tmp_path / "adapter") as tmp:
+        (tmp / "f").write_text("x")
+    assert _mode(tmp_path / "adapter") == 0o750
+
+
+def test_a_permissive_umask_gives_group_and_other_read(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {})
+        with atomic_dir(tmp_path / "d"):
+            pass
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "a.json") == 0o644 and _mode(tmp_path / "d") == 0o755
