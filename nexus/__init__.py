@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 from nexus.hookspecs import hookimpl  # noqa: E402
 
-__all__ = ["__version__", "hookimpl", "load_adapter", "save_adapter", "attach_shared_experts", "disable_shared_experts"]
+__all__ = ["__version__", "hookimpl", "load_adapter", "save_adapter", "attach_shared_experts", "disable_shared_experts",
+           "export"]
 
 
 def __getattr__(name):
@@ -18,4 +19,8 @@ def __getattr__(name):
         from nexus import shared_expert
 
         return getattr(shared_expert, name)
+    if name == "export":
+        from nexus.engines.export import export
+
+        return export
     raise AttributeError(f"module 'nexus' has no attribute {name!r}")

@@ -42,8 +42,13 @@ _VOLATILE = {
 def config_fingerprint(config) -> str:
     """16 hex chars identifying the architecture of ``config`` (a PretrainedConfig or dict)."""
     d = config if isinstance(config, dict) else config.to_dict()
-    canon = {k: v for k, v in sorted(d.items()) if k not in _VOLATILE and not k.startswith("_")}
-    return hashlib.sha256(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_canonical(d), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _canonical(d: dict) -> dict:
+    """``d`` without volatile keys, at every depth (DBRX's ``ffn_config`` carries its own ``dtype``)."""
+    return {k: _canonical(v) if isinstance(v, dict) else v
+            for k, v in sorted(d.items()) if k not in _VOLATILE and not k.startswith("_")}
 
 
 # Elements read from the start of each fingerprinted tensor: a few rows even of a 120B model's

@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "nexus.cli.train",
     "nexus.cli.evaluate",
     "nexus.cli.run",
+    "nexus.cli.export",
 )
 
 
@@ -71,6 +72,7 @@ Examples:
   nexus convert --model M --selection selection.json --output adapter/
   nexus train --model M --adapter adapter/ --data D --teacher self --output run/
   nexus evaluate --model M --adapter run/final --data heldout.jsonl
+  nexus export --model M --adapter run/final --output served/ --check   # serve with vLLM/SGLang
   nexus inspect --model M --json                  # layers, experts, sizes, quantisation
   nexus families / nexus plugins                  # what is installed
 
