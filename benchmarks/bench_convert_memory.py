@@ -119,7 +119,7 @@ def write_selection(config, path: Path, top_k: int) -> Path:
     """An expert selection for ``config`` from synthetic router statistics (the engine's own select)."""
     import torch
 
-    from nexus.engines.router_stats import LayerStats, RouterStats
+    from nexus.router_stats import LayerStats, RouterStats
     from nexus.engines.select import save_selection, select_experts
     from nexus.fingerprint import config_fingerprint
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, parser, peak_rss_mb, ratio, thread_env, write_results  # noqa: E402
 
-from nexus.engines.distributed import ENGINES  # noqa: E402
+from nexus.training.distributed import PARALLEL_STRATEGIES  # noqa: E402
 MIB = 2**20
 
 
@@ -58,11 +58,11 @@ def measure(engine: str, config, accelerator) -> dict:
     """Train under ``engine`` and return this process's figures (MiB, peak RSS)."""
     import torch
 
-    from nexus.engines.distributed import force_engine
-    from nexus.engines.sharding import is_sharded
+    from nexus.training.distributed import force_strategy
+    from nexus.training.sharding import is_sharded
     from nexus.engines.train import train
 
-    force_engine(accelerator, engine)
+    force_strategy(accelerator, engine)
     result = train(config, accelerator=accelerator)
 
     def local_bytes(t) -> int:
@@ -87,9 +87,9 @@ def child(engine: str, config_path: str, out_path: str) -> None:
     """One process of a two-process run (started by ``torchrun`` on this script)."""
     import torch
 
-    from nexus.engines.checkpointing import read_metrics
-    from nexus.engines.distributed import end_processes, make_accelerator
-    from nexus.engines.train_config import TrainConfig
+    from nexus.metrics_log import read_metrics
+    from nexus.training.distributed import end_processes, make_accelerator
+    from nexus.training.train_config import TrainConfig
 
     torch.set_num_threads(1)
     config = TrainConfig(**json.loads(Path(config_path).read_text()))
@@ -126,7 +126,7 @@ def run_engine(engine: str, paths: dict, work: Path, steps: int, seq_len: int, t
 def main(argv=None) -> dict:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=None, help="Optimizer steps per run (default 8; --quick 3).")
-    p.add_argument("--engines", default=",".join(ENGINES), help=f"Comma-separated subset of {','.join(ENGINES)}.")
+    p.add_argument("--engines", default=",".join(PARALLEL_STRATEGIES), help=f"Comma-separated subset of {','.join(PARALLEL_STRATEGIES)}.")
     args = p.parse_args(argv)
     steps = args.steps or (3 if args.quick else 8)
     engines = [e for e in args.engines.split(",") if e]

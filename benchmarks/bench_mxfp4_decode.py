@@ -1,4 +1,4 @@
-"""MXFP4 decode throughput: ``nexus.mxfp4.decode_mxfp4`` vs transformers' ``convert_moe_packed_tensors``.
+"""MXFP4 decode throughput: ``nexus.quant.mxfp4.decode_mxfp4`` vs transformers' ``convert_moe_packed_tensors``.
 
 Both decode the same random packed tensors (GPT-OSS expert shapes: rows = 2I = 5760 output
 features, H = 2880 columns); the results are checked bit-exact (transformers returns the
@@ -30,7 +30,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from nexus.mxfp4 import decode_mxfp4
+    from nexus.quant.mxfp4 import decode_mxfp4
 
     experts = args.experts or (2 if args.quick else 8)
     rows, cols = (512, 512) if args.quick else (5760, 2880)

@@ -48,7 +48,7 @@ def chunks():
 """
 
 STREAM = COMMON + r"""
-from nexus.engines.router_stats import LayerStats, RouterStats
+from nexus.router_stats import LayerStats, RouterStats
 from nexus.engines.select import select_experts
 base = rss()
 t0 = time.perf_counter()

@@ -7,7 +7,7 @@
   trainable parameter count, self-distilled the same way (teacher = ``disable_adapter()``).
 
 Every variant runs the same loss (CE + KL to the base teacher, through
-``nexus.engines.train_step.distill_losses``) and AdamW over its trainable parameters, in its own
+``nexus.training.train_step.distill_losses``) and AdamW over its trainable parameters, in its own
 subprocess; memory is the peak RSS (``VmHWM``) minus the RSS before the model was
 loaded (and, separately, the RSS after setup: weights + optimizer, before any activation).
 Throughput is tokens per second of the median step; variants run interleaved ``--repeats``
@@ -88,7 +88,7 @@ class _LoraTeacher:
         self.model = model
 
     def outputs(self, batch, device, want_routers=False):
-        from nexus.engines.teachers import TeacherOutput
+        from nexus.training.teachers import TeacherOutput
 
         with self.model.disable_adapter(), __import__("torch").no_grad():
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
@@ -99,8 +99,8 @@ def run_variant(variant: str, model_dir: str, batch_size: int, seq_len: int, ste
     """Set up one layout, run 1 warm-up + ``steps`` timed optimizer steps; return its measurements."""
     import torch
 
-    from nexus.engines.teachers import ModelTeacher, SelfTeacher
-    from nexus.engines.train_step import distill_losses
+    from nexus.training.teachers import ModelTeacher, SelfTeacher
+    from nexus.training.train_step import distill_losses
     from nexus.family import resolve_family
     from nexus.loading import load_model
     from nexus.shared_expert import attach_shared_experts, freeze_base

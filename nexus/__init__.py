@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 from nexus.hookspecs import hookimpl  # noqa: E402
 
 __all__ = ["__version__", "hookimpl", "load_adapter", "save_adapter", "attach_shared_experts", "disable_shared_experts",
-           "export"]
+           "export", "get_nexus_model", "NexusConfig", "NexusModel"]
 
 
 def __getattr__(name):
@@ -23,4 +23,8 @@ def __getattr__(name):
         from nexus.engines.export import export
 
         return export
+    if name in ("get_nexus_model", "NexusConfig", "NexusModel"):
+        from nexus.trainers import model
+
+        return getattr(model, name)
     raise AttributeError(f"module 'nexus' has no attribute {name!r}")

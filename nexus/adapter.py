@@ -118,7 +118,7 @@ def save_adapter(model: nn.Module, path: str | Path, config: AdapterConfig,
     :param config: the adapter's description; ``layers`` is filled in when empty, and the base
         weights fingerprint when empty and ``model`` was loaded from a checkpoint directory.
     :param tensors: the adapter's whole tensors when already gathered (a sharded model:
-        :func:`adapter_state_dict` through :func:`nexus.engines.sharding.gather_full`);
+        :func:`adapter_state_dict` through :func:`nexus.training.sharding.gather_full`);
         default ``adapter_state_dict(model, config.base_keys)``.
     :return: ``path``.
     """

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 from nexus.errors import NexusError
-from nexus.fp8 import SCALE_SUFFIX, block_size, decode_fp8
-from nexus.mxfp4 import decode_mxfp4
+from nexus.quant.fp8 import SCALE_SUFFIX, block_size, decode_fp8
+from nexus.quant.mxfp4 import decode_mxfp4
 from nexus.tensor_files import open_safetensors
 
 SINGLE_FILE = "model.safetensors"

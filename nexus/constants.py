@@ -28,6 +28,17 @@ DEFAULT_TOP_K_FRACTION = 0.25
 DEFAULT_TOP_K = 24
 DEFAULT_DIVERSITY = 0.1
 
+# `train` and `run`: peak learning rate and tokens per row, one value for both commands.
+# - lr 1e-3: only the shared experts train, from a zero-initialised (or token) gate, so they take
+#   adapter-like rates, not full fine-tuning's. The quality benchmark's best rates for them were
+#   1e-2 to 3e-2 on its 5.5M-parameter bases (benchmarks/results/quality-full.md); larger bases
+#   want smaller rates, so the default sits a decade below that, where the demo run still learns
+#   in 100 steps.
+# - seq_len 256: the row length of the quality benchmark (the evidence behind the other defaults),
+#   long enough for documents to carry context, short enough that `run` on the demo stays quick.
+DEFAULT_LR = 1e-3
+DEFAULT_SEQ_LEN = 256
+
 # `run` without --eval-data evaluates on the documents of --data whose salted content hash falls
 # in this fraction, and trains/collects on the rest (nexus.data, "Held-out split").
 HOLDOUT_FRACTION = 0.1

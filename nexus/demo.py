@@ -39,7 +39,7 @@ def build_checkpoint(family, path: str | Path, config=None, seed: int = 0) -> Pa
 
 def demo_text_path() -> Path:
     """The real-text sample shipped with NEXUS (public-domain State of the Union addresses)."""
-    return Path(__file__).parent / "data" / "demo.txt"
+    return Path(__file__).parent / "demo_texts" / "demo.txt"
 
 
 def demo_paragraphs(n: int | None = None) -> list[str]:
@@ -50,7 +50,7 @@ def demo_paragraphs(n: int | None = None) -> list[str]:
 
 def demo_eval_path() -> Path:
     """Held-out paragraphs of the same addresses, for evaluating the demo."""
-    return Path(__file__).parent / "data" / "demo_eval.txt"
+    return Path(__file__).parent / "demo_texts" / "demo_eval.txt"
 
 
 CHAT_TEMPLATE = (

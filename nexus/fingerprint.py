@@ -3,6 +3,8 @@
 - The config fingerprint: a short hash of the config fields that define the architecture. Two
   checkpoints with the same fingerprint have the same shapes and the same layers; it ignores
   how a checkpoint is stored (MXFP4 or float, dtype, paths).
+- The rows fingerprint: a short hash of tokenised data (every token id, in order), so a resumed
+  run or a cache can tell that it is fed the same rows.
 - The weights fingerprint: a short hash of the first values of a few tensors read from disk
   (embedding, first and last routers, untied output embedding), so that two checkpoints of one
   architecture with different weights (a fine-tune, another release) are told apart cheaply.
@@ -37,6 +39,17 @@ _VOLATILE = {
     "id2label",
     "label2id",
 }
+
+
+def rows_fingerprint(rows: list[list[int]]) -> str:
+    """16 hex chars identifying tokenised data: a hash of every token id of ``rows``, in order."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(np.asarray(r, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
 
 
 def config_fingerprint(config) -> str:

@@ -3,6 +3,13 @@
 Every model family is a plugin: an object or module carrying ``@nexus.hookimpl`` functions,
 found through the ``nexus`` entry-point group (see ``nexus/plugins.py``).
 
+Most families implement none of these hooks by hand: they declare a
+:class:`nexus.spec.FamilySpec` (where the blocks, router and config fields are, which layers are
+MoE, an :class:`nexus.expert_layout.ExpertLayout` saying where the experts are on disk) and expose
+``SpecFamily(SPEC)``, which implements every per-model hook from it. ``nexus/spec.py`` is
+therefore part of this contract; the hooks below are what a family overrides when its block is
+not standard (subclass ``SpecFamily`` and re-implement one hook) or writes from scratch.
+
 Per-model hooks use the claim pattern: they are ``firstresult`` and every call carries the
 resolved family name (``family``), so an implementation returns ``None`` unless the call is for
 its family. Because every plugin sees every call, a plugin can override a single concern of
@@ -153,8 +160,11 @@ def nexus_read_experts(
     """Read some routed experts of one layer from the checkpoint on disk, as fp32.
 
     Called by ``convert``, once per MoE layer, with only the experts it needs. Implementations
-    must read just those experts' slices through ``reader`` (never the whole model) and
-    dequantise them (MXFP4) when the checkpoint is quantised.
+    must read just those experts' slices through ``reader`` (never the whole model). Decoding
+    quantised storage is the core's: ``reader`` returns fp32 values of MXFP4 (``*_blocks`` /
+    ``*_scales``) and block-scaled FP8 tensors; an implementation only says which tensors hold
+    the experts and how they are laid out (usually through
+    :func:`nexus.expert_layout.read_experts_from_layout`).
 
     :param family: the resolved family name; return ``None`` unless it is yours.
     :param reader: a lazy reader over the checkpoint's safetensors files.
@@ -173,8 +183,8 @@ def nexus_pack_experts(
 
     Called by :func:`nexus.loading.load_model` (unless ``dequantize=True``) for every MoE block
     of a model built without weights, when the checkpoint's ``quantization_config`` names a
-    quantised format. The replacement (usually :class:`nexus.packed_experts.PackedExperts`, built
-    by :func:`nexus.packed_loading.install_packed_experts`) must compute exactly what the
+    quantised format. The replacement (usually :class:`nexus.quant.packed_experts.PackedExperts`, built
+    by :func:`nexus.quant.packed_loading.install_packed_experts`) must compute exactly what the
     family's experts module computes, decoding on the fly; the loader then loads every other
     tensor. Returning ``False`` for any block makes the loader dequantise the whole model instead.
 

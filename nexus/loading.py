@@ -44,7 +44,7 @@ def load_model(
     """Load a causal LM for NEXUS, base in ``eval()``.
 
     Routed experts stored quantised on disk (MXFP4, block-scaled FP8) in a format the family
-    declares stay packed in memory as stored (:mod:`nexus.packed_loading`), unless
+    declares stay packed in memory as stored (:mod:`nexus.quant.packed_loading`), unless
     ``dequantize``; everything else loads in ``dtype``.
 
     :param dequantize: load through ``from_pretrained``, which dequantises every expert to ``dtype``.
@@ -58,7 +58,7 @@ def load_model(
     if not dequantize and getattr(config, "quantization_config", None) is not None:
         from nexus.errors import FamilyError
         from nexus.family import resolve_family
-        from nexus.packed_loading import load_packed_model
+        from nexus.quant.packed_loading import load_packed_model
 
         try:
             fam = resolve_family(config, family)
@@ -69,7 +69,7 @@ def load_model(
             model.eval()
             model._nexus_source = str(path)
             return model
-    from nexus.mxfp4 import silence_dequantization_warnings
+    from nexus.quant.mxfp4 import silence_dequantization_warnings
 
     silence_dequantization_warnings()
     try:

@@ -184,3 +184,46 @@ def freeze_base(
             trainable.append(p)
     model.eval()
     return trainable
+
+
+# Parameter partition: what an adapter may hold besides the shared experts.
+
+
+def router_parameters(model: nn.Module, family, blocks) -> dict[str, nn.Parameter]:
+    """The routers' parameters by ``named_parameters`` name (the ones ``--train-routers`` trains)."""
+    ids = {id(p) for b in blocks for p in family.router_capture(b).module.parameters()}
+    return {n: p for n, p in model.named_parameters() if id(p) in ids}
+
+
+def native_shared_parameters(model: nn.Module, blocks) -> dict[str, nn.Parameter]:
+    """The family's own shared experts' parameters by name (``--train-native-shared``); empty if none."""
+    ids = {id(p) for m in native_shared_modules(blocks) for p in m.parameters()}
+    return {n: p for n, p in model.named_parameters() if id(p) in ids}
+
+
+def base_parameters(model: nn.Module, family, blocks) -> dict[str, nn.Parameter]:
+    """Every base parameter an adapter may replace: routers and native shared experts."""
+    return {**router_parameters(model, family, blocks), **native_shared_parameters(model, blocks)}
+
+
+@contextlib.contextmanager
+def base_view(model: nn.Module, base_originals: dict[str, torch.Tensor] | None = None):
+    """Run ``model`` as its base: shared experts disabled and, when base parameters were trained
+    (routers, native shared experts) or loaded from an adapter, the originals swapped in for the duration.
+
+    :param base_originals: ``name -> tensor`` of those base parameters, from :func:`base_parameters`
+        before any training; None or empty when they are untouched.
+    """
+    params = dict(model.named_parameters()) if base_originals else {}
+    saved = {}
+    with torch.no_grad():
+        for name, original in (base_originals or {}).items():
+            saved[name] = params[name].detach().clone()
+            params[name].copy_(original)
+    try:
+        with disable_shared_experts(model):
+            yield model
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)

@@ -2,7 +2,7 @@
 FSDP2 or DeepSpeed ZeRO preparation.
 
 accelerate selects FSDP and DeepSpeed only on accelerator devices; on a CPU-only machine the
-processes form a gloo group and ``nexus.engines.distributed.force_engine`` switches the
+processes form a gloo group and ``nexus.training.distributed.force_strategy`` switches the
 accelerator's state to the engine, so that ``Accelerator.prepare`` wraps the model as on GPUs.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/engine_train.py ENGINE CONFIG.json RESULT.json
@@ -41,7 +41,7 @@ def _poison_gradient_at(call: int) -> None:
 
 def _trainable_after_failure(accelerator) -> dict:
     """Whether every trainable weight left in memory after a NonFiniteLossError is finite."""
-    from nexus.engines.zero import read_full
+    from nexus.training.zero import read_full
 
     model = accelerator._models[0]
     model = getattr(model, "module", model)
@@ -53,12 +53,12 @@ def _check(engine: str, config, accelerator) -> dict:
     """Train under ``engine``; whether every frozen parameter is bit-identical to the checkpoint."""
     import os
 
-    from nexus.engines.distributed import force_engine
-    from nexus.engines.sharding import full_tensor, is_sharded
+    from nexus.training.distributed import force_strategy
+    from nexus.training.sharding import full_tensor, is_sharded
     from nexus.engines.train import NonFiniteLossError, train
     from nexus.loading import load_model
 
-    force_engine(accelerator, engine, config.bf16)
+    force_strategy(accelerator, engine, config.bf16)
     if os.environ.get("NEXUS_TEST_NAN_GRADIENT_AT"):
         _poison_gradient_at(int(os.environ["NEXUS_TEST_NAN_GRADIENT_AT"]))
         try:
@@ -91,8 +91,8 @@ def gloo_threads() -> int:
 
 
 def main(engine: str, config_path: str, result_path: str) -> None:
-    from nexus.engines.distributed import end_processes, make_accelerator
-    from nexus.engines.train_config import TrainConfig
+    from nexus.training.distributed import end_processes, make_accelerator
+    from nexus.training.train_config import TrainConfig
 
     torch.set_num_threads(1)
     config = TrainConfig(**json.loads(open(config_path).read()))

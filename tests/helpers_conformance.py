@@ -59,7 +59,7 @@ def build_checkpoint(family, path: Path, config=None, seed: int = 0, fmt: str | 
     perturb_moe_blocks(family, model, seed)
     path.mkdir(parents=True, exist_ok=True)
     if fmt == "fp8":
-        from nexus.fp8_checkpoint import save_fp8_checkpoint
+        from nexus.quant.fp8_checkpoint import save_fp8_checkpoint
 
         save_fp8_checkpoint(model, path, family)
     else:

@@ -138,14 +138,14 @@ def test_cli_mirrors_engine_constants():
     from nexus.cli import prepare
     from nexus.engines import convert, select
 
-    assert prepare.INIT_STRATEGIES == convert.STRATEGIES
+    assert prepare.INIT_STRATEGIES == convert.INIT_STRATEGIES
     assert prepare.DEFAULT_TOP_K == select.DEFAULT_TOP_K
     assert prepare.DEFAULT_DIVERSITY == select.DEFAULT_DIVERSITY
 
 
 def test_convert_defaults_are_the_shared_constants(tmp_path):
     from nexus.constants import DEFAULT_GATE_MODE, DEFAULT_STRATEGY
-    from nexus.pipeline.run import RunConfig
+    from nexus.engines.run import RunConfig
 
     out = CliRunner().invoke(cli, ["convert", "--help"]).output
     assert f"[default: {DEFAULT_STRATEGY}]" in " ".join(out.split()) and f"[default: {DEFAULT_GATE_MODE}]" in " ".join(out.split())

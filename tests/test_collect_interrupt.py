@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from nexus.data import TokenData
-from nexus.engines.router_stats import CollectArgs, RouterStats, collect_router_stats
+from nexus.engines.collect import CollectArgs, collect_router_stats
+from nexus.router_stats import RouterStats
 from nexus.errors import Interrupted
 
 

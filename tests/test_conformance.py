@@ -226,7 +226,7 @@ def test_collect_select_convert_on_the_family(case, tmp_path):
     zero gate, leaves the logits unchanged."""
     from nexus.data import TokenData
     from nexus.engines.convert import convert
-    from nexus.engines.router_stats import CollectArgs, collect_router_stats
+    from nexus.engines.collect import CollectArgs, collect_router_stats
     from nexus.engines.select import select_experts
     from nexus.routing import record_routers
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import nexus.engines.convert as conv
 from nexus.adapter import adapter_state_dict, load_adapter, read_adapter_config
 from nexus.constants import ADAPTER_WEIGHTS_NAME
-from nexus.engines.router_stats import LayerStats, RouterStats
+from nexus.router_stats import LayerStats, RouterStats
 from nexus.engines.select import select_experts
 from nexus.errors import AdapterMismatchError, NexusError
 from nexus.fingerprint import config_fingerprint

@@ -100,7 +100,7 @@ def test_generate_greedy_and_chat(work):
 def test_plot_run(work, tmp_path):
     from nexus.cli import cli
     from nexus.engines.train import train
-    from nexus.engines.train_config import TrainConfig
+    from nexus.training.train_config import TrainConfig
 
     run = tmp_path / "run"
     train(TrainConfig(model=str(work["base"]), adapter=str(work["adapter"]), data=str(work["data"]), output=str(run),

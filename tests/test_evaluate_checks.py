@@ -29,7 +29,7 @@ def test_router_load_uses_the_family_selection_bias_as_collect_does():
 
     from nexus.data import TokenData
     from nexus.engines.evaluate import _RouterTally
-    from nexus.engines.router_stats import CollectArgs, collect_router_stats
+    from nexus.engines.collect import CollectArgs, collect_router_stats
     from nexus.family import resolve_family
     from nexus.routing import RouterRecorder
 
@@ -121,7 +121,7 @@ def test_adapter_of_another_family_or_other_weights_is_refused(work, tmp_path):
 
 def test_train_refuses_an_adapter_of_another_family(work, tmp_path):
     from nexus.engines.train import train
-    from nexus.engines.train_config import TrainConfig
+    from nexus.training.train_config import TrainConfig
 
     path, _ = _edited_adapter(work, tmp_path, family="mixtral", model_type="mixtral", base_fingerprint="0" * 16)
     with pytest.raises(AdapterMismatchError, match=f"adapter {path} was made for base fingerprint 0{{16}} "

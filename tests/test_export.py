@@ -1,7 +1,7 @@
 """``nexus export``: exact folds, the MXFP4 layout, refusals, remote code, and the writing guarantees.
 
 The checks that load an export run it in a fresh process with stock transformers that never
-imports nexus (``nexus.export_check``); the full family matrix is in ``test_export_matrix.py``.
+imports nexus (``nexus.engines.export_check``); the full family matrix is in ``test_export_matrix.py``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from safetensors import safe_open
 from helpers_export import base_and_adapter, base_logits
 from nexus.engines.export import EXPORT_INFO_NAME, export
 from nexus.errors import AdapterMismatchError, NexusError
-from nexus.export_check import sample_inputs
-from nexus.export_files import read_header
+from nexus.engines.export_check import sample_inputs
+from nexus.engines.export_files import read_header
 from nexus.family import resolve_family
 from nexus.spec import ExportSpec, RoutedFold, SlotFold
 
@@ -136,7 +136,7 @@ def test_existing_output_needs_overwrite_and_a_crash_leaves_nothing(gpt_oss_pair
         export(base, adapter, out)
     assert (out / "keep.txt").exists()
 
-    from nexus import export_files
+    from nexus.engines import export_files
 
     calls = {"n": 0}
     original = export_files.StreamingWriter.add

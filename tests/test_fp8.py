@@ -1,4 +1,4 @@
-"""Block-scaled FP8 (nexus.fp8): bit-exact decoding, refusals by name, and the checkpoint reader's decoding."""
+"""Block-scaled FP8 (nexus.quant.fp8): bit-exact decoding, refusals by name, and the checkpoint reader's decoding."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transformers.integrations.finegrained_fp8 import Fp8Dequantize, _dequantize
 
 from nexus.checkpoint import CheckpointReader
 from nexus.errors import NexusError
-from nexus.fp8 import FP8_DTYPE, block_size, decode_fp8, quantize_fp8
+from nexus.quant.fp8 import FP8_DTYPE, block_size, decode_fp8, quantize_fp8
 
 
 def _random_fp8(shape, seed=0):

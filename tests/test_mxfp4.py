@@ -1,4 +1,4 @@
-"""MXFP4 decoding and quantisation (nexus.mxfp4) against transformers' reference and float64 brute force."""
+"""MXFP4 decoding and quantisation (nexus.quant.mxfp4) against transformers' reference and float64 brute force."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from transformers.integrations.mxfp4 import FP4_VALUES as HF_FP4_VALUES
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from nexus.checkpoint import CheckpointReader
-from nexus.mxfp4 import BLOCK, FP4_VALUES, decode_mxfp4, quantize_mxfp4
+from nexus.quant.mxfp4 import BLOCK, FP4_VALUES, decode_mxfp4, quantize_mxfp4
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -24,9 +24,9 @@ def _stages(work, out):
     from nexus.engines.convert import convert
     from nexus.engines.evaluate import evaluate
     from nexus.engines.plots import PLOTS_DIR, plot_run
-    from nexus.engines.router_stats import CollectArgs, run_collect
+    from nexus.engines.collect import CollectArgs, run_collect
     from nexus.engines.select import run_select
-    from nexus.engines.teacher_cache import PrecomputeConfig, precompute
+    from nexus.engines.precompute import PrecomputeConfig, precompute
 
     base, data = str(work["base"]), str(work["data"])
     return {

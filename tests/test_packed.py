@@ -17,8 +17,8 @@ from nexus.errors import NexusError
 from nexus.family import resolve_family
 from nexus.fingerprint import config_fingerprint
 from nexus.loading import load_model
-from nexus.packed_experts import PackedExperts
-from nexus.packed_loading import packed_modules
+from nexus.quant.packed_experts import PackedExperts
+from nexus.quant.packed_loading import packed_modules
 
 # (family, format): the formats a first-party family declares.
 CASES = [("gpt_oss", "mxfp4"), ("deepseek_v3", "fp8"), ("qwen3_moe", "fp8")]
@@ -106,7 +106,7 @@ def test_expert_memory_is_the_on_disk_expert_bytes(packed_dir, name, fmt):
 
 @pytest.mark.parametrize("name,fmt", CASES)
 def test_packed_load_never_decodes_experts_nor_calls_from_pretrained(packed_dir, monkeypatch, name, fmt):
-    import nexus.packed_experts as pe
+    import nexus.quant.packed_experts as pe
     from transformers import AutoModelForCausalLM
 
     _, path = packed_dir(name, fmt)
@@ -209,7 +209,7 @@ def test_decoding_is_chunked_under_the_byte_budget(packed_dir):
 
 def _train(work, out, **kw):
     from nexus.engines.train import train
-    from nexus.engines.train_config import TrainConfig
+    from nexus.training.train_config import TrainConfig
 
     args = dict(model=str(work["base"]), adapter=str(work["adapter"]), data=str(work["data"]), output=str(out),
                 seq_len=32, batch_size=2, max_steps=5, lr=3e-3, log_every=1, save_every=0, seed=3, router_kl_weight=0.2)
@@ -355,7 +355,7 @@ def test_inexact_layout_stays_within_tolerance(packed_dir):
 
 def test_quantised_checkpoint_of_a_dense_model_loads_the_ordinary_way(dense_model_dir):
     """A quantised model no MoE family claims (a dense FP8 teacher) is not an error: it loads dequantised."""
-    from nexus.fp8 import quantize_fp8
+    from nexus.quant.fp8 import quantize_fp8
 
     file = dense_model_dir / "model.safetensors"
     tensors = load_file(file)

@@ -293,7 +293,7 @@ def _cli() -> click.Group:
 
 
 def test_hook_nexus_register_commands(registered):
-    from nexus.cli import _build
+    from nexus.cli import load_plugin_commands
 
     class HelloPlugin:
         __name__ = "HelloPlugin"
@@ -309,7 +309,7 @@ def test_hook_nexus_register_commands(registered):
     registered(HelloPlugin())
     cli = _cli()
     try:
-        _build()
+        load_plugin_commands()
         runner = CliRunner()
         result = runner.invoke(cli, ["hello-nexus", "--name", "MoE"])
         assert result.exit_code == 0, result.output
@@ -507,7 +507,7 @@ def test_hook_nexus_write_checkpoint(gpt_oss, gpt_oss_config, tmp_path):
 
     from nexus.checkpoint import CheckpointReader
     from nexus.loading import load_model
-    from nexus.mxfp4 import decode_mxfp4, quantize_mxfp4
+    from nexus.quant.mxfp4 import decode_mxfp4, quantize_mxfp4
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(gpt_oss_config)

@@ -12,13 +12,9 @@ import pytest
 import torch
 
 from nexus.data import TokenData, collate
-from nexus.engines.router_stats import (
-    CollectArgs,
-    LayerStats,
-    RouterStats,
-    collect_router_stats,
-)
+from nexus.engines.collect import CollectArgs, collect_router_stats
 from nexus.errors import NexusError
+from nexus.router_stats import LayerStats, RouterStats
 
 from helpers_prepare import random_rows, router_reference as reference
 
@@ -83,7 +79,7 @@ def test_resumed_run_equals_straight_run(model, gpt_oss, data, tmp_path):
 
 def test_rank_halves_merge_to_one_run(model, gpt_oss, data, monkeypatch):
     """Two ranks of batch 2 (each its half of every global batch) merged == one process of batch 4."""
-    import nexus.engines.router_stats as rs
+    import nexus.engines.collect as rs
 
     straight = collect_router_stats(model, gpt_oss, data, CollectArgs(batch_size=4), progress=False)
     halves = []
@@ -134,7 +130,7 @@ def test_target_tokens_exact_first_tokens_row_major(model, gpt_oss, data):
 
 
 def test_data_exhausted_warns_with_token_count(model, gpt_oss, data, caplog):
-    with caplog.at_level(logging.WARNING, logger="nexus.engines.router_stats"):
+    with caplog.at_level(logging.WARNING, logger="nexus.engines.collect"):
         stats = collect_router_stats(model, gpt_oss, data, CollectArgs(target_tokens=10**6, batch_size=8), progress=False)
     assert stats.meta["complete"] and stats.tokens == data.num_tokens
     assert f"after {data.num_tokens} tokens" in caplog.text

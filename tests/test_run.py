@@ -182,7 +182,7 @@ def test_run_refuses_a_model_without_a_tokenizer(tmp_path):
 def test_run_stops_after_an_interrupted_stage(gpt_oss_float_dir, tmp_path, monkeypatch, stage, exc, code):
     import signal
 
-    import nexus.engines.router_stats
+    import nexus.engines.collect
     import nexus.engines.train
     from nexus.errors import Interrupted
 
@@ -191,7 +191,7 @@ def test_run_stops_after_an_interrupted_stage(gpt_oss_float_dir, tmp_path, monke
             raise KeyboardInterrupt
         raise Interrupted("saved a checkpoint at step 1; resume with --resume", getattr(signal, exc))
 
-    target = {"train": (nexus.engines.train, "train"), "collect": (nexus.engines.router_stats, "run_collect")}[stage]
+    target = {"train": (nexus.engines.train, "train"), "collect": (nexus.engines.collect, "run_collect")}[stage]
     monkeypatch.setattr(*target, stop)
     evaluated = []
     monkeypatch.setattr("nexus.engines.evaluate.evaluate", lambda *a, **k: evaluated.append(1))

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from nexus.data import TokenData
-from nexus.engines.router_stats import CollectArgs, LayerStats, RouterStats, collect_router_stats
+from nexus.engines.collect import CollectArgs, collect_router_stats
+from nexus.router_stats import LayerStats, RouterStats
 from nexus.engines.select import importance_pattern, load_selection, run_select, save_selection, select_experts
 from nexus.errors import NexusError
 

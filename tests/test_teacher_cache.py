@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 
 from helpers_train import make_adapter, make_base, make_data
 from nexus.constants import ADAPTER_WEIGHTS_NAME
-from nexus.engines.teacher_cache import PrecomputeConfig, TeacherCache, precompute
+from nexus.engines.precompute import PrecomputeConfig, precompute
 from nexus.engines.train import train
-from nexus.engines.train_config import TrainConfig
+from nexus.teacher_cache import TeacherCache
+from nexus.training.train_config import TrainConfig
 from nexus.errors import NexusError
 
 

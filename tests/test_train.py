@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from helpers_train import make_adapter, make_base, make_data
 from nexus.constants import ADAPTER_WEIGHTS_NAME
-from nexus.engines.checkpointing import checkpoint_dirs
+from nexus.training.train_state import checkpoint_dirs
 from nexus.engines.train import NonFiniteLossError, train
-from nexus.engines.train_config import TrainConfig
+from nexus.training.train_config import TrainConfig
 from nexus.errors import NexusError
 
 
@@ -77,7 +77,7 @@ def test_grad_accum_matches_big_batch(work, tmp_path):
 
 def test_frozen_base_untouched_and_self_teacher_is_base(work, tmp_path):
     from nexus.data import collate
-    from nexus.engines.teachers import SelfTeacher
+    from nexus.training.teachers import SelfTeacher
     from nexus.loading import load_model
     from nexus.shared_expert import is_shared_parameter
 
@@ -96,7 +96,7 @@ def test_frozen_base_untouched_and_self_teacher_is_base(work, tmp_path):
     assert changed and all(changed), "trained routers should differ from the base"
     # The self teacher (shared experts off, original routers swapped in) is exactly the base.
     from nexus.family import resolve_family
-    from nexus.engines.teachers import router_parameters
+    from nexus.shared_expert import router_parameters
 
     family = resolve_family(model.config)
     blocks = family.moe_blocks(model)
@@ -197,7 +197,7 @@ def test_cli_train_options_come_from_the_config(work, tmp_path):
 def test_report_to_logs_through_accelerate_trackers(work, tmp_path):
     from accelerate.tracking import GeneralTracker
 
-    from nexus.engines.distributed import make_accelerator
+    from nexus.training.distributed import make_accelerator
 
     class Recorder(GeneralTracker):
         name, requires_logging_directory = "recorder", False
@@ -230,7 +230,7 @@ def test_teacher_with_other_tokenizer_of_same_size_is_refused(work, tmp_path):
     from helpers_train import demo_paragraphs
     from nexus.data import load_tokenizer
     from nexus.demo import train_tokenizer
-    from nexus.engines.teachers import check_same_vocab
+    from nexus.training.teachers import check_same_vocab
     from nexus.loading import load_config
 
     teacher = tmp_path / "teacher"
@@ -303,7 +303,7 @@ def test_unsupported_engines_are_refused_before_any_work(work, tmp_path, kind, s
 def test_deepspeed_config_gets_the_batch_accumulation_and_clipping_nexus_owns():
     from types import SimpleNamespace
 
-    from nexus.engines import zero
+    from nexus.training import zero
 
     ds = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
           "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}
@@ -335,10 +335,10 @@ def test_resume_refuses_another_optimizer_state_format(work, tmp_path, old, new,
 
 
 def test_launch_config_precision_is_overridden_by_the_bf16_flag_with_a_warning(monkeypatch, caplog):
-    from nexus.engines.distributed import make_accelerator
+    from nexus.training.distributed import make_accelerator
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
-    with caplog.at_level("WARNING", logger="nexus.engines.distributed"):
+    with caplog.at_level("WARNING", logger="nexus.training.distributed"):
         accelerator = make_accelerator(bf16=False)
     assert accelerator.mixed_precision == "no"
     assert "mixed precision fp16; nexus uses --bf16 (off)" in caplog.text

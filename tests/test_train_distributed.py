@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from helpers_train import make_adapter, make_base, make_data, subprocess_env, torchrun
 from nexus.constants import ADAPTER_WEIGHTS_NAME
-from nexus.engines.checkpointing import latest_checkpoint
+from nexus.training.train_state import latest_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def _torchrun(args, timeout=240):
 def test_two_processes_equal_one_process_with_double_batch(work, tmp_path):
     from nexus.data import load_token_data, load_tokenizer
     from nexus.engines.train import train
-    from nexus.engines.train_config import TrainConfig
+    from nexus.training.train_config import TrainConfig
 
     rows = len(load_token_data(work["data"], load_tokenizer(work["base"]), 64).rows)
     assert rows % 2 == 1
@@ -72,7 +72,8 @@ def test_two_processes_equal_one_process_with_double_batch(work, tmp_path):
 
 
 def test_two_process_precompute_equals_one_process(work, tmp_path):
-    from nexus.engines.teacher_cache import PrecomputeConfig, TeacherCache, precompute
+    from nexus.engines.precompute import PrecomputeConfig, precompute
+    from nexus.teacher_cache import TeacherCache
 
     args = ["--teacher", str(work["base"]), "--data", str(work["data"]), "--top-k", "16", "--seq-len", "32",
             "--rows-per-shard", "2", "--router-logits"]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from helpers_train import make_adapter, make_base, make_data, torchrun
 from nexus.constants import ADAPTER_WEIGHTS_NAME
-from nexus.engines.checkpointing import latest_checkpoint
+from nexus.training.train_state import latest_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def _metrics(run) -> list[dict]:
 @pytest.mark.parametrize("engine", ["fsdp2", "zero1", "zero2"])
 def test_engine_equals_one_process_and_resumes_bit_identically(work, tmp_path, engine):
     from nexus.engines.train import train
-    from nexus.engines.train_config import TrainConfig
+    from nexus.training.train_config import TrainConfig
 
     straight = _launch(tmp_path, engine, "straight", _settings(work, tmp_path / "multi"))
     assert straight["world"] == 2 and straight["step"] == 6 and straight["frozen_identical"]
@@ -107,7 +107,7 @@ def test_ddp_run_frees_its_process_group(work, tmp_path):
 
 def test_zero2_bf16_saves_fp32_masters_and_tracks_one_process(work, tmp_path):
     from nexus.engines.train import train
-    from nexus.engines.train_config import TrainConfig
+    from nexus.training.train_config import TrainConfig
 
     settings = _settings(work, tmp_path / "zero", bf16=True, max_steps=4, sfa_interval=0)
     result = _launch(tmp_path, "zero2", "bf16", settings)

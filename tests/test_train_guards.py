@@ -15,7 +15,7 @@ import pytest
 
 from helpers_train import make_adapter, make_base, make_data
 from nexus.engines.train import train
-from nexus.engines.train_config import TrainConfig
+from nexus.training.train_config import TrainConfig
 from nexus.errors import Interrupted, NexusError, OutputLockedError
 from nexus.io import lock_path, output_lock
 
@@ -80,7 +80,7 @@ def test_resume_with_other_optimiser_or_loss_settings_is_refused_naming_old_and_
 
 
 def test_existing_run_is_refused_without_resume_and_replaced_with_overwrite(work, tmp_path):
-    from nexus.engines.checkpointing import checkpoint_dirs
+    from nexus.training.train_state import checkpoint_dirs
 
     run = tmp_path / "run"
     train(_config(work, run, max_steps=3, save_every=1, keep_last=0))
@@ -133,7 +133,7 @@ def test_signal_saves_a_checkpoint_and_the_cli_exits_with_128_plus_signal(work, 
 
     import nexus.engines.train as engine
     from nexus.cli import cli
-    from nexus.engines.checkpointing import latest_checkpoint
+    from nexus.training.train_state import latest_checkpoint
 
     real, calls = engine.distill_losses, {"n": 0}
 
@@ -179,7 +179,7 @@ def test_teacher_whose_tokenizer_cannot_be_loaded_is_refused(work, tmp_path):
     import shutil
 
     from nexus.data import load_tokenizer
-    from nexus.engines.teachers import check_same_vocab
+    from nexus.training.teachers import check_same_vocab
     from nexus.loading import load_config
 
     teacher = tmp_path / "teacher"
@@ -216,7 +216,7 @@ def test_teacher_with_another_moe_layout_warns_and_records_missing_router_metric
 
 
 class _FakeDeepSpeed:
-    """The calls :class:`nexus.engines.parallel.ZeRO` makes on DeepSpeed's engine; ``step`` skips the
+    """The calls :class:`nexus.training.strategies.ZeRO` makes on DeepSpeed's engine; ``step`` skips the
     update on non-finite gradients when ``skips`` (DeepSpeed's ``check_grad_overflow``)."""
 
     def __init__(self, finite: bool, skips: bool = True):
@@ -232,7 +232,7 @@ class _FakeDeepSpeed:
 
 
 def test_zero_non_finite_gradient_stops_and_says_whether_deepspeed_skipped_the_update():
-    from nexus.engines.parallel import ZeRO
+    from nexus.training.strategies import ZeRO
     from nexus.engines.train import NonFiniteLossError, _stop_if_non_finite
 
     def check(norm, applied=False):
@@ -253,7 +253,7 @@ def test_zero_non_finite_gradient_stops_and_says_whether_deepspeed_skipped_the_u
 def test_zero_config_makes_deepspeed_skip_non_finite_bf16_steps():
     from types import SimpleNamespace
 
-    from nexus.engines import zero
+    from nexus.training import zero
 
     ds = {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True, "check_grad_overflow": False}}
     plugin = SimpleNamespace(deepspeed_config=ds)

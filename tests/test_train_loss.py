@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 from helpers_train import make_adapter, make_base, make_data
 from nexus.constants import ADAPTER_WEIGHTS_NAME
-from nexus.engines.teacher_cache import PrecomputeConfig, precompute
+from nexus.engines.precompute import PrecomputeConfig, precompute
 from nexus.engines.train import train
-from nexus.engines.train_config import TrainConfig
+from nexus.training.train_config import TrainConfig
 
 SEQ = 32
 TOP_K = 16  # < the 256-token vocabulary: the tail bucket is exercised

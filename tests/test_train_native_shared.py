@@ -10,7 +10,7 @@ from helpers_train import make_adapter, make_base, make_data
 from nexus.constants import ADAPTER_WEIGHTS_NAME
 from nexus.demo import build_checkpoint
 from nexus.engines.train import train
-from nexus.engines.train_config import TrainConfig
+from nexus.training.train_config import TrainConfig
 from nexus.errors import NexusError
 from nexus.family import resolve_family
 from nexus.loading import load_model

@@ -37,7 +37,7 @@ INIT_STRATEGIES = ("pca", "random", "top1", "mean_all", "zeros")
 
 
 ENGINES = (
-    ("collect", "nexus.engines.router_stats", ("collect_router_stats", "CollectArgs")),
+    ("collect", "nexus.engines.collect", ("collect_router_stats", "CollectArgs")),
     ("select", "nexus.engines.select", ("select_experts", "save_selection")),
     ("convert", "nexus.engines.convert", ("convert",)),
     ("train", "nexus.engines.train", ("train", "NonFiniteLossError")),
@@ -72,7 +72,7 @@ def collect_stats(model, family, rows: torch.Tensor, batch_size: int = 8) -> dic
     """
     if engine_status()["collect"] == "engine":
         from nexus.data import TokenData
-        from nexus.engines.router_stats import CollectArgs, collect_router_stats
+        from nexus.engines.collect import CollectArgs, collect_router_stats
 
         stats = collect_router_stats(
             model, family, TokenData(rows.tolist(), pad_id=0), CollectArgs(batch_size=batch_size), progress=False
@@ -196,7 +196,7 @@ def selection_document(model, family, rows: torch.Tensor, k: int, path) -> dict:
     """``collect`` + ``select`` through the engines on ``rows[N, S]``; the selection JSON is
     written to ``path`` (for ``convert``). :return: the selection document."""
     from nexus.data import TokenData
-    from nexus.engines.router_stats import CollectArgs, collect_router_stats
+    from nexus.engines.collect import CollectArgs, collect_router_stats
     from nexus.engines.select import save_selection, select_experts
 
     stats = collect_router_stats(model, family, TokenData(rows.tolist(), pad_id=0), CollectArgs(batch_size=8), progress=False)
@@ -243,11 +243,11 @@ def train_with_engines(
 
     from benchmarks.quality.trainer import warmup_steps
     from nexus.adapter import load_adapter
-    from nexus.engines.checkpointing import ADAPTER_SUBDIR
+    from nexus.training.train_state import ADAPTER_SUBDIR
     from nexus.engines.convert import convert as engine_convert
     from nexus.engines.train import NonFiniteLossError
     from nexus.engines.train import train as engine_train
-    from nexus.engines.train_config import TrainConfig
+    from nexus.training.train_config import TrainConfig
     from nexus.loading import load_model
 
     run_dir = Path(run_dir)

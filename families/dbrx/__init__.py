@@ -6,7 +6,8 @@ under ``ffn_config``, the activation is ``ffn_config.ffn_act_fn["name"]``. trans
 build DBRX from a fresh config unless ``attn_config`` carries ``rope_theta`` and ``clip_qkv``.
 """
 
-from nexus.spec import ExpertLayout, ExportSpec, FamilySpec, RoutedFold, SpecFamily
+from nexus.expert_layout import ExpertLayout
+from nexus.spec import ExportSpec, FamilySpec, RoutedFold, SpecFamily
 
 
 def example_config():

@@ -5,7 +5,8 @@ choose the top-k, and the first ``first_k_dense_replace`` layers are dense. Each
 already has ungated ``shared_experts``.
 """
 
-from nexus.spec import ExportSpec, FamilySpec, PER_EXPERT_FP8, SlotFold, SpecFamily, dense_prefix_layers
+from nexus.expert_layout import PER_EXPERT_FP8
+from nexus.spec import ExportSpec, FamilySpec, SlotFold, SpecFamily, dense_prefix_layers
 
 
 def example_config():

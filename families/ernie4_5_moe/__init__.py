@@ -6,7 +6,8 @@ the unbiased probabilities). MoE layers are every ``moe_layer_interval``-th laye
 ``shared_experts`` when ``moe_num_shared_experts > 0``.
 """
 
-from nexus.spec import ExportSpec, FamilySpec, PER_EXPERT_PROJ, SlotFold, SpecFamily, interval_layers
+from nexus.expert_layout import PER_EXPERT_PROJ
+from nexus.spec import ExportSpec, FamilySpec, SlotFold, SpecFamily, interval_layers
 
 
 def example_config():

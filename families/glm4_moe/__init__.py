@@ -1,6 +1,14 @@
-"""GLM-4-MoE family plugin (GLM-4.5/4.6): DeepSeek-V3-style sigmoid router, dense first layers, native shared experts."""
+"""GLM-4-MoE family plugin (GLM-4.5/4.6): DeepSeek-V3's declaration under another name.
 
-from nexus.spec import ExportSpec, FamilySpec, PER_EXPERT_PROJ, SlotFold, SpecFamily, dense_prefix_layers
+Same sigmoid router with a selection-only bias, dense first layers and native shared experts; the
+checkpoints ship per-expert ``gate/up/down_proj`` in bf16.
+"""
+
+import dataclasses
+
+from families.deepseek_v3 import SPEC as DEEPSEEK_V3
+from nexus.expert_layout import PER_EXPERT_PROJ
+from nexus.spec import SpecFamily
 
 
 def example_config():
@@ -15,18 +23,11 @@ def example_config():
     )
 
 
-SPEC = FamilySpec(
+SPEC = dataclasses.replace(
+    DEEPSEEK_V3,
     name="glm4_moe",
     model_types=("glm4_moe",),
     description="Zhipu GLM-4.5/4.6: sigmoid router with e_score_correction_bias, first_k_dense_replace dense layers",
-    num_experts="n_routed_experts",
-    top_k="num_experts_per_tok",
-    intermediate_size="moe_intermediate_size",
-    scoring="sigmoid",
-    selection_bias="gate.e_score_correction_bias",
-    is_moe_layer=dense_prefix_layers("first_k_dense_replace"),
-    native_shared="shared_experts",
-    export=ExportSpec(SlotFold()),
     example_config=example_config,
     experts=PER_EXPERT_PROJ,
 )

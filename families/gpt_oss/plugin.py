@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from nexus import hookimpl
-from nexus.spec import ExpertLayout, ExportSpec, FamilySpec, RoutedFold, SpecFamily
+from nexus.expert_layout import ExpertLayout
+from nexus.spec import ExportSpec, FamilySpec, RoutedFold, SpecFamily
 
 from families.gpt_oss.modeling import ClampedSwiGLU
 

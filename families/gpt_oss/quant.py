@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from nexus.mxfp4 import quantize_mxfp4
+from nexus.quant.mxfp4 import quantize_mxfp4
 
 PACKED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 

@@ -5,7 +5,8 @@ The block lives at ``block_sparse_moe``; the decoder multiplies its output by
 On disk the fused experts are renamed to ``input_linear``/``output_linear`` (same layout).
 """
 
-from nexus.spec import ExpertLayout, ExportSpec, FamilySpec, RoutedFold, SpecFamily
+from nexus.expert_layout import ExpertLayout
+from nexus.spec import ExportSpec, FamilySpec, RoutedFold, SpecFamily
 
 
 def example_config():

@@ -1,6 +1,7 @@
 """HunYuan-MoE-V1 family plugin (Hunyuan-A13B): fp32 softmax router ``gate.wg``, native ungated ``shared_mlp``."""
 
-from nexus.spec import ExportSpec, FamilySpec, PER_EXPERT_PROJ, RoutedFold, SpecFamily
+from nexus.expert_layout import PER_EXPERT_PROJ
+from nexus.spec import ExportSpec, FamilySpec, RoutedFold, SpecFamily
 
 
 def example_config():

@@ -7,7 +7,8 @@ tuple carries the fp32 logits at index 4. Experts are ``input_linear.weight[E, 2
 belongs to no expert and is not read. The activation is ``config.activation_function``.
 """
 
-from nexus.spec import ExpertLayout, ExportSpec, FamilySpec, RoutedFold, SpecFamily
+from nexus.expert_layout import ExpertLayout
+from nexus.spec import ExportSpec, FamilySpec, RoutedFold, SpecFamily
 
 
 def example_config():

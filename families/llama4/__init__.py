@@ -7,7 +7,8 @@ the same names are on disk. MoE layers are ``config.moe_layers`` (derived from
 ``interleave_moe_layer_step`` when not given); the others are dense MLPs.
 """
 
-from nexus.spec import ExpertLayout, ExportSpec, FamilySpec, SpecFamily, listed_layers
+from nexus.expert_layout import ExpertLayout
+from nexus.spec import ExportSpec, FamilySpec, SpecFamily, listed_layers
 
 
 def example_config():

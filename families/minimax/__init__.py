@@ -1,10 +1,14 @@
-"""MiniMax family plugin (MiniMax-Text-01): Mixtral-style MoE behind hybrid lightning/full attention.
+"""MiniMax family plugin (MiniMax-Text-01): Mixtral's declaration under another name.
 
-The decoder computes ``residual * mlp_alpha_factor + block_out * mlp_beta_factor``, so a shared
-expert added to the block output is scaled by ``mlp_beta_factor`` like the routed experts.
+The MoE block is Mixtral's, behind hybrid lightning/full attention. The decoder computes
+``residual * mlp_alpha_factor + block_out * mlp_beta_factor``, so a shared expert added to the
+block output is scaled by ``mlp_beta_factor`` like the routed experts.
 """
 
-from nexus.spec import ExportSpec, FamilySpec, PER_EXPERT_W1_W3_W2, RoutedFold, SpecFamily
+import dataclasses
+
+from families.mixtral import SPEC as MIXTRAL
+from nexus.spec import SpecFamily
 
 
 def example_config():
@@ -20,16 +24,12 @@ def example_config():
     )
 
 
-SPEC = FamilySpec(
+SPEC = dataclasses.replace(
+    MIXTRAL,
     name="minimax",
     model_types=("minimax",),
     description="MiniMax-Text-01: Mixtral-style MoE, block output scaled by mlp_beta_factor",
-    num_experts="num_local_experts",
-    top_k="num_experts_per_tok",
-    intermediate_size="intermediate_size",
-    export=ExportSpec(RoutedFold(width="intermediate_size")),
     example_config=example_config,
-    experts=PER_EXPERT_W1_W3_W2,
 )
 
 plugin = SpecFamily(SPEC)

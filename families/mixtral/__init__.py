@@ -1,6 +1,7 @@
 """Mixtral family plugin (Mixtral-8x7B/8x22B): softmax top-k router, experts saved per expert as w1/w3/w2."""
 
-from nexus.spec import ExportSpec, FamilySpec, PER_EXPERT_W1_W3_W2, RoutedFold, SpecFamily
+from nexus.expert_layout import PER_EXPERT_W1_W3_W2
+from nexus.spec import ExportSpec, FamilySpec, RoutedFold, SpecFamily
 
 
 def example_config():

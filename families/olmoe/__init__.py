@@ -1,6 +1,7 @@
 """OLMoE family plugin (OLMoE-1B-7B): softmax top-k router, 64 small experts per layer."""
 
-from nexus.spec import ExportSpec, FamilySpec, PER_EXPERT_PROJ, RoutedFold, SpecFamily
+from nexus.expert_layout import PER_EXPERT_PROJ
+from nexus.spec import ExportSpec, FamilySpec, RoutedFold, SpecFamily
 
 
 def example_config():

@@ -4,7 +4,8 @@
 the spec fixes ``top_k=2``. In train mode the router samples (Gumbel); keep the base in eval.
 """
 
-from nexus.spec import ExportSpec, FamilySpec, PER_EXPERT_W1_W3_W2, SpecFamily
+from nexus.expert_layout import PER_EXPERT_W1_W3_W2
+from nexus.spec import ExportSpec, FamilySpec, SpecFamily
 
 
 def example_config():

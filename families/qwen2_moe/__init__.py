@@ -6,7 +6,8 @@ in ``MoEBlock.native_shared`` so training code can unfreeze it too
 (:func:`nexus.shared_expert.native_shared_modules`).
 """
 
-from nexus.spec import ExportSpec, FamilySpec, PER_EXPERT_PROJ, RoutedFold, SpecFamily, sparse_step_layers
+from nexus.expert_layout import PER_EXPERT_PROJ
+from nexus.spec import ExportSpec, FamilySpec, RoutedFold, SpecFamily, sparse_step_layers
 
 
 def example_config():

@@ -1,6 +1,7 @@
 """Qwen3-MoE family plugin (Qwen3-30B-A3B, Qwen3-235B-A22B): dense layers set by mlp_only_layers/decoder_sparse_step."""
 
-from nexus.spec import ExportSpec, FamilySpec, PER_EXPERT_FP8, RoutedFold, SpecFamily, sparse_step_layers
+from nexus.expert_layout import PER_EXPERT_FP8
+from nexus.spec import ExportSpec, FamilySpec, RoutedFold, SpecFamily, sparse_step_layers
 
 
 def example_config():

@@ -123,8 +123,6 @@ def load_plugin_commands() -> click.Group:
     return cli
 
 
-_build = load_plugin_commands
-
 
 def main() -> None:
     """Console-script entry point."""
@@ -133,3 +131,6 @@ def main() -> None:
 
 for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(cli)
+
+# The commands nexus itself provides (plugins add more on first use).
+BUILTIN_COMMANDS = tuple(sorted(cli.commands))

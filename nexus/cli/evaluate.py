@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from nexus.cli.options import FiniteFloat
+from nexus.constants import DEFAULT_SEQ_LEN
 
 
 @click.command()
@@ -15,7 +16,7 @@ from nexus.cli.options import FiniteFloat
 @click.option("--adapter", type=click.Path(exists=True), default=None, help="Adapter directory (omit to evaluate the base alone).")
 @click.option("--data", required=True, help="Held-out data: .jsonl/.parquet/.txt file, a directory of them, or a cached dataset.")
 @click.option("--output", type=click.Path(), default=None, help="Write the results JSON here (default: print it).")
-@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per row.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=DEFAULT_SEQ_LEN, show_default=True, help="Tokens per row.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Rows per forward pass.")
 @click.option("--max-batches", type=click.IntRange(min=1), default=None, help="Stop after this many batches.")
 @click.option("--tokenizer", type=click.Path(exists=True), default=None, help="Tokenizer directory (default: the model's).")

@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from nexus.cli.options import FiniteFloat
-from nexus.constants import (DEFAULT_DIVERSITY, DEFAULT_GATE_MODE, DEFAULT_STRATEGY, DEFAULT_TOP_K, GATE_MODES,
-                             INIT_STRATEGIES)
+from nexus.constants import (DEFAULT_DIVERSITY, DEFAULT_GATE_MODE, DEFAULT_SEQ_LEN, DEFAULT_STRATEGY, DEFAULT_TOP_K,
+                             GATE_MODES, INIT_STRATEGIES)
 
 
 def _model_or_demo(ctx: click.Context, model_path: str | None) -> tuple[str, bool]:
@@ -47,7 +47,7 @@ Examples:
 @click.option("--target-tokens", type=int, default=None,
               help="Stop after exactly this many non-padding tokens (default: the whole data, once).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Rows per forward pass, per process.")
-@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per row (documents are packed).")
+@click.option("--seq-len", type=int, default=DEFAULT_SEQ_LEN, show_default=True, help="Tokens per row (documents are packed).")
 @click.option("--text-column", default=None, help="Text column of the data (default: text, or chat 'messages').")
 @click.option("--seed", type=int, default=None, help="Shuffle rows with this seed (default: data order).")
 @click.option("--checkpoint-every", type=int, default=50, show_default=True,
@@ -70,7 +70,7 @@ def collect(ctx, model_path, data_path, output, target_tokens, batch_size, seq_l
     """
     import torch
 
-    from nexus.engines.router_stats import CollectArgs, run_collect
+    from nexus.engines.collect import CollectArgs, run_collect
 
     model_path, demo = _model_or_demo(ctx, model_path)
     if data_path is None:
@@ -85,8 +85,8 @@ def collect(ctx, model_path, data_path, output, target_tokens, batch_size, seq_l
         text_column=text_column, dtype=getattr(torch, dtype), max_batches=max_batches, overwrite=overwrite,
         progress=_progress(ctx), dequantize=dequantize,
     )
-    from nexus.engines.distributed import end_processes
-    from nexus.engines.router_stats import process_state
+    from nexus.training.distributed import end_processes
+    from nexus.engines.collect import process_state
 
     main = process_state().is_main_process
     end_processes()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from nexus.cli.options import dataclass_options
-from nexus.pipeline.run import RunConfig
+from nexus.engines.run import RunConfig
 
 
 @click.command()
@@ -27,7 +27,7 @@ def run(ctx, **kwargs):
           --output runs/domain --top-k 24 --max-steps 2000 --seq-len 1024
     """
     from nexus.io import check_writable_output
-    from nexus.pipeline.run import run_pipeline
+    from nexus.engines.run import run_pipeline
 
     check_writable_output(kwargs["output"], directory=True)
     cfg = RunConfig(family=ctx.find_root().obj.get("family"), **kwargs)

@@ -1,4 +1,4 @@
-"""``nexus train`` and ``nexus precompute``: options generated from the engines' config dataclasses."""
+"""``nexus train`` and ``nexus precompute``: options generated from the stages' config dataclasses."""
 
 from __future__ import annotations
 
@@ -19,6 +19,35 @@ def _is_main_process() -> bool:
     return main
 
 
+def _run_in_processes(stage, config, describe) -> None:
+    """Run ``stage(config)`` in every launched process, free the process group, report on rank 0.
+
+    :param describe: ``result -> str``, the line rank 0 prints; the result is dropped before the
+        group is freed (a trained model holds the group).
+    """
+    from nexus.io import check_writable_output
+    from nexus.training.distributed import end_processes
+
+    check_writable_output(config.output, directory=True)
+    main = _is_main_process()
+    try:
+        result = stage(config)
+    except Interrupted:  # every process stops together, so they can free their groups together
+        end_processes()
+        raise
+    message = describe(result)
+    del result
+    end_processes()
+    if main:
+        click.echo(message)
+
+
+def _describe_training(result) -> str:
+    if result.final is not None:
+        return f"trained {result.step} steps; adapter in {result.final}"
+    return f"stopped at step {result.step}; checkpoint {result.checkpoint}. Resume with --resume"
+
+
 TRAIN_EPILOG = """\b
 Examples:
   nexus train --model base/ --adapter adapter/ --data train.jsonl --output runs/a
@@ -32,7 +61,7 @@ Examples:
 
 
 def _train_command():
-    from nexus.engines.train_config import TrainConfig
+    from nexus.training.train_config import TrainConfig
 
     @click.command(epilog=TRAIN_EPILOG)
     @dataclass_options(TrainConfig)
@@ -43,25 +72,9 @@ def _train_command():
         SIGINT/SIGTERM save a checkpoint and stop (exit status 130/143); --resume continues bit-identically.
         An OUTPUT holding another run is refused unless --resume or --overwrite.
         """
-        from nexus.engines.distributed import end_processes
         from nexus.engines.train import train as run_train
-        from nexus.io import check_writable_output
 
-        check_writable_output(kwargs["output"], directory=True)
-        main = _is_main_process()
-        try:
-            result = run_train(TrainConfig(**kwargs))
-        except Interrupted:  # every process stops together, so they can free their groups together
-            end_processes()
-            raise
-        if result.final is not None:
-            message = f"trained {result.step} steps; adapter in {result.final}"
-        else:
-            message = f"stopped at step {result.step}; checkpoint {result.checkpoint}. Resume with --resume"
-        del result  # the trained model holds the process group, which end_processes frees
-        end_processes()
-        if main:
-            click.echo(message)
+        _run_in_processes(run_train, TrainConfig(**kwargs), _describe_training)
 
     return train
 
@@ -76,20 +89,9 @@ def _precompute_command():
 
         Train from it with nexus train --teacher OUTPUT.
         """
-        from nexus.engines.distributed import end_processes
-        from nexus.engines.teacher_cache import precompute as run_precompute
-        from nexus.io import check_writable_output
+        from nexus.engines.precompute import precompute as run_precompute
 
-        check_writable_output(kwargs["output"], directory=True)
-        main = _is_main_process()
-        try:
-            out = run_precompute(PrecomputeConfig(**kwargs))
-        except Interrupted:  # every process stops together, so they can free their groups together
-            end_processes()
-            raise
-        end_processes()
-        if main:
-            click.echo(f"teacher cache in {out}")
+        _run_in_processes(run_precompute, PrecomputeConfig(**kwargs), lambda out: f"teacher cache in {out}")
 
     return precompute
 

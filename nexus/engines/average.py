@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nexus.engines.sharding import gather_full, shard_like
-from nexus.engines.zero import is_zero_param, read_full, write_full
+from nexus.training.sharding import gather_full, shard_like
+from nexus.training.zero import is_zero_param, read_full, write_full
 
 ANCHORS = ("start", "previous")
 

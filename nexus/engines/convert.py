@@ -69,7 +69,6 @@ from nexus.io import atomic_dir, atomic_path, locks_output, write_json, write_sa
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = INIT_STRATEGIES
 NEEDS_SELECTION = ("pca", "top1")
 _MANIFEST = "manifest.json"
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -154,8 +153,8 @@ def plan_experts(blocks, strategy: str, selection: dict | None, weighted: bool, 
     """
     from nexus.engines.select import default_top_k
 
-    if strategy not in STRATEGIES:
-        raise NexusError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if strategy not in INIT_STRATEGIES:
+        raise NexusError(f"unknown strategy {strategy!r}; choose one of {', '.join(INIT_STRATEGIES)}")
     if strategy in NEEDS_SELECTION and selection is None:
         raise NexusError(f"strategy {strategy!r} needs --selection (from `nexus select`)")
     chosen = {x["layer"]: x for x in selection["layers"]} if selection is not None else {}
@@ -364,7 +363,7 @@ def convert(
     :param output: the adapter directory (replaced whole when the conversion succeeds).
     :param selection: an ``expert_selection.json`` (path or loaded document); needed by ``pca``
         and ``top1``, used by ``random`` for K.
-    :param strategy: one of :data:`STRATEGIES` (see the module docstring).
+    :param strategy: one of :data:`nexus.constants.INIT_STRATEGIES` (see the module docstring).
     :param gate_mode: ``none``, ``scalar`` or ``token``; default :data:`nexus.constants.DEFAULT_GATE_MODE`.
     :param shared_intermediate_size: width N of each shared expert; default the expert width.
     :param weighted: ``pca`` only: weight experts by importance instead of uniformly.

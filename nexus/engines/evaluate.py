@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from nexus import __version__
+from nexus.constants import DEFAULT_SEQ_LEN
 from nexus.errors import NexusError
 from nexus.io import check_writable_output, locks_output, write_json
 
@@ -68,7 +69,7 @@ def evaluate(
     model_path: str | Path,
     data,
     adapter: str | Path | None = None,
-    seq_len: int = 512,
+    seq_len: int = DEFAULT_SEQ_LEN,
     batch_size: int = 4,
     max_batches: int | None = None,
     tokenizer: str | None = None,
@@ -89,7 +90,7 @@ def evaluate(
     """
     from nexus.adapter import adapter_family, load_adapter, read_adapter_config
     from nexus.data import load_token_data, load_tokenizer
-    from nexus.engines.teachers import base_view, base_parameters
+    from nexus.shared_expert import base_parameters, base_view
     from nexus.family import resolve_family
     from nexus.fingerprint import config_fingerprint
     from nexus.loading import load_model

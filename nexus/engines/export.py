@@ -2,7 +2,7 @@
 
 The output has the base's architecture and ``model_type`` and loads with
 ``AutoModelForCausalLM.from_pretrained`` (vLLM, SGLang, transformers). The family declares the
-fold (:class:`nexus.spec.ExportSpec`); the tensor work is in :mod:`nexus.export_folds`. The
+fold (:class:`nexus.spec.ExportSpec`); the tensor work is in :mod:`nexus.engines.export_folds`. The
 checkpoint is rewritten file by file and tensor by tensor: untouched tensors are copied as raw
 bytes, each changed tensor is read, extended and written before the next is read, so peak memory
 is about one tensor. The directory appears whole or not at all (:func:`nexus.io.atomic_dir`).
@@ -155,8 +155,8 @@ def _expert_roles(layout, names: set[str], layer: int, experts: int) -> dict[str
 
 
 def _routed_layer(plan: Plan, reader, layout, block, units, quantized, dequantize_dtype, names: set[str]) -> None:
-    from nexus.export_folds import append_columns, append_gate_up_rows, append_rows, from_rows, to_rows
-    from nexus.mxfp4 import decode_mxfp4
+    from nexus.engines.export_folds import append_columns, append_gate_up_rows, append_rows, from_rows, to_rows
+    from nexus.quant.mxfp4 import decode_mxfp4
 
     E = block.num_experts
     down_t = layout.transposed if layout.down_transposed is None else layout.down_transposed
@@ -316,7 +316,7 @@ def _plan_fold(fold, acfg, tensors, config, raw_config, meta, family, blocks, re
     import copy
 
     from nexus.engines.convert import meta_model
-    from nexus.export_folds import gate_factor, quantize_units, shared_units
+    from nexus.engines.export_folds import gate_factor, quantize_units, shared_units
     from nexus.spec import RoutedFold
 
     spec = family.export_spec()
@@ -385,7 +385,7 @@ def _stored_float_dtype(reader, names: set[str]) -> torch.dtype:
     """The dtype most floating tensors of the base are stored in (for tensors the export creates)."""
     from collections import Counter
 
-    from nexus.export_files import read_header
+    from nexus.engines.export_files import read_header
 
     counts: Counter = Counter()
     for file in dict.fromkeys(reader._file_of.values()):
@@ -397,7 +397,7 @@ def _stored_float_dtype(reader, names: set[str]) -> torch.dtype:
 
 
 def _plan_remote(acfg, tensors, config, raw_config, meta, family, blocks, reader, names):
-    from nexus.export_remote import MODELING_FILE, remote_config
+    from nexus.engines.export_remote import MODELING_FILE, remote_config
     from nexus.shared_expert import is_shared_parameter
 
     shared = {n: t for n, t in tensors.items() if is_shared_parameter(n)}
@@ -416,7 +416,7 @@ def _plan_remote(acfg, tensors, config, raw_config, meta, family, blocks, reader
 
 def _write(plan: Plan, model_path: Path, tmp: Path) -> None:
     from nexus.checkpoint import INDEX_FILE
-    from nexus.export_files import StreamingWriter, iter_raw, source_files
+    from nexus.engines.export_files import StreamingWriter, iter_raw, source_files
     from nexus.progress import progress_bar
 
     weight_map: dict[str, str] = {}
@@ -500,7 +500,7 @@ def export(
     from nexus.adapter import check_base, read_adapter_config
     from nexus.checkpoint import CheckpointReader
     from nexus.engines.convert import meta_model
-    from nexus.export_check import compare, sample_inputs, stock_logits
+    from nexus.engines.export_check import compare, sample_inputs, stock_logits
     from nexus.family import resolve_family
     from nexus.fingerprint import check_weights, config_fingerprint
     from nexus.loading import load_config

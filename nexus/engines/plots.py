@@ -198,7 +198,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     :return: the PNG paths written.
     :raises NexusError: no ``metrics.jsonl`` or no records in it.
     """
-    from nexus.engines.checkpointing import read_metrics
+    from nexus.metrics_log import read_metrics
     from nexus.io import atomic_path
 
     run_dir = Path(run_dir)

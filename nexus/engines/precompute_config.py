@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from nexus.constants import DEFAULT_SEQ_LEN
+
 
 @dataclass
 class PrecomputeConfig:
@@ -13,7 +15,7 @@ class PrecomputeConfig:
     data: str = field(metadata={"help": "Data: .jsonl/.parquet/.txt file, a directory of them, or a cached dataset."})
     output: str = field(metadata={"help": "Cache directory to write (resumed when it exists)."})
     top_k: int = field(default=64, metadata={"help": "Teacher log-probabilities kept per token."})
-    seq_len: int = field(default=512, metadata={"help": "Tokens per row (packed)."})
+    seq_len: int = field(default=DEFAULT_SEQ_LEN, metadata={"help": "Tokens per row (packed)."})
     batch_size: int = field(default=4, metadata={"help": "Rows per forward pass (per process)."})
     rows_per_shard: int = field(default=256, metadata={"help": "Rows per Parquet shard."})
     temperature: float = field(default=1.0, metadata={"help": "Teacher temperature the log-probs are taken at (train with the same --temperature)."})

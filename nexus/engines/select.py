@@ -1,6 +1,6 @@
 """``select``: pick K experts per MoE layer from router statistics, by PCA importance and diversity.
 
-Per layer, from the streamed sums of :mod:`nexus.engines.router_stats` (N tokens, probabilities
+Per layer, from the streamed sums of :mod:`nexus.engines.collect` (N tokens, probabilities
 ``p_t`` in ``R^E``):
 
 1. **PCA from the moments.** ``cov = (sum p p^T - N mu mu^T) / (N - 1)`` with ``mu = sum p / N``
@@ -145,7 +145,7 @@ def importance_pattern(importance: torch.Tensor) -> str:
 def select_experts(stats, top_k: int | None = None, diversity: float = DEFAULT_DIVERSITY, source: str = "") -> dict:
     """Pick experts for every layer of ``stats``.
 
-    :param stats: a :class:`nexus.engines.router_stats.RouterStats`.
+    :param stats: a :class:`nexus.router_stats.RouterStats`.
     :param top_k: experts per layer; None: :func:`default_top_k` of each layer's E.
     :param diversity: the redundancy weight lambda (>= 0).
     :param source: where the statistics came from (recorded).
@@ -270,7 +270,7 @@ def run_select(stats_path: str | Path, output: str | Path, top_k: int | None = N
 
     :return: ``(selection document, files written)``.
     """
-    from nexus.engines.router_stats import RouterStats
+    from nexus.router_stats import RouterStats
 
     stats = RouterStats.load(stats_path)
     if not stats.meta.get("complete", False):

@@ -13,7 +13,7 @@ weighted correctly), multiplied by the world size to undo DDP's gradient averagi
 The distributed engine is accelerate's: run under ``accelerate launch`` or ``torchrun`` for
 DDP, ``accelerate launch`` with an FSDP2 config (``fsdp_version: 2``) to shard the frozen
 base across devices when one device cannot hold it, or with a DeepSpeed ZeRO-1/2 config to
-partition the adapter's optimizer state (:mod:`nexus.engines.parallel`). Only the trainable
+partition the adapter's optimizer state (:mod:`nexus.training.strategies`). Only the trainable
 parameters (shared experts, optionally routers) are optimised, by AdamW; the base stays frozen
 and in ``eval()``. Adapters and the adapter in every checkpoint hold whole tensors, gathered
 from shards or partitions, so a run saved under one layout is an ordinary adapter for any other.
@@ -36,24 +36,24 @@ from nexus import __version__
 from nexus.adapter import adapter_family, adapter_state_dict, load_adapter, read_adapter_config, save_adapter
 from nexus.constants import METRICS_NAME, RUN_CONFIG_NAME
 from nexus.engines.average import SFA
-from nexus.engines.distributed import make_accelerator
-from nexus.engines.checkpointing import (
+from nexus.training.distributed import make_accelerator
+from nexus.training.train_state import (
     ADAPTER_SUBDIR,
     CHECKPOINTS,
-    MetricsLog,
     latest_checkpoint,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from nexus.engines.parallel import select_engine
-from nexus.engines.sharding import gather_full
-from nexus.engines.train_config import RESUME_MUST_MATCH, TrainConfig
-from nexus.engines.train_step import distill_losses, micro_batches
+from nexus.training.strategies import select_strategy
+from nexus.training.sharding import gather_full
+from nexus.training.train_config import RESUME_MUST_MATCH, TrainConfig
+from nexus.training.train_step import distill_losses, micro_batches
 from nexus.errors import Interrupted, NexusError
 from nexus.interrupts import StopFlag, signal_name
 from nexus.io import output_lock, write_json
+from nexus.metrics_log import MetricsLog
 
 log = logging.getLogger(__name__)
 
@@ -173,16 +173,9 @@ def _enable_checkpointing(model) -> None:
 def _build_teacher(config, model, family, blocks, tokenizer, base_originals, device, autocast):
     """The teacher for ``config.teacher``, the cache when it is one (its rows are the data), and
     why router metrics (router KL, drift, entropies) are unavailable with it (None when they are)."""
-    from nexus.engines.teacher_cache import TeacherCache
-    from nexus.engines.teachers import (
-        CacheTeacher,
-        ModelTeacher,
-        SelfTeacher,
-        check_same_vocab,
-        is_teacher_cache,
-        same_router_layout,
-    )
     from nexus.loading import load_config, load_model
+    from nexus.teacher_cache import TeacherCache, is_teacher_cache
+    from nexus.training.teachers import CacheTeacher, ModelTeacher, SelfTeacher, check_same_vocab, same_router_layout
 
     if config.teacher == "self":
         return SelfTeacher(model, family, blocks, base_originals, autocast), None, None
@@ -223,7 +216,7 @@ def _build_teacher(config, model, family, blocks, tokenizer, base_originals, dev
 def _load_data(config, tokenizer, cache):
     """``(ordering TokenData, collate(indices) -> batch)`` for the training rows."""
     from nexus.data import TokenData, collate, load_token_data
-    from nexus.engines.teacher_cache import rows_fingerprint
+    from nexus.fingerprint import rows_fingerprint
 
     if cache is not None:
         if config.data is not None:
@@ -266,7 +259,7 @@ def _load_student(config: TrainConfig, engine, checkpoint: Path | None) -> _Stud
     """Load the base on ``engine.load_device``, the adapter (or the checkpoint's), freeze the base
     except routers / native shared experts when trained, and build AdamW over the trainable
     parameters (routers in their own group, at ``--router-lr``)."""
-    from nexus.engines.teachers import base_parameters, router_parameters
+    from nexus.shared_expert import base_parameters, router_parameters
     from nexus.loading import load_model
     from nexus.shared_expert import freeze_base, native_shared_modules
 
@@ -325,7 +318,7 @@ def train(config: TrainConfig, accelerator=None) -> TrainResult:
     :raises NexusError: ``--output`` holds another run and neither ``resume`` nor ``overwrite`` is set.
     """
     accelerator = accelerator or make_accelerator(config.bf16, log_with=config.report_to, project_dir=config.output)
-    engine = select_engine(accelerator, config.batch_size, config.max_grad_norm)
+    engine = select_strategy(accelerator, config.batch_size, config.max_grad_norm)
     run_dir = Path(config.output)
     main = accelerator.is_main_process
     _existing_run(run_dir)  # refuses a file before the lock is taken beside it
@@ -339,7 +332,7 @@ def _train(config: TrainConfig, accelerator, engine, run_dir: Path) -> TrainResu
     from accelerate.utils import gather_object, set_seed
 
     from nexus.data import load_tokenizer
-    from nexus.engines.teachers import is_teacher_cache
+    from nexus.teacher_cache import is_teacher_cache
     from nexus.fingerprint import config_fingerprint
     from nexus.progress import progress_bar
 

@@ -7,7 +7,8 @@ it through the ``nexus`` entry point ``toymoe = "nexus_family_example:plugin"``.
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from nexus.spec import ExpertLayout, FamilySpec, SpecFamily
+from nexus.expert_layout import ExpertLayout
+from nexus.spec import FamilySpec, SpecFamily
 from nexus_family_example.configuration import ToyMoeConfig
 from nexus_family_example.modeling import ToyMoeForCausalLM
 

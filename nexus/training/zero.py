@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from nexus.engines.checkpointing import CHECKPOINTS
+from nexus.training.train_state import CHECKPOINTS
 from nexus.errors import NexusError
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The accelerate ``Accelerator`` the engines run under."""
+"""The accelerate ``Accelerator`` the stages run under, and forcing a parallelism strategy on CPU."""
 
 from __future__ import annotations
 
@@ -113,10 +113,10 @@ def end_processes(accelerator=None) -> None:
     gc.collect()  # group references in reference cycles (modules, engines) go now
 
 
-ENGINES = ("ddp", "fsdp2", "zero1", "zero2")
+PARALLEL_STRATEGIES = ("ddp", "fsdp2", "zero1", "zero2")
 
 
-def force_engine(accelerator, engine: str, bf16: bool = False):
+def force_strategy(accelerator, strategy: str, bf16: bool = False):
     """Switch a CPU (gloo, MULTI_CPU) ``accelerator`` to FSDP2 or DeepSpeed ZeRO-1/2, in place
     (``ddp``: leave it as it is).
 
@@ -125,26 +125,26 @@ def force_engine(accelerator, engine: str, bf16: bool = False):
     path as ``accelerate launch`` with an FSDP2 or DeepSpeed config on GPUs.
 
     :param accelerator: from :func:`make_accelerator` (``bf16`` as given there).
-    :param engine: one of :data:`ENGINES`.
+    :param strategy: one of :data:`PARALLEL_STRATEGIES`.
     :return: ``accelerator``.
     """
     from accelerate import DeepSpeedPlugin, FullyShardedDataParallelPlugin
     from accelerate.utils import DistributedType
 
     state = accelerator.state
-    if engine == "ddp":
+    if strategy == "ddp":
         pass
-    elif engine == "fsdp2":
+    elif strategy == "fsdp2":
         state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
                                                            reshard_after_forward=True)
         state.distributed_type = DistributedType.FSDP
-    elif engine in ("zero1", "zero2"):
-        plugin = DeepSpeedPlugin(zero_stage=int(engine[-1]))
+    elif strategy in ("zero1", "zero2"):
+        plugin = DeepSpeedPlugin(zero_stage=int(strategy[-1]))
         plugin.set_mixed_precision("bf16" if bf16 else "no")
         state.deepspeed_plugins = plugin
         plugin.select(_from_accelerator_state=True)
         state.distributed_type = DistributedType.DEEPSPEED
         accelerator.deepspeed_engine_wrapped = None  # what Accelerator.__init__ sets up for DeepSpeed
     else:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        raise ValueError(f"strategy must be one of {', '.join(PARALLEL_STRATEGIES)}, got {strategy!r}")
     return accelerator

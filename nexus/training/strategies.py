@@ -1,12 +1,12 @@
-"""The distributed engines ``nexus train`` runs under, behind one small interface.
+"""The parallelism strategies ``nexus train`` runs under (DDP, FSDP2, ZeRO), behind one small interface.
 
 - :class:`Replicated`: one process, or DDP (every process holds the whole model);
 - :class:`FSDP2`: accelerate's ``fsdp_version: 2``; every parameter, frozen or trainable, is a
   ``DTensor`` shard and each decoder layer is gathered for its own forward and backward;
-- :class:`ZeRO`: DeepSpeed ZeRO-1/2 (:mod:`nexus.engines.zero`); the base is replicated, the
+- :class:`ZeRO`: DeepSpeed ZeRO-1/2 (:mod:`nexus.training.zero`); the base is replicated, the
   trainable parameters' fp32 master copies and optimizer state are partitioned.
 
-The training loop calls the same methods whatever the engine: :meth:`~Replicated.prepare` once,
+The training loop calls the same methods whatever the strategy: :meth:`~Replicated.prepare` once,
 then per optimizer step :meth:`~Replicated.accumulating` and :meth:`~Replicated.backward` for each
 micro-batch and :meth:`~Replicated.step`; :meth:`~Replicated.optimizer_state` /
 :meth:`~Replicated.load_optimizer_state` for checkpoints.
@@ -20,11 +20,11 @@ from typing import Callable
 
 import torch
 
-from nexus.engines import zero
-from nexus.engines.sharding import shard_like, to_float
+from nexus.training import zero
+from nexus.training.sharding import shard_like, to_float
 from nexus.errors import NexusError
 
-# Engines that own the model's layout in ways the checkpoints cannot read.
+# Distributed types that own the model's layout in ways the checkpoints cannot read.
 UNSUPPORTED = ("MEGATRON_LM",)
 
 
@@ -50,7 +50,7 @@ class Replicated:
         return self.accelerator.device
 
     def prepare(self, model, optimizer, base_originals: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-        """Wrap ``model`` for the engine (the wrapped model is ``self.student``).
+        """Wrap ``model`` for the strategy (the wrapped model is ``self.student``).
 
         :param base_originals: ``name -> whole tensor`` of base weights the self-teacher swaps back.
         :return: ``(trainable name -> parameter, base_originals laid out like the parameters)``,
@@ -137,7 +137,7 @@ class ZeRO(Replicated):
 
     def step(self, params, check):
         """DeepSpeed reduces, clips, steps and zeroes in one call, so the gradient norm is known
-        only inside it: :func:`nexus.engines.zero.configure` makes it skip a step whose gradients
+        only inside it: :func:`nexus.training.zero.configure` makes it skip a step whose gradients
         hold NaN/inf (``check_grad_overflow``, also under bf16), and ``check`` then stops the run.
         Were the step applied anyway, ``check`` is told so (``applied=True``)."""
         self.student.step()
@@ -155,9 +155,9 @@ class ZeRO(Replicated):
         zero.move_into(staged, checkpoint_tmp)
 
 
-def select_engine(accelerator, batch_size: int, max_grad_norm: float) -> Replicated:
-    """The engine for ``accelerator``'s distributed type; DeepSpeed's config is completed with
-    ``batch_size`` and ``max_grad_norm`` (:func:`nexus.engines.zero.configure`).
+def select_strategy(accelerator, batch_size: int, max_grad_norm: float) -> Replicated:
+    """The strategy for ``accelerator``'s distributed type; DeepSpeed's config is completed with
+    ``batch_size`` and ``max_grad_norm`` (:func:`nexus.training.zero.configure`).
 
     :raises NexusError: Megatron-LM, FSDP version 1, or a DeepSpeed setup nexus cannot checkpoint.
     """

@@ -26,7 +26,7 @@ import torch
 
 from nexus.constants import SHARED_MODULE_NAME, SHARED_SCALE_NAME
 from nexus.errors import NexusError
-from nexus.mxfp4 import BLOCK, decode_mxfp4, quantize_mxfp4
+from nexus.quant.mxfp4 import BLOCK, decode_mxfp4, quantize_mxfp4
 
 
 @dataclass

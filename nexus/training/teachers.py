@@ -8,8 +8,6 @@ when it can give them (needed by the router KL and the router drift metrics).
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nexus.constants import CACHE_METADATA_NAME
 from nexus.errors import NexusError
 from nexus.routing import RouterRecorder, router_probs
-from nexus.shared_expert import disable_shared_experts
+from nexus.shared_expert import base_view
+from nexus.teacher_cache import vocab_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -40,54 +38,6 @@ class TeacherOutput:
     topk_logprobs: torch.Tensor | None = None
     topk_indices: torch.Tensor | None = None
     router_probs: dict[int, torch.Tensor] = field(default_factory=dict)
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """16 hex chars identifying a tokenizer's vocabulary (token -> id, added tokens included)."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
-
-
-def router_parameters(model: nn.Module, family, blocks) -> dict[str, nn.Parameter]:
-    """The routers' parameters by ``named_parameters`` name (the ones ``--train-routers`` trains)."""
-    ids = {id(p) for b in blocks for p in family.router_capture(b).module.parameters()}
-    return {n: p for n, p in model.named_parameters() if id(p) in ids}
-
-
-def native_shared_parameters(model: nn.Module, blocks) -> dict[str, nn.Parameter]:
-    """The family's own shared experts' parameters by name (``--train-native-shared``); empty if none."""
-    from nexus.shared_expert import native_shared_modules
-
-    ids = {id(p) for m in native_shared_modules(blocks) for p in m.parameters()}
-    return {n: p for n, p in model.named_parameters() if id(p) in ids}
-
-
-def base_parameters(model: nn.Module, family, blocks) -> dict[str, nn.Parameter]:
-    """Every base parameter an adapter may replace: routers and native shared experts."""
-    return {**router_parameters(model, family, blocks), **native_shared_parameters(model, blocks)}
-
-
-@contextlib.contextmanager
-def base_view(model: nn.Module, base_originals: dict[str, torch.Tensor] | None = None):
-    """Run ``model`` as its base: shared experts disabled and, when base parameters were trained
-    (routers, native shared experts) or loaded from an adapter, the originals swapped in for the duration.
-
-    :param base_originals: ``name -> tensor`` of those base parameters, from :func:`base_parameters`
-        before any training; None or empty when they are untouched.
-    """
-    params = dict(model.named_parameters()) if base_originals else {}
-    saved = {}
-    with torch.no_grad():
-        for name, original in (base_originals or {}).items():
-            saved[name] = params[name].detach().clone()
-            params[name].copy_(original)
-    try:
-        with disable_shared_experts(model):
-            yield model
-    finally:
-        with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(value)
 
 
 def _forward_logits(model, batch, device, autocast) -> torch.Tensor:
@@ -164,11 +114,6 @@ class CacheTeacher:
         return out
 
 
-def is_teacher_cache(path) -> bool:
-    """Whether ``path`` is a teacher cache directory (it holds ``metadata.json``)."""
-    return Path(str(path), CACHE_METADATA_NAME).is_file()
-
-
 def check_same_vocab(student_config, student_tokenizer, teacher_path: str | Path, teacher_config) -> None:
     """Refuse a teacher whose tokenizer is not the student's.
 
@@ -193,7 +138,7 @@ def check_same_vocab(student_config, student_tokenizer, teacher_path: str | Path
             f"cannot load the tokenizer of teacher {teacher_path} ({reason}), so it cannot be checked against the "
             f"model's: distillation needs the same tokenizer; save the model's tokenizer files in {teacher_path}"
         ) from None
-    if tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(student_tokenizer):
+    if vocab_fingerprint(teacher_tok) != vocab_fingerprint(student_tokenizer):
         raise NexusError(
             f"the tokenizer of teacher {teacher_path} differs from the model's (same size {tv}, different tokens): "
             f"distillation needs the same tokenizer; use a teacher that shares it"

@@ -31,6 +31,8 @@ from pathlib import Path
 from nexus.constants import (
     DEFAULT_DIVERSITY,
     DEFAULT_GATE_MODE,
+    DEFAULT_LR,
+    DEFAULT_SEQ_LEN,
     DEFAULT_STRATEGY,
     DEFAULT_TOP_K,
     GATE_MODES,
@@ -38,15 +40,19 @@ from nexus.constants import (
     INIT_STRATEGIES,
 )
 from nexus.errors import Interrupted, NexusError
-from nexus.options import option as _f
-from nexus.pipeline.stages import StageRunner
+from nexus.config_fields import option as _f
+from nexus.engines.run_stages import StageRunner
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RunConfig:
-    """The arguments of ``nexus run`` (each stage gets the subset it needs)."""
+    """The arguments of ``nexus run`` (each stage gets the subset it needs).
+
+    ``lr`` and ``seq_len`` default to what ``nexus train`` uses (:data:`nexus.constants.DEFAULT_LR`,
+    :data:`~nexus.constants.DEFAULT_SEQ_LEN`, where the reasons are given).
+    """
 
     output: str = _f(None, "Run directory.", required=True)
     model: str | None = _f(None, "Base checkpoint directory (default: the family's demo checkpoint).")
@@ -56,7 +62,7 @@ class RunConfig:
                                      "demo, its held-out sample).")
     family: str | None = _f(None, "Family name (default: detected).")
     text_column: str | None = _f(None, "Text column of the data.")
-    seq_len: int = _f(128, "Tokens per row.")
+    seq_len: int = _f(DEFAULT_SEQ_LEN, "Tokens per row.")
     batch_size: int = _f(8, "Rows per batch (collect, train, evaluate).")
     target_tokens: int | None = _f(None, "Tokens for router statistics (default: the whole data once).")
     top_k: int | None = _f(None, f"Experts averaged per layer (default: a quarter of E, at least 1, at most "
@@ -66,7 +72,7 @@ class RunConfig:
     gate_mode: str = _f(DEFAULT_GATE_MODE, "Shared-expert gate.", choices=GATE_MODES)
     shared_intermediate_size: int | None = _f(None, "Shared expert width (default: the expert width).")
     max_steps: int = _f(100, "Training steps.")
-    lr: float = _f(1e-3, "Peak learning rate.")
+    lr: float = _f(DEFAULT_LR, "Peak learning rate.")
     warmup_steps: int = _f(10, "Warmup steps.")
     kd_weight: float = _f(1.0, "Distillation weight (teacher: the base itself).")
     ce_weight: float = _f(1.0, "Cross-entropy weight.")
@@ -106,8 +112,8 @@ def validate_run(cfg: RunConfig) -> _Plan:
 
     from nexus.data import check_data, check_seq_len, data_fingerprint, heldout_counts, load_tokenizer, split_specs
     from nexus.demo import demo_checkpoint, demo_eval_path, demo_text_path
-    from nexus.engines.router_stats import CollectArgs
-    from nexus.engines.train_config import TrainConfig
+    from nexus.engines.collect import CollectArgs
+    from nexus.training.train_config import TrainConfig
     from nexus.family import resolve_family
     from nexus.loading import load_config
 
@@ -190,7 +196,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
     from nexus.engines.convert import convert
     from nexus.engines.evaluate import evaluate
     from nexus.engines.plots import plot_run
-    from nexus.engines.router_stats import run_collect
+    from nexus.engines.collect import run_collect
     from nexus.engines.select import run_select
     from nexus.engines.train import train
     from nexus.io import write_json

@@ -6,13 +6,19 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from nexus.config_fields import option as _f
+from nexus.constants import DEFAULT_LR, DEFAULT_SEQ_LEN
 from nexus.errors import NexusError
-from nexus.options import option as _f
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on; recorded in ``run/run_config.json``."""
+    """Everything a training run depends on; recorded in ``run/run_config.json``.
+
+    ``lr`` and ``seq_len`` default to the values ``nexus run`` uses too
+    (:data:`nexus.constants.DEFAULT_LR`, :data:`~nexus.constants.DEFAULT_SEQ_LEN`, where the
+    reasons are given).
+    """
 
     model: str = _f(None, "Base model checkpoint directory.", required=True)
     adapter: str = _f(None, "Adapter directory to start from (from nexus convert).", required=True)
@@ -21,11 +27,11 @@ class TrainConfig:
     data: str | None = _f(None, "Training data: .jsonl/.parquet/.txt file, a directory of them, or a cached dataset (optional with a teacher cache).")
     tokenizer: str | None = _f(None, "Tokenizer directory (default: the model's).")
     text_column: str | None = _f(None, "Text column of the data (default: text, or chat messages).")
-    seq_len: int = _f(512, "Tokens per row (documents are packed).")
+    seq_len: int = _f(DEFAULT_SEQ_LEN, "Tokens per row (documents are packed).")
     batch_size: int = _f(4, "Rows per micro-batch per process.")
     grad_accum: int = _f(1, "Micro-batches per optimizer step (the loss is normalised by the tokens of the whole window).")
     max_steps: int = _f(100, "Optimizer steps in total.")
-    lr: float = _f(1e-4, "Peak learning rate of the shared experts.")
+    lr: float = _f(DEFAULT_LR, "Peak learning rate of the shared experts.")
     router_lr: float | None = _f(None, "Learning rate of the routers with --train-routers (default: --lr).")
     train_routers: bool = _f(False, "Also train the routers (saved in the adapter).")
     train_native_shared: bool = _f(False, "Also train the shared expert the family already has (Qwen2-MoE, DeepSeek-V3, ...; saved in the adapter).")

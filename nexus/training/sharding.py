@@ -2,7 +2,7 @@
 
 Under FSDP2 (accelerate's ``fsdp_version: 2``) every parameter is a ``DTensor`` of which each
 process holds one shard; under DeepSpeed ZeRO-1/2 a trainable parameter's fp32 master copy is
-partitioned (:mod:`nexus.engines.zero`). Saving an adapter, checkpointing the SFA anchor and
+partitioned (:mod:`nexus.training.zero`). Saving an adapter, checkpointing the SFA anchor and
 restoring trained base weights for the self-teacher need whole tensors; these helpers give them
 for both and are the identity for ordinary tensors (one process, DDP), so callers have one code
 path.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from nexus.engines import zero
+from nexus.training import zero
 
 
 def is_sharded(t) -> bool:

@@ -94,7 +94,7 @@ def distill_losses(
 
     :param student: the (possibly DDP-wrapped) adapted model; its forward carries the gradient.
     :param batch: ``input_ids``/``attention_mask``/``labels`` ``Tensor[B, S]`` (+ cached teacher tensors).
-    :param teacher: a teacher from :mod:`nexus.engines.teachers`, or None (CE only).
+    :param teacher: a teacher from :mod:`nexus.training.teachers`, or None (CE only).
     :param kd: compute the distillation KL (needs a teacher).
     :param temperature: distillation temperature T (the KL sum is *not* multiplied by T^2 here).
     :param family, blocks: for recording the student's routers; empty to skip router terms.

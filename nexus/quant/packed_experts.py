@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nexus.fp8 import decode_fp8
-from nexus.mxfp4 import decode_mxfp4
+from nexus.quant.fp8 import decode_fp8
+from nexus.quant.mxfp4 import decode_mxfp4
 
 DEFAULT_DECODE_BYTES = 64 * 2**20  # decoded weights alive at once, per layer (at least one expert)
 

@@ -1,7 +1,7 @@
 """Load a checkpoint whose routed experts are stored quantised with the experts kept as stored.
 
 The model is built without weights (``accelerate.init_empty_weights``); every MoE block's experts
-module is replaced by a :class:`nexus.packed_experts.PackedExperts` holding the checkpoint's
+module is replaced by a :class:`nexus.quant.packed_experts.PackedExperts` holding the checkpoint's
 bytes (through the family's ``nexus_pack_experts``); every other tensor is then read one at a
 time from the safetensors files, renamed as transformers renames it, cast to the parameter's
 dtype and placed on the device. No dequantised copy of a layer's experts is ever made.
@@ -17,8 +17,8 @@ from torch import nn
 
 from nexus.checkpoint import CheckpointReader
 from nexus.errors import NexusError
-from nexus.fp8 import SCALE_SUFFIX, block_size, check_scales, decode_fp8
-from nexus.packed_experts import FP8Matrices, MXFP4Matrices, PackedExperts
+from nexus.quant.fp8 import SCALE_SUFFIX, block_size, check_scales, decode_fp8
+from nexus.quant.packed_experts import FP8Matrices, MXFP4Matrices, PackedExperts
 
 log = logging.getLogger(__name__)
 

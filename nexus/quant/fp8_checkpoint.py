@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from nexus.fp8 import SCALE_SUFFIX, quantize_fp8
+from nexus.quant.fp8 import SCALE_SUFFIX, quantize_fp8
 
 
 def _kept_prefixes(model, family) -> list[str]:

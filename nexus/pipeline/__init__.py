@@ -1,1 +1,0 @@
-"""The end-to-end job (``nexus run``): collect -> select -> convert -> train -> evaluate -> plot."""
