@@ -113,7 +113,7 @@ def test_sft_resume_equals_uninterrupted(base_dir, tmp_path):
 
 
 def test_kd_loss_equals_nexus_train(base_dir):
-    from nexus.engines.train import loss_to_backpropagate
+    from nexus.training.train_step import loss_to_backpropagate
     from nexus.training.teachers import SelfTeacher
     from nexus.training.train_step import distill_losses
 

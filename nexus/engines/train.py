@@ -17,11 +17,19 @@ partition the adapter's optimizer state (:mod:`nexus.training.strategies`). Only
 parameters (shared experts, optionally routers) are optimised, by AdamW; the base stays frozen
 and in ``eval()``. Adapters and the adapter in every checkpoint hold whole tensors, gathered
 from shards or partitions, so a run saved under one layout is an ordinary adapter for any other.
+
+:func:`train` reads as the recipe: :func:`setup` (seed, student, strategy, teacher, data),
+:func:`resume` (optimizer, scheduler, SFA, RNG and data position of the latest checkpoint),
+:func:`open_records` (``run_config.json``, ``metrics.jsonl``, trackers), :func:`train_loop`
+(one :func:`optimizer_step` per step, :func:`save` at checkpoints) and :func:`finish` (the final
+adapter). The metrics arithmetic is :mod:`nexus.training.step_metrics`, the loss of a micro-batch
+:mod:`nexus.training.train_step`.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import shutil
@@ -36,7 +44,15 @@ from nexus import __version__
 from nexus.adapter import adapter_family, adapter_state_dict, load_adapter, read_adapter_config, save_adapter
 from nexus.constants import METRICS_NAME, RUN_CONFIG_NAME
 from nexus.engines.average import SFA
+from nexus.errors import Interrupted, NexusError
+from nexus.interrupts import StopFlag, signal_name
+from nexus.io import output_lock, write_json
+from nexus.metrics_log import MetricsLog
 from nexus.training.distributed import make_accelerator
+from nexus.training.sharding import gather_full
+from nexus.training.step_metrics import MetricsWindow, flat_scalars, stack_sums
+from nexus.training.strategies import select_strategy
+from nexus.training.train_config import RESUME_MUST_MATCH, TrainConfig
 from nexus.training.train_state import (
     ADAPTER_SUBDIR,
     CHECKPOINTS,
@@ -46,14 +62,7 @@ from nexus.training.train_state import (
     save_checkpoint,
     set_rng_state,
 )
-from nexus.training.strategies import select_strategy
-from nexus.training.sharding import gather_full
-from nexus.training.train_config import RESUME_MUST_MATCH, TrainConfig
-from nexus.training.train_step import distill_losses, micro_batches
-from nexus.errors import Interrupted, NexusError
-from nexus.interrupts import StopFlag, signal_name
-from nexus.io import output_lock, write_json
-from nexus.metrics_log import MetricsLog
+from nexus.training.train_step import distill_losses, loss_to_backpropagate, micro_batches
 
 log = logging.getLogger(__name__)
 
@@ -85,45 +94,84 @@ class TrainResult:
     optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
 
 
-def lr_lambda(config: TrainConfig):
-    """The learning-rate multiplier ``step -> factor`` (``torch.optim.lr_scheduler.LambdaLR``):
-    linear warmup to 1 over ``warmup_steps`` (``(step+1)/warmup``), then constant or cosine
-    down to ``min_lr_ratio`` at ``max_steps``."""
-    warm, total, floor = config.warmup_steps, config.max_steps, config.min_lr_ratio
+def train(config: TrainConfig, accelerator=None) -> TrainResult:
+    """Run (or resume) a training run described by ``config``; see the module docstring.
 
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if config.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    The run directory is locked for the duration (:func:`nexus.io.output_lock`, main process).
 
-    return factor
+    :param accelerator: an ``accelerate.Accelerator``; default one built from ``config``.
+    :return: a :class:`TrainResult` (``interrupted`` when ``stop_after`` stopped it).
+    :raises NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+    :raises Interrupted: SIGINT/SIGTERM stopped it after saving a checkpoint.
+    :raises NexusError: ``--output`` holds another run and neither ``resume`` nor ``overwrite`` is set.
+    """
+    accelerator = accelerator or make_accelerator(config.bf16, log_with=config.report_to, project_dir=config.output)
+    strategy = select_strategy(accelerator, config.batch_size, config.max_grad_norm)
+    run_dir = Path(config.output)
+    main = accelerator.is_main_process
+    _existing_run(run_dir)  # refuses a file before the lock is taken beside it
+    with output_lock(run_dir, enabled=main):
+        _prepare_run_dir(run_dir, config, main)
+        accelerator.wait_for_everyone()
+        checkpoint = find_resume_checkpoint(config, run_dir, accelerator.num_processes, strategy.kind)
+        run = setup(config, accelerator, strategy, run_dir, checkpoint)
+        if checkpoint is not None:
+            resume(run, checkpoint)
+        open_records(run)
+        stopped_by = train_loop(run)
+        return finish(run, stopped_by)
 
 
-def _check_resume(run_dir: Path, config: TrainConfig, world_size: int, engine: str) -> None:
-    """Refuse to resume a run whose settings, number of processes or optimizer-state format differ.
-    (DDP and FSDP2 checkpoints share one format; DeepSpeed's per-process partitions are their own.)"""
-    import json
+@dataclass
+class TrainRun:
+    """A training run between :func:`setup` and :func:`finish`: what it trains with, and where it is."""
 
-    path = run_dir / RUN_CONFIG_NAME
-    if not path.exists():
-        return
-    old = json.loads(path.read_text())
-    old_config = old.get("config", {})
-    diff = [f"{k} ({old_config.get(k)!r} vs {getattr(config, k)!r})"
-            for k in RESUME_MUST_MATCH if old_config.get(k) != getattr(config, k)]
-    if old.get("world_size") != world_size:
-        diff.append(f"world_size ({old.get('world_size')} vs {world_size})")
-    old_engine = old.get("engine", "ddp")
-    if "deepspeed" in (old_engine, engine) and old_engine != engine:
-        diff.append(f"engine ({old_engine} vs {engine})")
-    if diff:
-        raise NexusError(
-            f"cannot resume {run_dir}: these settings differ from the original run (old vs new): {', '.join(diff)}; "
-            f"use the same arguments, or a new --output"
-        )
+    config: TrainConfig
+    accelerator: object
+    strategy: object  # a nexus.training.strategies.Replicated (or subclass)
+    run_dir: Path
+    model: torch.nn.Module  # the unwrapped model; ``strategy.student`` is the wrapped one
+    family: object
+    blocks: list
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    trainable: dict[str, torch.nn.Parameter]  # read after the strategy wrapped the model
+    sfa: SFA
+    adapter_config: object  # written with every checkpoint and the final adapter
+    teacher: object | None
+    router_note: str | None  # why router metrics are unavailable, or None
+    data: object
+    collate: object
+    step: int = 0
+    next_batch: int = 0
+    tokens_seen: int = 0
+    checkpoint: Path | None = None  # the last checkpoint written (or resumed from)
+    resumed: bool = False
+    metrics: MetricsLog | None = None
+
+    @property
+    def main(self) -> bool:
+        """Whether this is the process that writes files."""
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        """The number of processes."""
+        return self.accelerator.num_processes
+
+    @property
+    def n_layers(self) -> int:
+        """The number of MoE layers the router KL is averaged over (at least 1)."""
+        return max(1, len(self.blocks))
+
+    def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over every process (a collective when there are several)."""
+        if self.world == 1:
+            return tensor
+        return self.accelerator.reduce(tensor.to(self.accelerator.device), reduction="sum")
+
+
+# --- the run directory ---------------------------------------------------------------------------------------------
 
 
 RUN_FILES = (RUN_CONFIG_NAME, METRICS_NAME, CHECKPOINTS, "final")  # what --overwrite deletes
@@ -154,6 +202,118 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, main: bool) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+# --- setup -------------------------------------------------------------------------------------------------------
+
+
+def setup(config: TrainConfig, accelerator, strategy, run_dir: Path, checkpoint: Path | None) -> TrainRun:
+    """Seed, load the student (with the adapter of ``checkpoint`` when resuming), wrap it for the
+    strategy, and open the teacher and the training rows."""
+    from accelerate.utils import set_seed
+
+    from nexus.data import load_tokenizer
+    from nexus.teacher_cache import is_teacher_cache
+
+    set_seed(config.seed)
+    loaded = _load_student(config, strategy, checkpoint)
+    model, family, blocks, optimizer = loaded.model, loaded.family, loaded.blocks, loaded.optimizer
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    trainable, base_originals = strategy.prepare(model, optimizer, loaded.base_originals)
+    sfa = SFA(trainable, config.sfa_interval, config.sfa_beta, config.sfa_anchor)
+    adapter_config = loaded.save_config(config)
+
+    tokenizer = load_tokenizer(config.tokenizer or config.model, model.config)
+    teacher, cache, router_note = None, None, None
+    if config.kd_weight > 0 or config.router_kl_weight > 0 or is_teacher_cache(config.teacher):
+        # A teacher cache is also the data source, so it is opened even for CE-only training.
+        teacher, cache, router_note = _build_teacher(config, model, family, blocks, tokenizer, base_originals,
+                                                     accelerator.device, accelerator.autocast)
+        if config.kd_weight == 0 and config.router_kl_weight == 0:
+            teacher, router_note = None, None
+    if router_note and accelerator.is_main_process:
+        log.warning("router drift and entropy metrics are unavailable: %s", router_note)
+    data, collate = _load_data(config, tokenizer, cache)
+    return TrainRun(config, accelerator, strategy, run_dir, model, family, blocks, optimizer, scheduler, trainable,
+                    sfa, adapter_config, teacher, router_note, data, collate)
+
+
+def lr_lambda(config: TrainConfig):
+    """The learning-rate multiplier ``step -> factor`` (``torch.optim.lr_scheduler.LambdaLR``):
+    linear warmup to 1 over ``warmup_steps`` (``(step+1)/warmup``), then constant or cosine
+    down to ``min_lr_ratio`` at ``max_steps``."""
+    return functools.partial(_lr_factor, config.warmup_steps, config.max_steps, config.min_lr_ratio, config.schedule)
+
+
+def _lr_factor(warm: int, total: int, floor: float, schedule: str, step: int) -> float:
+    """The multiplier of :func:`lr_lambda` at ``step``."""
+    if step < warm:
+        return (step + 1) / warm
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class _Student:
+    """The base with its adapter loaded and the trainable parameters chosen, before the strategy wraps it."""
+
+    model: torch.nn.Module
+    family: object
+    blocks: list
+    optimizer: torch.optim.Optimizer
+    base_originals: dict[str, torch.Tensor]  # base weights an adapter replaces, as in the base
+    adapter_config: object
+    trained_base_keys: list[str]  # routers / native shared experts trained here (saved in the adapter)
+
+    def save_config(self, config: TrainConfig):
+        """The adapter config written with every checkpoint and the final adapter."""
+        cfg = copy.deepcopy(self.adapter_config)
+        cfg.base_keys = sorted(set(cfg.base_keys) | set(self.trained_base_keys))
+        cfg.args = {"command": "train", **config.to_dict()}
+        return cfg
+
+
+def _load_student(config: TrainConfig, strategy, checkpoint: Path | None) -> _Student:
+    """Load the base on ``strategy.load_device``, the adapter (or the checkpoint's), freeze the base
+    except routers / native shared experts when trained, and build AdamW over the trainable
+    parameters (routers in their own group, at ``--router-lr``)."""
+    from nexus.loading import load_model
+    from nexus.shared_expert import base_parameters, freeze_base, native_shared_modules, router_parameters
+
+    adapter_cfg = read_adapter_config(config.adapter)
+    model = load_model(config.model, dtype=torch.bfloat16 if config.bf16 else torch.float32,
+                       device=strategy.load_device, dequantize=config.dequantize)
+    family = adapter_family(adapter_cfg, model, config.adapter)
+    blocks = family.moe_blocks(model)
+    routers = router_parameters(model, family, blocks)
+    # The self-teacher runs the base as it was, so the base weights this run changes are kept.
+    touched_base = config.train_routers or config.train_native_shared or bool(adapter_cfg.base_keys)
+    base_originals = {}
+    if touched_base:
+        base_originals = {n: p.detach().clone() for n, p in base_parameters(model, family, blocks).items()}
+    load_adapter(model, checkpoint / ADAPTER_SUBDIR if checkpoint else config.adapter, family=family)
+    router_modules = [family.router_capture(b).module for b in blocks] if config.train_routers else []
+    native = native_shared_modules(blocks) if config.train_native_shared else []
+    if config.train_native_shared and not native:
+        raise NexusError(f"--train-native-shared: family {family.name!r} has no shared expert of its own")
+    if config.bf16:
+        for m in (*router_modules, *native):
+            m.float()  # optimise fp32 copies; autocast feeds them bf16 activations
+    freeze_base(model, router_modules, native)
+    model.config.use_cache = False
+    if config.gradient_checkpointing:
+        _enable_checkpointing(model)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    router_names = sorted(n for n in named if n in routers)
+    native_names = sorted(n for n in named if n in base_originals and n not in routers)
+    groups = [{"params": [p for n, p in named.items() if n not in routers], "lr": config.lr, "name": "shared"}]
+    if router_names:
+        groups.append({"params": [named[n] for n in router_names], "lr": config.router_lr or config.lr,
+                       "name": "routers"})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return _Student(model, family, blocks, optimizer, base_originals, adapter_cfg, router_names + native_names)
+
+
 def _enable_checkpointing(model) -> None:
     """Gradient checkpointing that works with the base in ``eval()``.
 
@@ -182,10 +342,11 @@ def _build_teacher(config, model, family, blocks, tokenizer, base_originals, dev
     if is_teacher_cache(config.teacher):
         cache = TeacherCache(config.teacher)
         cache.check(model.config, tokenizer, need_routers=config.router_kl_weight > 0)
-        if cache.meta["temperature"] != config.temperature and config.kd_weight > 0:
+        cached_t = cache.meta["temperature"]
+        if cached_t != config.temperature and config.kd_weight > 0:
             raise NexusError(
-                f"teacher cache {config.teacher} holds log-probs at temperature {cache.meta['temperature']}, "
-                f"but --temperature is {config.temperature}; train with --temperature {cache.meta['temperature']} or precompute again"
+                f"teacher cache {config.teacher} holds log-probs at temperature {cached_t}, "
+                f"but --temperature is {config.temperature}; train with --temperature {cached_t} or precompute again"
             )
         note = None if cache.has_router_logits else f"teacher cache {config.teacher} holds no router logits"
         return CacheTeacher(cache), cache, note
@@ -209,13 +370,14 @@ def _build_teacher(config, model, family, blocks, tokenizer, base_originals, dev
         note = f"teacher {config.teacher} has no MoE layers nexus can read ({exc})"
         t_family, t_blocks = None, []
     if config.router_kl_weight > 0 and not t_blocks:
-        raise NexusError(f"--router-kl-weight needs a teacher with the model's MoE layout; {config.teacher} differs. Set it to 0")
+        raise NexusError(f"--router-kl-weight needs a teacher with the model's MoE layout; {config.teacher} differs. "
+                         f"Set it to 0")
     return ModelTeacher(teacher_model, t_family, t_blocks, autocast), None, note
 
 
 def _load_data(config, tokenizer, cache):
     """``(ordering TokenData, collate(indices) -> batch)`` for the training rows."""
-    from nexus.data import TokenData, collate, load_token_data
+    from nexus.data import TokenData, load_token_data
     from nexus.fingerprint import rows_fingerprint
 
     if cache is not None:
@@ -223,8 +385,9 @@ def _load_data(config, tokenizer, cache):
             rows = load_token_data(config.data, tokenizer, cache.meta["seq_len"], config.text_column).rows
             if rows_fingerprint(rows) != cache.meta["data_fingerprint"]:
                 raise NexusError(
-                    f"--data {config.data} does not match the rows of teacher cache {config.teacher} "
-                    f"(made from {cache.meta['data']} at seq_len {cache.meta['seq_len']}); omit --data to train on the cache's rows"
+                    f"--data {config.data} does not match the rows of teacher cache {config.teacher} (made from "
+                    f"{cache.meta['data']} at seq_len {cache.meta['seq_len']}); "
+                    f"omit --data to train on the cache's rows"
                 )
         if cache.meta["seq_len"] != config.seq_len:
             log.info("training on the teacher cache's rows (seq_len %d; --seq-len is ignored)", cache.meta["seq_len"])
@@ -232,271 +395,213 @@ def _load_data(config, tokenizer, cache):
     if config.data is None:
         raise NexusError("--data is required unless --teacher is a teacher cache")
     data = load_token_data(config.data, tokenizer, config.seq_len, config.text_column)
-    return data, lambda idx: collate([data.rows[i] for i in idx], data.pad_id)
+    return data, functools.partial(_collate_rows, data)
+
+
+def _collate_rows(data, indices: list[int]) -> dict:
+    """The batch of ``data``'s rows at ``indices`` (``input_ids``/``attention_mask``/``labels`` ``[B, S]``)."""
+    from nexus.data import collate
+
+    return collate([data.rows[i] for i in indices], data.pad_id)
+
+
+# --- resume ------------------------------------------------------------------------------------------------------
+
+
+def find_resume_checkpoint(config: TrainConfig, run_dir: Path, world_size: int, strategy_kind: str) -> Path | None:
+    """The checkpoint to resume from: the latest of ``run_dir`` under ``--resume``, else None.
+
+    :raises NexusError: the run was started with other settings, processes or optimizer-state format.
+    """
+    if not config.resume:
+        return None
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        log.warning("--resume: no checkpoint in %s, starting from the beginning", run_dir)
+        return None
+    _check_resume(run_dir, config, world_size, strategy_kind)
+    return checkpoint
+
+
+def _check_resume(run_dir: Path, config: TrainConfig, world_size: int, engine: str) -> None:
+    """Refuse to resume a run whose settings, number of processes or optimizer-state format differ.
+    (DDP and FSDP2 checkpoints share one format; DeepSpeed's per-process partitions are their own.)"""
+    import json
+
+    path = run_dir / RUN_CONFIG_NAME
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    old_config = old.get("config", {})
+    diff = [f"{k} ({old_config.get(k)!r} vs {getattr(config, k)!r})"
+            for k in RESUME_MUST_MATCH if old_config.get(k) != getattr(config, k)]
+    if old.get("world_size") != world_size:
+        diff.append(f"world_size ({old.get('world_size')} vs {world_size})")
+    old_engine = old.get("engine", "ddp")
+    if "deepspeed" in (old_engine, engine) and old_engine != engine:
+        diff.append(f"engine ({old_engine} vs {engine})")
+    if diff:
+        raise NexusError(
+            f"cannot resume {run_dir}: these settings differ from the original run (old vs new): {', '.join(diff)}; "
+            f"use the same arguments, or a new --output"
+        )
+
+
+def resume(run: TrainRun, checkpoint: Path) -> None:
+    """Restore the optimizer, scheduler, SFA, this process's RNG and the data position of
+    ``checkpoint`` (its adapter was loaded by :func:`setup`)."""
+    trainer_state, state = load_checkpoint(checkpoint)
+    run.strategy.load_optimizer_state(trainer_state["optimizer"], checkpoint)
+    run.scheduler.load_state_dict(trainer_state["scheduler"])
+    run.sfa.load_state_dict(trainer_state["sfa"])
+    # Each process restores its own RNG; a checkpoint of one process serves every process.
+    rngs, rank = trainer_state["rng"], run.accelerator.process_index
+    set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    run.step, run.next_batch, run.tokens_seen = state["step"], state["next_batch"], state["tokens"]
+    run.checkpoint, run.resumed = checkpoint, True
+    log.info("resuming %s from step %d (next batch %d)", run.run_dir, run.step, run.next_batch)
+
+
+# --- the run's records -------------------------------------------------------------------------------------------
+
+
+def open_records(run: TrainRun) -> None:
+    """Write ``run_config.json`` (main process), open ``metrics.jsonl`` (cut back to the resumed
+    step) and start the experiment trackers of ``--report-to``."""
+    from nexus.fingerprint import config_fingerprint
+
+    config = run.config
+    if run.main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run.run_dir / RUN_CONFIG_NAME, {
+            "nexus_version": __version__, "family": run.family.name,
+            "base_fingerprint": config_fingerprint(run.model.config), "world_size": run.world,
+            "engine": run.strategy.kind, "global_batch_size": config.batch_size * run.world * config.grad_accum,
+            "trainable_parameters": sum(p.numel() for p in run.trainable.values()),
+            "teacher_kind": getattr(run.teacher, "kind", None), "router_metrics_unavailable": run.router_note,
+            "num_rows": len(run.data.rows), "config": config.to_dict(),
+        })
+    run.metrics = MetricsLog(run.run_dir, enabled=run.main, resume_step=run.step if run.resumed else None)
+    if config.report_to:
+        run.accelerator.init_trackers("nexus", config={k: v for k, v in config.to_dict().items() if v is not None})
+
+
+# --- the loop ----------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class _Student:
-    """The base with its adapter loaded and the trainable parameters chosen, before the engine wraps it."""
+class _StepOutcome:
+    """One optimizer step, for the metrics."""
 
-    model: torch.nn.Module
-    family: object
-    blocks: list
-    optimizer: torch.optim.Optimizer
-    base_originals: dict[str, torch.Tensor]  # base weights an adapter replaces, as in the base
-    adapter_config: object
-    trained_base_keys: list[str]  # routers / native shared experts trained here (saved in the adapter)
-
-    def save_config(self, config: TrainConfig):
-        """The adapter config written with every checkpoint and the final adapter."""
-        cfg = copy.deepcopy(self.adapter_config)
-        cfg.base_keys = sorted(set(cfg.base_keys) | set(self.trained_base_keys))
-        cfg.args = {"command": "train", **config.to_dict()}
-        return cfg
+    sums: torch.Tensor  # the stack_sums vector of the window, summed over processes
+    n_pred: float  # predicted tokens of the window on every process
+    n_in: float  # input tokens of the window on every process
+    grad_norm: float
+    lrs: list[float]  # the learning rates the update used, one per param group
+    merged: bool  # SFA merged the weights after the update
 
 
-def _load_student(config: TrainConfig, engine, checkpoint: Path | None) -> _Student:
-    """Load the base on ``engine.load_device``, the adapter (or the checkpoint's), freeze the base
-    except routers / native shared experts when trained, and build AdamW over the trainable
-    parameters (routers in their own group, at ``--router-lr``)."""
-    from nexus.shared_expert import base_parameters, router_parameters
-    from nexus.loading import load_model
-    from nexus.shared_expert import freeze_base, native_shared_modules
+def train_loop(run: TrainRun) -> int | None:
+    """Optimizer steps until ``max_steps``, a stop (``stop_after``, SIGINT/SIGTERM) or an error;
+    metrics every ``log_every`` steps, a checkpoint every ``save_every`` steps, at the end and on a stop.
 
-    adapter_cfg = read_adapter_config(config.adapter)
-    model = load_model(config.model, dtype=torch.bfloat16 if config.bf16 else torch.float32, device=engine.load_device,
-                       dequantize=config.dequantize)
-    family = adapter_family(adapter_cfg, model, config.adapter)
-    blocks = family.moe_blocks(model)
-    routers = router_parameters(model, family, blocks)
-    touched_base = config.train_routers or config.train_native_shared or bool(adapter_cfg.base_keys)
-    base_originals = {n: p.detach().clone() for n, p in base_parameters(model, family, blocks).items()} if touched_base else {}
-    load_adapter(model, checkpoint / ADAPTER_SUBDIR if checkpoint else config.adapter, family=family)
-    router_modules = [family.router_capture(b).module for b in blocks] if config.train_routers else []
-    native = native_shared_modules(blocks) if config.train_native_shared else []
-    if config.train_native_shared and not native:
-        raise NexusError(f"--train-native-shared: family {family.name!r} has no shared expert of its own")
-    if config.bf16:
-        for m in (*router_modules, *native):
-            m.float()  # optimise fp32 copies; autocast feeds them bf16 activations
-    freeze_base(model, router_modules, native)
-    model.config.use_cache = False
-    if config.gradient_checkpointing:
-        _enable_checkpointing(model)
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    router_names = sorted(n for n in named if n in routers)
-    native_names = sorted(n for n in named if n in base_originals and n not in routers)
-    groups = [{"params": [p for n, p in named.items() if n not in routers], "lr": config.lr, "name": "shared"}]
-    if router_names:
-        groups.append({"params": [named[n] for n in router_names], "lr": config.router_lr or config.lr, "name": "routers"})
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    return _Student(model, family, blocks, optimizer, base_originals, adapter_cfg, router_names + native_names)
-
-
-def loss_to_backpropagate(config: TrainConfig, ce, kd, router_kl, n_pred: float, n_in: float, n_layers: int):
-    """The training loss of one micro-batch, as back-propagated and (summed over the window) logged.
-
-    ``(ce_weight * CE + kd_weight * T^2 * KD) / n_pred + router_kl_weight * RKL / (n_in * n_layers)``
-    with CE, KD, RKL the micro-batch's token sums (scalar tensors or floats) and ``n_pred`` /
-    ``n_in`` the predicted / input tokens of the whole window on every process.
+    :return: the signal that stopped the run, or None.
+    :raises NonFiniteLossError: the loss or the gradient norm became NaN/inf.
     """
-    loss = (config.ce_weight * ce + config.kd_weight * config.temperature**2 * kd) / max(n_pred, 1.0)
-    if config.router_kl_weight > 0:
-        loss = loss + config.router_kl_weight * router_kl / (max(n_in, 1.0) * n_layers)
-    return loss
-
-
-def train(config: TrainConfig, accelerator=None) -> TrainResult:
-    """Run (or resume) a training run described by ``config``; see the module docstring.
-
-    The run directory is locked for the duration (:func:`nexus.io.output_lock`, main process).
-
-    :param accelerator: an ``accelerate.Accelerator``; default one built from ``config``.
-    :return: a :class:`TrainResult` (``interrupted`` when ``stop_after`` stopped it).
-    :raises NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
-    :raises Interrupted: SIGINT/SIGTERM stopped it after saving a checkpoint.
-    :raises NexusError: ``--output`` holds another run and neither ``resume`` nor ``overwrite`` is set.
-    """
-    accelerator = accelerator or make_accelerator(config.bf16, log_with=config.report_to, project_dir=config.output)
-    engine = select_strategy(accelerator, config.batch_size, config.max_grad_norm)
-    run_dir = Path(config.output)
-    main = accelerator.is_main_process
-    _existing_run(run_dir)  # refuses a file before the lock is taken beside it
-    with output_lock(run_dir, enabled=main):
-        _prepare_run_dir(run_dir, config, main)
-        accelerator.wait_for_everyone()
-        return _train(config, accelerator, engine, run_dir)
-
-
-def _train(config: TrainConfig, accelerator, engine, run_dir: Path) -> TrainResult:
-    from accelerate.utils import gather_object, set_seed
-
-    from nexus.data import load_tokenizer
-    from nexus.teacher_cache import is_teacher_cache
-    from nexus.fingerprint import config_fingerprint
     from nexus.progress import progress_bar
 
-    main, world, rank, device = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index, accelerator.device
-    checkpoint = latest_checkpoint(run_dir) if config.resume else None
-    if config.resume and checkpoint is None:
-        log.warning("--resume: no checkpoint in %s, starting from the beginning", run_dir)
-    if checkpoint is not None:
-        _check_resume(run_dir, config, world, engine.kind)
-    set_seed(config.seed)
-
-    loaded = _load_student(config, engine, checkpoint)
-    model, family, blocks, optimizer = loaded.model, loaded.family, loaded.blocks, loaded.optimizer
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    named, base_originals = engine.prepare(model, optimizer, loaded.base_originals)
-    student = engine.student
-    sfa = SFA(named, config.sfa_interval, config.sfa_beta, config.sfa_anchor)
-    save_cfg = loaded.save_config(config)
-
-    tokenizer = load_tokenizer(config.tokenizer or config.model, model.config)
-    teacher, cache, router_note = None, None, None
-    if config.kd_weight > 0 or config.router_kl_weight > 0 or is_teacher_cache(config.teacher):
-        # A teacher cache is also the data source, so it is opened even for CE-only training.
-        teacher, cache, router_note = _build_teacher(config, model, family, blocks, tokenizer, base_originals, device,
-                                                     accelerator.autocast)
-        if config.kd_weight == 0 and config.router_kl_weight == 0:
-            teacher, router_note = None, None
-    if router_note and main:
-        log.warning("router drift and entropy metrics are unavailable: %s", router_note)
-    data, collate = _load_data(config, tokenizer, cache)
-
-    step, next_batch, tokens_seen = 0, 0, 0
-    if checkpoint is not None:
-        trainer_state, state = load_checkpoint(checkpoint)
-        engine.load_optimizer_state(trainer_state["optimizer"], checkpoint)
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        sfa.load_state_dict(trainer_state["sfa"])
-        rngs = trainer_state["rng"]
-        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-        step, next_batch, tokens_seen = state["step"], state["next_batch"], state["tokens"]
-        log.info("resuming %s from step %d (next batch %d)", run_dir, step, next_batch)
-
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / RUN_CONFIG_NAME, {
-            "nexus_version": __version__, "family": family.name, "base_fingerprint": config_fingerprint(model.config),
-            "world_size": world, "engine": engine.kind, "global_batch_size": config.batch_size * world * config.grad_accum,
-            "trainable_parameters": sum(p.numel() for p in named.values()), "teacher_kind": getattr(teacher, "kind", None),
-            "router_metrics_unavailable": router_note, "num_rows": len(data.rows), "config": config.to_dict(),
-        })
-    metrics = MetricsLog(run_dir, enabled=main, resume_step=step if checkpoint else None)
-    if config.report_to:
-        accelerator.init_trackers("nexus", config={k: v for k, v in config.to_dict().items() if v is not None})
-
-    def adapter_writer():
-        """Gather the adapter's whole tensors (a collective: every process calls it) and return
-        ``path -> None`` writing them as an adapter directory (called on the main process)."""
-        params = dict(model.named_parameters())
-        tensors = gather_full({n: params[n] for n in adapter_state_dict(model, save_cfg.base_keys)})
-        return lambda path: save_adapter(model, path, copy.deepcopy(save_cfg), tensors=tensors)
-
-    def save(at_step: int, nb: int) -> Path | None:
-        # Collectives first, on every process: shards are gathered into whole tensors.
-        rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
-        write_adapter = adapter_writer()
-        optim_state, staged = engine.optimizer_state(run_dir, at_step)
-        sfa_state = sfa.state_dict()
-        path = None
-        if main:
-            def write_files(tmp: Path) -> None:
-                write_adapter(tmp / ADAPTER_SUBDIR)
-                engine.move_files(staged, tmp)
-
-            path = save_checkpoint(
-                run_dir, at_step, write_files,
-                {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "sfa": sfa_state, "rng": rngs},
-                {"step": at_step, "next_batch": nb, "tokens": tokens_seen, "world_size": world, "nexus_version": __version__},
-                config.keep_last,
-            )
-        accelerator.wait_for_everyone()
-        return path
-
-    batches = micro_batches(data, collate, config.batch_size, config.seed, next_batch, rank, world)
-    params = list(named.values())
-    n_layers = max(1, len(blocks))
-    acc = _Accumulator()
-    last_ckpt, stopped_by, steps_here = checkpoint, None, 0
-    t_start = t_bar = time.perf_counter()
-    bar = progress_bar(total=config.max_steps, initial=step, desc="train", unit="step", enabled=main)
+    config = run.config
+    batches = micro_batches(run.data, run.collate, config.batch_size, config.seed, run.next_batch,
+                            run.accelerator.process_index, run.world)
+    first_step, stopped_by, window = run.step, None, MetricsWindow()
+    bar = progress_bar(total=config.max_steps, initial=run.step, desc="train", unit="step", enabled=run.main)
+    bar_time = time.perf_counter()
     with StopFlag("training", "after this step, with a checkpoint") as stop, bar:
-        while step < config.max_steps:
-            window = [next(batches) for _ in range(config.grad_accum)]
-            local = torch.tensor(
-                [[float((b["labels"][:, 1:] != -100).sum()), 0.0 if b["empty"] else float(b["attention_mask"].sum())]
-                 for _, b in window]
-            ).sum(0)
-            n_pred_g, n_in_g = (accelerator.reduce(local.to(device), reduction="sum") if world > 1 else local).tolist()
-            sums = None
-            for i, (_, batch) in enumerate(window):
-                with engine.accumulating(last=i == len(window) - 1):
-                    parts = distill_losses(
-                        student, batch, teacher, device, kd=config.kd_weight > 0 and teacher is not None,
-                        temperature=config.temperature, family=family, blocks=blocks if teacher is not None else [],
-                        router_grad=config.router_kl_weight > 0, autocast=accelerator.autocast,
-                    )
-                    loss = loss_to_backpropagate(config, parts.ce, parts.kd, parts.router_kl, n_pred_g, n_in_g,
-                                                 n_layers)
-                    engine.backward(loss * world)
-                sums = _add(sums, loss, parts)
-            reduced = accelerator.reduce(sums.to(device), reduction="sum") if world > 1 else sums
-            step_loss = float(reduced[0])
-            per = torch.tensor([max(n_pred_g, 1), max(n_pred_g, 1), max(n_in_g, 1) * n_layers], device=reduced.device)
-            ce, kd, rkl = (reduced[1:4] / per).tolist()
-            _stop_if_non_finite(step, "loss", (step_loss, ce, kd, rkl), last_ckpt)
-            lrs = [g["lr"] for g in optimizer.param_groups]
-            grad_norm = engine.step(params, check=lambda norm, applied=False: _stop_if_non_finite(
-                step, "gradient norm", (norm,), last_ckpt, applied))
-            scheduler.step()
-            step, steps_here, next_batch = step + 1, steps_here + 1, window[-1][0] + 1
-            tokens_seen += int(n_in_g)
-            merged = sfa.maybe_merge(step)
-            acc.add(reduced, n_pred_g, n_in_g, grad_norm, merged, step)
+        while run.step < config.max_steps:
+            outcome = optimizer_step(run, [next(batches) for _ in range(config.grad_accum)])
+            window.add(outcome.sums, outcome.n_pred, outcome.n_in, outcome.grad_norm, outcome.merged, run.step)
             now = time.perf_counter()
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4g}", tok_s=f"{n_in_g / max(now - t_bar, 1e-9):.0f}", refresh=False)
-            t_bar = now
-            if step % config.log_every == 0 or step == config.max_steps:
-                record = acc.record(step, config, lrs, tokens_seen, time.perf_counter() - t_start, sfa, [b.layer for b in blocks], n_layers)
-                metrics.write(record)
-                if config.report_to:
-                    accelerator.log(_flat(record), step=step)
-                log.info("step %d loss %.4f ce %.4f kd %.4f lr %.3g", step, record["loss"], record["ce"], record["kd"], lrs[0])
-                acc, t_start = _Accumulator(), time.perf_counter()
-            flags = torch.tensor([float(config.stop_after is not None and steps_here >= config.stop_after),
-                                  float(stop.signum == signal.SIGINT), float(stop.signum == signal.SIGTERM)])
-            if world > 1:
-                flags = accelerator.reduce(flags.to(device), reduction="sum").cpu()
-            stop_now = bool(flags.sum() > 0)
-            if flags[1] > 0 or flags[2] > 0:
-                stopped_by = signal.SIGINT if flags[1] > 0 else signal.SIGTERM
-            if (config.save_every and step % config.save_every == 0) or step == config.max_steps or stop_now:
-                last_ckpt = save(step, next_batch)
+            bar.set_postfix(loss=f"{float(outcome.sums[0]):.4g}",
+                            tok_s=f"{outcome.n_in / max(now - bar_time, 1e-9):.0f}", refresh=False)
+            bar_time = now
+            if run.step % config.log_every == 0 or run.step == config.max_steps:
+                _log_metrics(run, window, outcome.lrs)
+                window = MetricsWindow()
+            stop_now, signum = _stop_requested(run, stop, run.step - first_step)
+            stopped_by = signum or stopped_by
+            if (config.save_every and run.step % config.save_every == 0) or run.step == config.max_steps or stop_now:
+                run.checkpoint = save(run)
             if stop_now:
                 break
-    interrupted = step < config.max_steps
-    final = None
-    if step >= config.max_steps:
-        final = run_dir / "final"
-        write_adapter = adapter_writer()
-        if main:
-            write_adapter(final)
-        accelerator.wait_for_everyone()
-    if config.report_to:
-        accelerator.end_training()
-    if stopped_by is not None and interrupted:
-        raise Interrupted(
-            f"training stopped by {signal_name(stopped_by)} at step {step} of {config.max_steps}; checkpoint "
-            f"{last_ckpt} saved. Continue with the same command and --resume", stopped_by)
-    return TrainResult(run_dir, step, final, last_ckpt, interrupted, model, optimizer)
+    return stopped_by
+
+
+def optimizer_step(run: TrainRun, window: list[tuple[int, dict]]) -> _StepOutcome:
+    """Forward and backward every micro-batch of ``window`` (``(global batch index, batch)`` pairs),
+    then one optimizer update, scheduler step and SFA merge check; advances ``run``'s position."""
+    config, strategy = run.config, run.strategy
+    # Normalisers first: every micro-batch's loss is divided by the token counts of the whole
+    # window on every process, so the accumulated gradient is the one of the big batch.
+    local = torch.tensor(
+        [[float((b["labels"][:, 1:] != -100).sum()), 0.0 if b["empty"] else float(b["attention_mask"].sum())]
+         for _, b in window]
+    ).sum(0)
+    n_pred, n_in = run.sum_over_processes(local).tolist()
+    sums = None
+    for i, (_, batch) in enumerate(window):
+        with strategy.accumulating(last=i == len(window) - 1):
+            parts = distill_losses(
+                strategy.student, batch, run.teacher, run.accelerator.device,
+                kd=config.kd_weight > 0 and run.teacher is not None, temperature=config.temperature,
+                family=run.family, blocks=run.blocks if run.teacher is not None else [],
+                router_grad=config.router_kl_weight > 0, autocast=run.accelerator.autocast,
+            )
+            # The one loss: back-propagated here, and (through stack_sums) the loss that is logged.
+            loss = loss_to_backpropagate(config, parts.ce, parts.kd, parts.router_kl, n_pred, n_in, run.n_layers)
+            strategy.backward(loss * run.world)  # DDP averages gradients over processes; the loss is a global sum
+        sums = stack_sums(sums, loss, parts)
+    reduced = run.sum_over_processes(sums)
+    per = torch.tensor([max(n_pred, 1), max(n_pred, 1), max(n_in, 1) * run.n_layers], device=reduced.device)
+    ce, kd, rkl = (reduced[1:4] / per).tolist()
+    _stop_if_non_finite(run.step, "loss", (float(reduced[0]), ce, kd, rkl), run.checkpoint)
+    lrs = [g["lr"] for g in run.optimizer.param_groups]
+    grad_norm = strategy.step(list(run.trainable.values()),
+                              check=functools.partial(_check_gradient_norm, run.step, run.checkpoint))
+    run.scheduler.step()
+    run.step, run.next_batch = run.step + 1, window[-1][0] + 1
+    run.tokens_seen += int(n_in)
+    merged = run.sfa.maybe_merge(run.step)
+    return _StepOutcome(reduced, n_pred, n_in, grad_norm, lrs, merged)
+
+
+def _log_metrics(run: TrainRun, window: MetricsWindow, lrs: list[float]) -> None:
+    """Write the metrics line of ``window`` to ``metrics.jsonl``, the trackers and the log."""
+    record = window.record(run.step, lrs, run.tokens_seen, run.sfa.merges, [b.layer for b in run.blocks],
+                           run.n_layers)
+    run.metrics.write(record)
+    if run.config.report_to:
+        run.accelerator.log(flat_scalars(record), step=run.step)
+    log.info("step %d loss %.4f ce %.4f kd %.4f lr %.3g", run.step, record["loss"], record["ce"], record["kd"], lrs[0])
+
+
+def _stop_requested(run: TrainRun, stop: StopFlag, steps_here: int) -> tuple[bool, int | None]:
+    """Whether the run stops after this step (``stop_after`` steps done in this call, or a signal on
+    any process), and the signal that asked, if any.
+
+    Every process must take the same decision, or the others would wait forever in the next
+    step's collectives; the flags are therefore summed over processes.
+    """
+    flags = torch.tensor([float(run.config.stop_after is not None and steps_here >= run.config.stop_after),
+                          float(stop.signum == signal.SIGINT), float(stop.signum == signal.SIGTERM)])
+    flags = run.sum_over_processes(flags).cpu()
+    signum = signal.SIGINT if flags[1] > 0 else signal.SIGTERM if flags[2] > 0 else None
+    return bool(flags.sum() > 0), signum
 
 
 def _stop_if_non_finite(step, what, values, last_ckpt, applied: bool = False) -> None:
     """Raise :class:`NonFiniteLossError` when any of ``values`` is NaN/inf (before the update of
-    step ``step + 1``; ``applied``: the engine applied that update regardless)."""
+    step ``step + 1``; ``applied``: the strategy applied that update regardless)."""
     if all(math.isfinite(v) for v in values):
         return
     where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
@@ -507,59 +612,75 @@ def _stop_if_non_finite(step, what, values, last_ckpt, applied: bool = False) ->
     )
 
 
-def _add(sums, loss, parts) -> torch.Tensor:
-    """Stack a micro-batch's detached loss and sums into one vector:
-    loss, ce, kd, router_kl, drift[L], ent_s[L], ent_t[L]."""
-    vec = [loss.detach().float().reshape(1), parts.ce.detach().float().reshape(1), parts.kd.detach().float().reshape(1),
-           parts.router_kl.detach().float().reshape(1)]
-    if parts.drift is not None:
-        vec += [parts.drift.float(), parts.ent_student.float(), parts.ent_teacher.float()]
-    v = torch.cat(vec)
-    return v if sums is None else sums + v
+def _check_gradient_norm(step: int, last_ckpt: Path | None, norm: float, applied: bool = False) -> None:
+    """The ``check`` a strategy calls with the gradient norm before (or, under DeepSpeed, after) the update."""
+    _stop_if_non_finite(step, "gradient norm", (norm,), last_ckpt, applied)
 
 
-class _Accumulator:
-    """Sums between two metrics lines."""
-
-    def __init__(self):
-        self.sums, self.n_pred, self.n_in, self.grad_norms, self.merge_steps, self.steps = None, 0.0, 0.0, [], [], 0
-
-    def add(self, reduced, n_pred, n_in, grad_norm, merged, step):
-        self.sums = reduced.detach().cpu() if self.sums is None else self.sums + reduced.detach().cpu()
-        self.n_pred, self.n_in, self.steps = self.n_pred + n_pred, self.n_in + n_in, self.steps + 1
-        self.grad_norms.append(grad_norm)
-        if merged:
-            self.merge_steps.append(step)
-
-    def record(self, step, config, lrs, tokens, seconds, sfa, layers, n_layers) -> dict:
-        """The metrics line: ``loss`` is the mean over the steps of the back-propagated loss; its
-        parts are token-weighted over those steps."""
-        s, n_pred, n_in = self.sums, max(self.n_pred, 1.0), max(self.n_in, 1.0)
-        ce, kd, rkl = float(s[1]) / n_pred, float(s[2]) / n_pred, float(s[3]) / (n_in * n_layers)
-        rec = {
-            "step": step,
-            "loss": float(s[0]) / self.steps,
-            "ce": ce, "kd": kd, "router_kl": rkl,
-            "lr": lrs[0], "router_lr": lrs[1] if len(lrs) > 1 else None,
-            "grad_norm": sum(self.grad_norms) / len(self.grad_norms),
-            "tokens": tokens, "tokens_per_s": self.n_in / max(seconds, 1e-9),
-            "sfa_merges": sfa.merges, "sfa_merge_steps": self.merge_steps,
-        }
-        if len(s) > 4:
-            L = (len(s) - 4) // 3
-            drift, ent_s, ent_t = s[4 : 4 + L] / n_in, s[4 + L : 4 + 2 * L] / n_in, s[4 + 2 * L :] / n_in
-            rec.update(router_layers=layers[:L], router_drift=drift.tolist(),
-                       router_entropy_student=ent_s.tolist(), router_entropy_teacher=ent_t.tolist())
-        return rec
+# --- save --------------------------------------------------------------------------------------------------------
 
 
-def _flat(record: dict) -> dict:
-    """Scalars only, per-layer lists expanded (``router_drift/layer_3``), for trackers."""
-    out = {}
-    layers = record.get("router_layers", [])
-    for k, v in record.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[k] = v
-        elif isinstance(v, list) and k.startswith("router_") and k != "router_layers":
-            out.update({f"{k}/layer_{layer}": x for layer, x in zip(layers, v)})
-    return out
+def save(run: TrainRun) -> Path | None:
+    """Write the checkpoint of ``run``'s current step (every process calls it; the main process
+    writes). :return: the checkpoint directory on the main process, None on the others."""
+    from accelerate.utils import gather_object
+
+    # Collectives first, on every process: shards are gathered into whole tensors.
+    rngs = gather_object([rng_state()]) if run.world > 1 else [rng_state()]
+    tensors = gather_adapter(run)
+    optimizer_state, staged = run.strategy.optimizer_state(run.run_dir, run.step)
+    sfa_state = run.sfa.state_dict()
+    path = None
+    if run.main:
+        path = save_checkpoint(
+            run.run_dir, run.step, functools.partial(_write_checkpoint_files, run, tensors, staged),
+            {"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(), "sfa": sfa_state, "rng": rngs},
+            {"step": run.step, "next_batch": run.next_batch, "tokens": run.tokens_seen, "world_size": run.world,
+             "nexus_version": __version__},
+            run.config.keep_last,
+        )
+    run.accelerator.wait_for_everyone()
+    return path
+
+
+def gather_adapter(run: TrainRun) -> dict[str, torch.Tensor]:
+    """The adapter's whole tensors, gathered from shards or partitions (a collective: every process calls it)."""
+    params = dict(run.model.named_parameters())
+    return gather_full({n: params[n] for n in adapter_state_dict(run.model, run.adapter_config.base_keys)})
+
+
+def write_adapter(run: TrainRun, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write ``tensors`` (from :func:`gather_adapter`) as an adapter directory at ``path`` (main process)."""
+    save_adapter(run.model, path, copy.deepcopy(run.adapter_config), tensors=tensors)
+
+
+def _write_checkpoint_files(run: TrainRun, tensors: dict[str, torch.Tensor], staged: Path | None, tmp: Path) -> None:
+    """Fill the checkpoint being assembled at ``tmp``: the adapter, and the strategy's staged files."""
+    write_adapter(run, tensors, tmp / ADAPTER_SUBDIR)
+    run.strategy.move_files(staged, tmp)
+
+
+# --- finish ------------------------------------------------------------------------------------------------------
+
+
+def finish(run: TrainRun, stopped_by: int | None) -> TrainResult:
+    """Write the final adapter when every step is done, close the trackers, and report.
+
+    :raises Interrupted: a signal stopped the run before ``max_steps`` (its checkpoint is saved).
+    """
+    config = run.config
+    interrupted = run.step < config.max_steps
+    final = None
+    if not interrupted:
+        final = run.run_dir / "final"
+        tensors = gather_adapter(run)
+        if run.main:
+            write_adapter(run, tensors, final)
+        run.accelerator.wait_for_everyone()
+    if config.report_to:
+        run.accelerator.end_training()
+    if stopped_by is not None and interrupted:
+        raise Interrupted(
+            f"training stopped by {signal_name(stopped_by)} at step {run.step} of {config.max_steps}; checkpoint "
+            f"{run.checkpoint} saved. Continue with the same command and --resume", stopped_by)
+    return TrainResult(run.run_dir, run.step, final, run.checkpoint, interrupted, run.model, run.optimizer)

@@ -1,7 +1,7 @@
 """Distillation in transformers' ``Trainer`` API: NEXUS's KD term against the same model with the
 adapter disabled (no second copy), computed by :mod:`nexus.losses` exactly as ``nexus train`` does.
 
-Loss of a micro-batch, as ``nexus train``'s (``nexus.engines.train.loss_to_backpropagate``)::
+Loss of a micro-batch, as ``nexus train``'s (``nexus.training.train_step.loss_to_backpropagate``)::
 
     (ce_weight * CE_sum + kd_weight * T^2 * KL_sum) / n
 

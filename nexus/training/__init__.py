@@ -2,6 +2,7 @@
 
 - :mod:`nexus.training.train_config`: ``TrainConfig``, every knob of a training run.
 - :mod:`nexus.training.train_step`: the loss of one micro-batch (CE + distillation + router KL).
+- :mod:`nexus.training.step_metrics`: the per-step sums averaged into ``metrics.jsonl`` lines.
 - :mod:`nexus.training.teachers`: the teachers (the base itself, another model, a teacher cache).
 - :mod:`nexus.training.train_state`: resumable checkpoints (adapter, optimizer, scheduler, RNG, data position).
 - :mod:`nexus.training.strategies`: the parallelism strategies (replicated DDP, FSDP2, DeepSpeed ZeRO)

@@ -45,7 +45,8 @@ class LossParts:
 
 
 def micro_batches(
-    data, collate: Callable[[list[int]], dict], batch_size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1
+    data, collate: Callable[[list[int]], dict], batch_size: int, seed: int, start: int = 0, rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[tuple[int, dict]]:
     """Yield ``(global_batch_index, batch)`` forever from ``start``, epochs reshuffled by ``seed``.
 
@@ -139,3 +140,19 @@ def distill_losses(
         parts.router_kl = rkl
         parts.drift, parts.ent_student, parts.ent_teacher = torch.stack(drift), torch.stack(ent_s), torch.stack(ent_t)
     return parts
+
+
+def loss_to_backpropagate(config, ce, kd, router_kl, n_pred: float, n_in: float, n_layers: int):
+    """The training loss of one micro-batch, as back-propagated and (summed over the window) logged.
+
+    ``(ce_weight * CE + kd_weight * T^2 * KD) / n_pred + router_kl_weight * RKL / (n_in * n_layers)``
+    with CE, KD, RKL the micro-batch's token sums (scalar tensors or floats) and ``n_pred`` /
+    ``n_in`` the predicted / input tokens of the whole window on every process.
+
+    :param config: a :class:`nexus.training.train_config.TrainConfig` (or anything with its
+        ``ce_weight``, ``kd_weight``, ``temperature`` and ``router_kl_weight``).
+    """
+    loss = (config.ce_weight * ce + config.kd_weight * config.temperature**2 * kd) / max(n_pred, 1.0)
+    if config.router_kl_weight > 0:
+        loss = loss + config.router_kl_weight * router_kl / (max(n_in, 1.0) * n_layers)
+    return loss

@@ -1,0 +1,93 @@
+"""The numbers a training run logs: per-step sums of the loss parts, averaged into a metrics line.
+
+Each optimizer step stacks its micro-batches' detached loss parts into one vector
+(:func:`stack_sums`), sums it over processes, and adds it to a :class:`MetricsWindow`; every
+``log_every`` steps the window becomes one line of ``metrics.jsonl`` (:meth:`MetricsWindow.record`)
+and, flattened (:func:`flat_scalars`), one point for the experiment trackers.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def stack_sums(sums: torch.Tensor | None, loss: torch.Tensor, parts) -> torch.Tensor:
+    """Add a micro-batch's detached loss and loss parts to ``sums``.
+
+    :param sums: the vector so far, or None for the window's first micro-batch.
+    :param loss: the micro-batch's back-propagated loss (scalar tensor).
+    :param parts: its :class:`nexus.training.train_step.LossParts`.
+    :return: ``Tensor[4]`` (loss, ce, kd, router_kl) or ``Tensor[4 + 3L]`` with the per-layer
+        router drift, student entropy and teacher entropy sums appended.
+    """
+    vec = [t.detach().float().reshape(1) for t in (loss, parts.ce, parts.kd, parts.router_kl)]
+    if parts.drift is not None:
+        vec += [parts.drift.float(), parts.ent_student.float(), parts.ent_teacher.float()]
+    v = torch.cat(vec)
+    return v if sums is None else sums + v
+
+
+class MetricsWindow:
+    """The sums of the optimizer steps since the last metrics line (and the clock since then)."""
+
+    def __init__(self):
+        self.sums, self.n_pred, self.n_in, self.grad_norms, self.merge_steps, self.steps = None, 0.0, 0.0, [], [], 0
+        self.started = time.perf_counter()
+
+    def add(self, reduced: torch.Tensor, n_pred: float, n_in: float, grad_norm: float, merged: bool,
+            step: int) -> None:
+        """Add one optimizer step.
+
+        :param reduced: its :func:`stack_sums` vector, summed over the window and every process.
+        :param n_pred, n_in: its predicted / input tokens on every process.
+        :param merged: SFA merged the weights after this step.
+        """
+        self.sums = reduced.detach().cpu() if self.sums is None else self.sums + reduced.detach().cpu()
+        self.n_pred, self.n_in, self.steps = self.n_pred + n_pred, self.n_in + n_in, self.steps + 1
+        self.grad_norms.append(grad_norm)
+        if merged:
+            self.merge_steps.append(step)
+
+    def record(self, step: int, lrs: list[float], tokens: int, sfa_merges: int, layers: list[int],
+               n_layers: int) -> dict:
+        """The metrics line: ``loss`` is the mean over the steps of the back-propagated loss; its
+        parts are token-weighted over those steps.
+
+        :param lrs: the learning rate of each optimizer param group (shared experts, then routers).
+        :param tokens: input tokens seen by the run so far.
+        :param sfa_merges: SFA merges done by the run so far.
+        :param layers: the MoE layer indices, for the per-layer router metrics.
+        :param n_layers: the number of MoE layers the router KL is averaged over.
+        """
+        s, n_pred, n_in = self.sums, max(self.n_pred, 1.0), max(self.n_in, 1.0)
+        ce, kd, rkl = float(s[1]) / n_pred, float(s[2]) / n_pred, float(s[3]) / (n_in * n_layers)
+        seconds = time.perf_counter() - self.started
+        rec = {
+            "step": step,
+            "loss": float(s[0]) / self.steps,
+            "ce": ce, "kd": kd, "router_kl": rkl,
+            "lr": lrs[0], "router_lr": lrs[1] if len(lrs) > 1 else None,
+            "grad_norm": sum(self.grad_norms) / len(self.grad_norms),
+            "tokens": tokens, "tokens_per_s": self.n_in / max(seconds, 1e-9),
+            "sfa_merges": sfa_merges, "sfa_merge_steps": self.merge_steps,
+        }
+        if len(s) > 4:
+            L = (len(s) - 4) // 3
+            drift, ent_s, ent_t = s[4 : 4 + L] / n_in, s[4 + L : 4 + 2 * L] / n_in, s[4 + 2 * L :] / n_in
+            rec.update(router_layers=layers[:L], router_drift=drift.tolist(),
+                       router_entropy_student=ent_s.tolist(), router_entropy_teacher=ent_t.tolist())
+        return rec
+
+
+def flat_scalars(record: dict) -> dict:
+    """Scalars only, per-layer lists expanded (``router_drift/layer_3``), for trackers."""
+    out = {}
+    layers = record.get("router_layers", [])
+    for k, v in record.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = v
+        elif isinstance(v, list) and k.startswith("router_") and k != "router_layers":
+            out.update({f"{k}/layer_{layer}": x for layer, x in zip(layers, v)})
+    return out
