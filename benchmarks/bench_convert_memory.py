@@ -30,7 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import parser, print_ratio, run_child, thread_env, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    bench_parser, parse_bench_args, print_ratio, run_child, thread_env, write_results,
+)
 
 PRELUDE = r"""
 import json, time
@@ -48,9 +50,9 @@ print(json.dumps({{"peak_mb": rss()}}))
 """
 
 CONVERT = PRELUDE + r"""
-from nexus.engines.convert import convert
+from nexus.engines.convert import ConvertConfig, convert
 t = time.perf_counter()
-convert({path!r}, {out!r}, selection={selection!r}, strategy={strategy!r}, progress=False)
+convert(ConvertConfig(model={path!r}, output={out!r}, selection={selection!r}, strategy={strategy!r}), progress=False)
 print(json.dumps({{"peak_mb": rss(), "seconds": time.perf_counter() - t}}))
 """
 
@@ -139,16 +141,17 @@ def parameters_of(config) -> int:
     return sum(p.numel() for p in meta_model(config).parameters())
 
 
-def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    """Write the checkpoint, measure convert and the baseline load, print the ratios and write the results."""
+    p = bench_parser(__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--experts", type=int, default=None, help="Experts per layer (default 32; --quick 8).")
     p.add_argument("--top-k", type=int, default=None, help="Experts averaged by pca (default 24; --quick 4).")
-    p.add_argument("--threads", type=int, default=1,
-                   help="Torch/BLAS threads in each child (1: stable timings on a shared machine).")
     p.add_argument("--workdir", type=Path, default=None, help="Where the checkpoint is written (default a temp dir).")
     p.add_argument("--keep", action="store_true", help="Keep the checkpoint and adapters.")
-    args = p.parse_args()
+    args = parse_bench_args(p, argv)
+    if args.workdir is not None and not args.workdir.is_dir():
+        p.error(f"--workdir {args.workdir} is not a folder; give an existing folder for the checkpoint")
 
     from nexus.loading import load_config
 
@@ -212,7 +215,7 @@ def main() -> None:
             "adapter_mib": adapter_mb, "one_expert_fp32_mib_here": expert_fp32_mb,
             "ratio_whole": r_pca, "ratio_above_floor": r_above, "projection_120b": proj,
         }
-        path = write_results("convert_memory" + ("-quick" if args.quick else ""), payload, args.results_dir)
+        path = write_results("convert_memory" + ("-quick" if args.quick else ""), payload, args.results_dir, args)
         print(f"results: {path}")
     finally:
         if args.keep:

@@ -29,9 +29,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import machine, parser, peak_rss_mb, ratio, thread_env, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    bench_parser, parse_bench_args, peak_rss_mb, ratio, thread_env, write_results,
+)
 
 from nexus.training.distributed import PARALLEL_STRATEGIES  # noqa: E402
 MIB = 2**20
@@ -39,17 +41,18 @@ MIB = 2**20
 
 def build(work: Path, quick: bool) -> dict:
     """A GPT-OSS MXFP4 checkpoint with a tokenizer, a full-width mean-of-experts adapter and text data in ``work``."""
-    from bench_train_step import model_config
+    from benchmarks.bench_train_step import model_config
 
     from nexus.demo import build_checkpoint, demo_paragraphs, train_tokenizer
-    from nexus.engines.convert import convert
+    from nexus.engines.convert import ConvertConfig, convert
     from nexus.family import resolve_family
 
     config = model_config(quick)
     build_checkpoint(resolve_family(config), work / "base", config)  # MXFP4 experts, as released
     paras = demo_paragraphs()
     train_tokenizer(paras, config.vocab_size, config).save_pretrained(work / "base")
-    convert(work / "base", work / "adapter", strategy="mean_all", progress=False)
+    convert(ConvertConfig(model=work / "base", output=work / "adapter", strategy="mean_all"),
+            progress=False)
     (work / "data.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in paras[:200]))
     return {"model": str(work / "base"), "adapter": str(work / "adapter"), "data": str(work / "data.jsonl")}
 
@@ -83,15 +86,15 @@ def measure(engine: str, config, accelerator) -> dict:
     }
 
 
-def child(engine: str, config_path: str, out_path: str) -> None:
-    """One process of a two-process run (started by ``torchrun`` on this script)."""
+def child(engine: str, config_path: str, out_path: str, threads: str = "1") -> None:
+    """One process of a two-process run (started by ``torchrun`` on this script) with ``threads`` torch threads."""
     import torch
 
     from nexus.metrics_log import read_metrics
     from nexus.training.distributed import end_processes, make_accelerator
     from nexus.training.train_config import TrainConfig
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(threads))
     config = TrainConfig(**json.loads(Path(config_path).read_text()))
     accelerator = make_accelerator()
     figures = measure(engine, config, accelerator)  # the trained model and optimizer are gone after this
@@ -103,15 +106,16 @@ def child(engine: str, config_path: str, out_path: str) -> None:
     end_processes(accelerator)
 
 
-def run_engine(engine: str, paths: dict, work: Path, steps: int, seq_len: int, timeout: float) -> dict:
-    """Train ``steps`` steps as two processes under ``engine``; rank 0's figures and the mean over processes."""
+def run_engine(engine: str, paths: dict, work: Path, steps: int, seq_len: int, threads: int, timeout: float) -> dict:
+    """Train ``steps`` steps as two processes of ``threads`` threads under ``engine``; rank 0's figures and the
+    mean over processes."""
     settings = dict(paths, output=str(work / f"run-{engine}"), seq_len=seq_len, batch_size=2, max_steps=steps,
                     lr=1e-3, log_every=1, save_every=0, seed=0)
     cfg, out = work / f"{engine}.json", work / f"{engine}-out.json"
     cfg.write_text(json.dumps(settings))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
-           "--child", engine, str(cfg), str(out)]
-    env = {**os.environ, **thread_env(1), "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE",
+           "--child", engine, str(cfg), str(out), str(threads)]
+    env = {**os.environ, **thread_env(threads), "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE",
            "PYTHONFAULTHANDLER": "1"}  # an aborting child prints its Python stacks
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
@@ -123,19 +127,23 @@ def run_engine(engine: str, paths: dict, work: Path, steps: int, seq_len: int, t
     return res
 
 
-def main(argv=None) -> dict:
-    p = parser(__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> dict:
+    """Run every engine, print the per-process figures and ratios, write the results; return them."""
+    p = bench_parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=None, help="Optimizer steps per run (default 8; --quick 3).")
     p.add_argument("--engines", default=",".join(PARALLEL_STRATEGIES), help=f"Comma-separated subset of {','.join(PARALLEL_STRATEGIES)}.")
-    args = p.parse_args(argv)
+    args = parse_bench_args(p, argv)
     steps = args.steps or (3 if args.quick else 8)
     engines = [e for e in args.engines.split(",") if e]
+    unknown = [e for e in engines if e not in PARALLEL_STRATEGIES]
+    if unknown:
+        p.error(f"--engines: unknown {', '.join(unknown)}; choose from {', '.join(PARALLEL_STRATEGIES)}")
     if "ddp" not in engines:
         engines.insert(0, "ddp")  # the baseline every ratio is against
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         paths = build(work, args.quick)
-        results = {e: run_engine(e, paths, work, steps, 32 if args.quick else 128, timeout=1800) for e in engines}
+        results = {e: run_engine(e, paths, work, steps, 32 if args.quick else 128, args.threads, timeout=1800) for e in engines}
     base = results["ddp"]["mean"]
     print(f"{'engine':<7} {'base':>9} {'weights':>9} {'masters':>9} {'AdamW':>9} {'peak RSS':>9} {'tok/s':>8}   (MiB per process)")
     for e, r in results.items():
@@ -159,15 +167,14 @@ def main(argv=None) -> dict:
               f"{ratios[e]['optimizer_state_ddp_over_engine']:.2f}x, weights+masters+AdamW "
               f"{ratios[e]['trainable_state_ddp_over_engine']:.2f}x, peak RSS {ratios[e]['peak_rss_ddp_over_engine']:.2f}x; "
               f"tokens/s engine/DDP {ratios[e]['tokens_per_s_engine_over_ddp']:.2f}x")
-    payload = {"machine": machine(), "args": {"quick": args.quick, "steps": steps, "engines": engines},
-               "results": results, "ratios": ratios}
-    path = write_results("engines", payload, args.results_dir)
+    payload = {"steps": steps, "engines": engines, "results": results, "ratios": ratios}
+    path = write_results("engines", payload, args.results_dir, args)
     print(f"results: {path}")
     return payload
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(*sys.argv[2:5])
+        child(*sys.argv[2:6])
     else:
         main()

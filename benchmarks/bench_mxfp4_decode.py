@@ -15,15 +15,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import best_time, parser, print_ratio, write_results  # noqa: E402
+from benchmarks.common import best_time, bench_parser, parse_bench_args, print_ratio, write_results  # noqa: E402
 
 
-def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    """Decode with both, print the throughput ratios and write the results (``argv``: the flags)."""
+    p = bench_parser(__doc__.splitlines()[0])
     p.add_argument("--experts", type=int, default=None, help="Experts in the fused tensor (default 8; --quick 2).")
     p.add_argument("--repeat", type=int, default=3, help="Timed repetitions (the best is kept).")
-    p.add_argument("--threads", type=int, default=1, help="Torch threads (1: stable timings on a shared machine).")
-    args = p.parse_args()
+    args = parse_bench_args(p, argv)
 
     import torch
 
@@ -65,7 +65,7 @@ def main() -> None:
             "speed_ratio_per_expert_over_transformers": r_stream,
         }
     print("ratio = NEXUS / transformers throughput: above 1 means NEXUS decodes faster")
-    path = write_results("mxfp4_decode" + ("-quick" if args.quick else ""), results, args.results_dir)
+    path = write_results("mxfp4_decode" + ("-quick" if args.quick else ""), results, args.results_dir, args)
     print(f"results: {path}")
 
 

@@ -18,7 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import parser, print_ratio, run_child, thread_env, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    bench_parser, parse_bench_args, print_ratio, run_child, thread_env, write_results,
+)
 
 # The synthetic logits, identical in both children: chunk c of layer l is z @ W_l + b_l with
 # z ~ N(0, 1)[chunk, 8] seeded by (c, l); W_l, b_l seeded by l.
@@ -85,19 +87,22 @@ print(json.dumps({{"peak_mb": rss() - base, "accumulate_s": t1 - t0, "select_s":
 """
 
 
-def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    """Run the comparison for each N, print the ratios and write the results (``argv``: the flags)."""
+    p = bench_parser(__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=None, help="MoE layers L (default 24, gpt-oss-20b; --quick 4).")
     p.add_argument("--experts", type=int, default=None, help="Experts E (default 32; --quick 16).")
     p.add_argument("--top-k", type=int, default=8, help="Experts picked per layer.")
     p.add_argument("--tokens", type=str, default=None, help="Comma-separated N (default 10000,100000,1000000).")
-    p.add_argument("--threads", type=int, default=1,
-                   help="Torch/BLAS threads in each child (1: stable timings on a shared machine).")
-    args = p.parse_args()
+    args = parse_bench_args(p, argv)
+    try:
+        sizes = [int(x) for x in args.tokens.split(",")] if args.tokens else None
+    except ValueError:
+        p.error(f"--tokens {args.tokens!r}: give comma-separated integers, e.g. 10000,100000")
 
     layers = args.layers or (4 if args.quick else 24)
     experts = args.experts or (16 if args.quick else 32)
-    sizes = [int(x) for x in args.tokens.split(",")] if args.tokens else ([2000, 20000] if args.quick else [10_000, 100_000, 1_000_000])
+    sizes = sizes or ([2000, 20000] if args.quick else [10_000, 100_000, 1_000_000])
     print(f"router statistics, synthetic logits: L={layers}, E={experts}, K={args.top_k}, N in {sizes}")
     rows = []
     for n in sizes:
@@ -126,7 +131,7 @@ def main() -> None:
     print("ratio = baseline / NEXUS: above 1 means NEXUS uses less")
     payload = {"synthetic_logits": True, "layers": layers, "experts": experts, "top_k": args.top_k,
                "threads": args.threads, "runs": rows, "projection_120b": proj}
-    path = write_results("router_stats" + ("-quick" if args.quick else ""), payload, args.results_dir)
+    path = write_results("router_stats" + ("-quick" if args.quick else ""), payload, args.results_dir, args)
     print(f"results: {path}")
 
 

@@ -11,8 +11,8 @@ Every variant runs the same loss (CE + KL to the base teacher, through
 subprocess; memory is the peak RSS (``VmHWM``) minus the RSS before the model was
 loaded (and, separately, the RSS after setup: weights + optimizer, before any activation).
 Throughput is tokens per second of the median step; variants run interleaved ``--repeats``
-times and the fastest run of each is kept, so that other load on the machine counts less. Ratios are printed and the results written to
-``benchmarks/results/train_step-<timestamp>.json``.
+times and the fastest run of each is kept, so that other load on the machine counts less. Ratios are printed
+and the results written to ``<results-dir>/train_step-<timestamp>.json``.
 
     python benchmarks/bench_train_step.py            # hidden 512, 8 experts, 4 layers
     python benchmarks/bench_train_step.py --quick    # tiny, for a smoke run
@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,7 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import bench_parser, parse_bench_args, peak_rss_mb, rss_mb, write_results  # noqa: E402
+
 VARIANTS = ("nexus", "two_model", "lora")
 EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
@@ -48,29 +49,6 @@ def model_config(quick: bool):
         max_position_embeddings=2048, layer_types=["sliding_attention", "full_attention"] * (layers // 2),
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
-
-
-def threads() -> int:
-    """Torch threads per variant: ``$BENCH_THREADS``, default 1. One thread keeps the ratios
-    stable on a shared machine (OpenMP barriers stall badly when cores are oversubscribed)."""
-    return int(os.environ.get("BENCH_THREADS", "1"))
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_mb() -> float:
-    """Peak RSS of this process: VmHWM, since ru_maxrss survives execve and may be the parent's."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def lora_rank(nexus_params: int, layers: int, experts: int, hidden: int, inter: int) -> int:
@@ -95,8 +73,10 @@ class _LoraTeacher:
         return TeacherOutput(logits=logits)
 
 
-def run_variant(variant: str, model_dir: str, batch_size: int, seq_len: int, steps: int, lora_r: int | None) -> dict:
-    """Set up one layout, run 1 warm-up + ``steps`` timed optimizer steps; return its measurements."""
+def run_variant(variant: str, model_dir: str, batch_size: int, seq_len: int, steps: int, lora_r: int | None,
+                threads: int = 1) -> dict:
+    """Set up one layout, run 1 warm-up + ``steps`` timed optimizer steps on ``threads`` torch threads;
+    return its measurements."""
     import torch
 
     from nexus.training.teachers import ModelTeacher, SelfTeacher
@@ -109,8 +89,8 @@ def run_variant(variant: str, model_dir: str, batch_size: int, seq_len: int, ste
     import transformers.models.gpt_oss.modeling_gpt_oss  # noqa: F401
 
     torch.manual_seed(0)
-    torch.set_num_threads(threads())
-    rss0 = _rss_mb()
+    torch.set_num_threads(threads)
+    rss0 = rss_mb()
     # Dequantised experts for every variant: LoRA on the experts needs them as float parameters,
     # and the variants stay comparable (bench_packed.py measures the packed path).
     model = load_model(model_dir, dequantize=True)
@@ -143,7 +123,7 @@ def run_variant(variant: str, model_dir: str, batch_size: int, seq_len: int, ste
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (batch_size, seq_len), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(), "empty": False}
-    rss_setup = _rss_mb()
+    rss_setup = rss_mb()
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
@@ -165,15 +145,15 @@ def run_variant(variant: str, model_dir: str, batch_size: int, seq_len: int, ste
         "tokens_per_s": tokens / statistics.median(times),
         "rss_before_model_mb": rss0,
         "rss_after_setup_mb": rss_setup,
-        "peak_rss_mb": _peak_mb(),
-        "peak_over_baseline_mb": _peak_mb() - rss0,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_over_baseline_mb": peak_rss_mb() - rss0,
         "setup_over_baseline_mb": rss_setup - rss0,
     }
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny model and batch (smoke run)")
+def main(argv: list[str] | None = None) -> dict:
+    """Run every variant ``--repeats`` times, print the ratios, write the results; return them."""
+    ap = bench_parser(__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 4, quick 2)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None)
@@ -181,16 +161,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--lora-r", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=None, help="results JSON path (default benchmarks/results/train_step-<ts>.json)")
-    args = ap.parse_args(argv)
+    args = parse_bench_args(ap, argv)
+    for flag in ("steps", "batch_size", "seq_len", "repeats"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give 1 or more")
     steps = args.steps or (2 if args.quick else 4)
     batch_size = args.batch_size or (2 if args.quick else 4)
     seq_len = args.seq_len or (32 if args.quick else 256)
     if args.variant:  # child process: one variant, JSON on the last stdout line
-        print(json.dumps(run_variant(args.variant, args.model_dir, batch_size, seq_len, steps, args.lora_r)))
+        print(json.dumps(run_variant(args.variant, args.model_dir, batch_size, seq_len, steps, args.lora_r, args.threads)))
         return {}
-
-    import torch
 
     from nexus.demo import build_checkpoint
     from nexus.family import resolve_family
@@ -199,8 +179,7 @@ def main(argv=None) -> dict:
     h, i, e, layers = config.hidden_size, config.intermediate_size, config.num_local_experts, config.num_hidden_layers
     nexus_params = layers * (3 * h * i + 2 * i + h + 1)  # SwiGLU with biases + scalar gate, at I_shared = I
     r = lora_rank(nexus_params, layers, e, h, i)
-    results = {"benchmark": "train_step", "quick": args.quick, "host": platform.node(), "cpu_count": os.cpu_count(),
-               "torch": torch.__version__, "device": "cpu", "threads": threads(), "batch_size": batch_size, "seq_len": seq_len, "steps": steps,
+    results = {"device": "cpu", "threads": args.threads, "batch_size": batch_size, "seq_len": seq_len, "steps": steps,
                "repeats": args.repeats, "load_average_at_start": os.getloadavg(),
                "config": {"hidden": h, "intermediate": i, "experts": e, "top_k": config.num_experts_per_tok,
                           "layers": layers, "vocab": config.vocab_size},
@@ -214,7 +193,8 @@ def main(argv=None) -> dict:
         for rep in range(args.repeats):
             for variant in VARIANTS:
                 cmd = [sys.executable, __file__, "--variant", variant, "--model-dir", tmp, "--lora-r", str(r),
-                       "--steps", str(steps), "--batch-size", str(batch_size), "--seq-len", str(seq_len)]
+                       "--steps", str(steps), "--batch-size", str(batch_size), "--seq-len", str(seq_len),
+                       "--threads", str(args.threads)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
                 if proc.returncode != 0:
                     raise SystemExit(f"variant {variant} failed:\n{proc.stderr[-4000:]}")
@@ -242,9 +222,7 @@ def main(argv=None) -> dict:
     results["load_average_at_end"] = os.getloadavg()
     for k, val in results["ratios"].items():
         print(f"{k:>30}: {val:.3f}")
-    out = Path(args.out) if args.out else RESULTS / f"train_step-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out = write_results("train_step" + ("-quick" if args.quick else ""), results, args.results_dir, args)
     print(f"results: {out}")
     return results
 

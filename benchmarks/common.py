@@ -1,7 +1,10 @@
-"""Shared plumbing of the benchmark scripts: arguments, child processes for peak memory, results JSON.
+"""Shared plumbing of the benchmark scripts: one set of flags, child processes for peak memory, one results writer.
 
 Every benchmark measures NEXUS and its baseline in the same run, prints the ratios, and writes
-``benchmarks/results/<name>-<timestamp>.json`` (machine, versions, commit, arguments, figures).
+``<results-dir>/<name>-<timestamp>.json``: the environment (machine, versions, commit), the
+arguments it ran with, and its figures. Every script takes ``--quick``, ``--results-dir`` and
+``--threads`` (:func:`bench_parser`), and checks its flags before the run starts
+(:func:`parse_bench_args`).
 """
 
 from __future__ import annotations
@@ -20,12 +23,52 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def bench_parser(description: str, threads: int | None = 1, threads_help: str | None = None) -> argparse.ArgumentParser:
+    """An argument parser with the flags every benchmark takes.
+
+    ``--quick`` (small sizes: a smoke run), ``--results-dir`` (where the results
+    go, default ``benchmarks/results``) and ``--threads`` (torch/BLAS threads per measuring
+    process, default ``threads``; ``None`` lets the script choose). Parse with
+    :func:`parse_bench_args`, which checks them before the run starts.
+    """
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="Small sizes: a smoke run, not the measurement.")
+    p.add_argument("--results-dir", type=Path, default=RESULTS, metavar="DIR",
+                   help="Folder the results go to (created if missing; default benchmarks/results).")
+    p.add_argument("--threads", type=int, default=threads, metavar="N",
+                   help=threads_help or f"Torch/BLAS threads per measuring process (default {threads}: stable "
+                                        "timings on a shared machine).")
+    return p
+
+
 def parser(description: str) -> argparse.ArgumentParser:
-    """An argument parser with the options every benchmark takes (``--quick``, ``--results-dir``)."""
+    """``--quick`` and ``--results-dir`` only: superseded by :func:`bench_parser` (which adds ``--threads``)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="Small sizes: seconds instead of minutes.")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="Where the results JSON goes.")
     return p
+
+
+def parse_bench_args(p: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and check the common flags before anything runs.
+
+    ``--results-dir`` must be a folder that exists or can be created, and writable; ``--threads``
+    at least 1. A bad flag ends the process with argparse's usage line and a one-line message
+    (exit status 2), never a traceback after a long run.
+    """
+    args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads {args.threads}: give 1 or more threads")
+    results_dir = Path(args.results_dir)
+    if results_dir.exists() and not results_dir.is_dir():
+        p.error(f"--results-dir {results_dir} is a file; give a folder for the results")
+    try:
+        results_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        p.error(f"--results-dir {results_dir}: cannot create it ({exc.strerror}); give a writable folder")
+    if not os.access(results_dir, os.W_OK | os.X_OK):
+        p.error(f"--results-dir {results_dir} is not writable; give a writable folder")
+    return args
 
 
 def peak_rss_mb() -> float:
@@ -41,6 +84,16 @@ def peak_rss_mb() -> float:
                 return int(line.split()[1]) / 1024
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib / 1024 if sys.platform != "darwin" else kib / 2**20
+
+
+def rss_mb() -> float:
+    """This process's resident set size now (``VmRSS``), in MiB; nan where ``/proc`` is missing."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def thread_env(threads: int) -> dict:
@@ -63,13 +116,20 @@ def run_child(code: str, env: dict | None = None, timeout: float | None = None) 
 
 
 def machine() -> dict:
-    """Where the figures were measured."""
+    """Where the figures were measured: platform, CPUs, memory, versions, the commit (``+dirty`` when the
+    work tree has uncommitted changes) and the load average at the time."""
     import torch
+    import transformers
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    except OSError:
-        commit = ""
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        except OSError:
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
     try:
         import nexus
 
@@ -87,23 +147,42 @@ def machine() -> dict:
         "memory_gib": mem,
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "nexus": version,
         "commit": commit,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 
-def write_results(name: str, payload: dict, results_dir: Path = RESULTS) -> Path:
-    """Write ``payload`` (plus machine info and a timestamp) to ``<results_dir>/<name>-<timestamp>.json``
-    atomically; return the path."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    results_dir = Path(results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"{name}-{stamp}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"benchmark": name, "timestamp": stamp, "machine": machine(), **payload}, indent=2) + "\n")
-    os.replace(tmp, path)
+def arguments(args: argparse.Namespace | None) -> dict:
+    """``args`` as a JSON-ready dict (paths as strings), for the results document."""
+    def ready(v):
+        if isinstance(v, Path):
+            return str(v)
+        return [ready(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return {} if args is None else {k: ready(v) for k, v in vars(args).items()}
+
+
+def results_document(name: str, figures: dict, args: argparse.Namespace | None = None) -> dict:
+    """The results document of one run: ``benchmark``, ``timestamp``, ``machine`` (environment,
+    versions, commit: :func:`machine`), ``arguments`` (the parsed flags) and ``figures``' keys."""
+    doc = {"benchmark": name, "timestamp": time.strftime("%Y%m%d-%H%M%S"), "machine": machine()}
+    if args is not None:
+        doc["arguments"] = arguments(args)
+    return {**doc, **figures}
+
+
+def write_results(name: str, figures: dict, results_dir: Path = RESULTS,
+                  args: argparse.Namespace | None = None) -> Path:
+    """Write :func:`results_document` to ``<results_dir>/<name>-<timestamp>.json`` atomically; return the path."""
+    from nexus.io import write_json
+
+    doc = results_document(name, figures, args)
+    path = Path(results_dir) / f"{name}-{doc['timestamp']}.json"
+    write_json(path, doc)
     return path
 
 

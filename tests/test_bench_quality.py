@@ -68,10 +68,9 @@ def test_router_drift_matches_a_direct_computation():
 
 
 @pytest.mark.slow
-def test_smoke_preset_end_to_end(tmp_path, monkeypatch):
+def test_smoke_preset_end_to_end(tmp_path, monkeypatch, capsys):
     """Pretrain tiny bases, adapt them with NEXUS, LoRA on experts and full expert FT, write the
     report; a second run reuses the cached base models and runs."""
-    from click.testing import CliRunner
     from transformers import AutoModelForCausalLM
 
     from benchmarks.bench_quality import main
@@ -80,9 +79,9 @@ def test_smoke_preset_end_to_end(tmp_path, monkeypatch):
 
     monkeypatch.setenv("NEXUS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
-    args = ["--preset", "smoke", "--methods", "nexus,lora-experts,full-experts", "--out", str(out)]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
+    args = ["--preset", "smoke", "--methods", "nexus,lora-experts,full-experts", "--results-dir", str(out)]
+    exit_code = main(args)
+    assert exit_code == 0, capsys.readouterr().err
     data = json.loads((out / "quality-smoke.json").read_text())
     md = (out / "quality-smoke.md").read_text()
     # One row per base model's table, one in the overview over both models.
@@ -126,8 +125,8 @@ def test_smoke_preset_end_to_end(tmp_path, monkeypatch):
     assert json.loads((gpt_oss_base / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
 
     stamp = (gpt_oss_base / "pretrain.json").stat().st_mtime_ns
-    again = CliRunner().invoke(main, args + ["--name", "again"])
-    assert again.exit_code == 0, again.output
+    exit_code = main(args + ["--name", "again"])
+    assert exit_code == 0, capsys.readouterr().err
     assert (gpt_oss_base / "pretrain.json").stat().st_mtime_ns == stamp
     assert len(list((tmp_path / "cache" / "bench").glob("gpt_oss-*"))) == 1
     rerun = json.loads((out / "again.json").read_text())

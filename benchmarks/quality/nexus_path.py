@@ -244,6 +244,7 @@ def train_with_engines(
     from benchmarks.quality.trainer import warmup_steps
     from nexus.adapter import load_adapter
     from nexus.training.train_state import ADAPTER_SUBDIR
+    from nexus.engines.convert import ConvertConfig
     from nexus.engines.convert import convert as engine_convert
     from nexus.engines.train import NonFiniteLossError
     from nexus.engines.train import train as engine_train
@@ -251,10 +252,10 @@ def train_with_engines(
     from nexus.loading import load_model
 
     run_dir = Path(run_dir)
-    adapter = engine_convert(
-        base_path, run_dir / "adapter", selection=None if init in ("mean_all", "zeros") else str(selection_path),
-        strategy=init, gate_mode=gate, shared_intermediate_size=width, seed=settings.seed, progress=False,
-    )
+    adapter = engine_convert(ConvertConfig(
+        model=base_path, output=run_dir / "adapter", selection=None if init in ("mean_all", "zeros") else str(selection_path),
+        strategy=init, gate_mode=gate, shared_intermediate_size=width, seed=settings.seed,
+    ), progress=False)
     start = load_adapter(load_model(base_path), adapter)
     initial = evaluate(start, 0)
     trainable = sum(p.numel() for n, p in start.named_parameters() if is_shared_parameter(n))

@@ -20,9 +20,7 @@ import json
 import logging
 import multiprocessing
 import os
-import platform
 import resource
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -536,8 +534,8 @@ def sweep(cfg: BenchConfig, work: Path, methods: list[Method], skipped: dict, is
 
 
 def environment() -> dict:
-    """Where the benchmark ran (for the results JSON)."""
-    import transformers
+    """Where the benchmark ran (for the results JSON): :func:`benchmarks.common.machine` plus peft's version."""
+    from benchmarks.common import machine
 
     try:
         import peft
@@ -545,16 +543,8 @@ def environment() -> dict:
         peft_version = peft.__version__
     except ImportError:
         peft_version = None
-    return {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft_version,
-        "load_average_at_start": os.getloadavg(),
-    }
+    env = machine()
+    return {**env, "peft": peft_version, "load_average_at_start": env["load_average"]}
 
 
 def run_benchmark(
