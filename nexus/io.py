@@ -219,7 +219,8 @@ def locks_output(argument: str = "output", subpath: str | None = None):
     """Decorator: hold :func:`output_lock` on the function's ``argument`` (joined with ``subpath``)
     while it runs; nothing is locked when that argument is None.
 
-    :param argument: the name of the parameter holding the output directory or file.
+    :param argument: the name of the parameter holding the output directory or file, or
+        ``parameter.attribute`` (e.g. ``config.output``).
     :param subpath: what the function writes under that path (e.g. ``plots`` under a run directory).
     """
     import functools
@@ -230,7 +231,10 @@ def locks_output(argument: str = "output", subpath: str | None = None):
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            target = signature.bind_partial(*args, **kwargs).arguments.get(argument)
+            name, _, attribute = argument.partition(".")
+            target = signature.bind_partial(*args, **kwargs).arguments.get(name)
+            if attribute and target is not None:
+                target = getattr(target, attribute)
             if target is None:
                 return fn(*args, **kwargs)
             with output_lock(Path(target, subpath) if subpath else target):

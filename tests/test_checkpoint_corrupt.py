@@ -29,7 +29,8 @@ def test_damaged_single_file_checkpoint(copy_of_base, tmp_path, how):
     with pytest.raises(NexusError, match=f"{file} is not a readable safetensors file.*download or save it again"):
         CheckpointReader(copy_of_base)
     with pytest.raises(NexusError, match="not a readable safetensors file") as info:
-        conv.convert(copy_of_base, tmp_path / "ad", strategy="mean_all", progress=False)
+        conv.convert(conv.ConvertConfig(model=copy_of_base, output=tmp_path / "ad", strategy="mean_all"),
+                     progress=False)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "ad").exists()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -134,13 +135,47 @@ def test_unwritable_output(pipeline, model_dir, data_file, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
-def test_cli_mirrors_engine_constants():
-    from nexus.cli import prepare
-    from nexus.engines import convert, select
+@pytest.mark.parametrize("command", ["collect", "select", "convert", "evaluate", "generate", "train", "precompute",
+                                     "run"])
+def test_generated_options_are_the_config_fields(command):
+    """Every option of a stage's command is a field of its config, with the field's default."""
+    import dataclasses
 
-    assert prepare.INIT_STRATEGIES == convert.INIT_STRATEGIES
-    assert prepare.DEFAULT_TOP_K == select.DEFAULT_TOP_K
-    assert prepare.DEFAULT_DIVERSITY == select.DEFAULT_DIVERSITY
+    from nexus.engines.collect_config import CollectConfig
+    from nexus.engines.convert_config import ConvertConfig
+    from nexus.engines.evaluate_config import EvaluateConfig, GenerateConfig
+    from nexus.engines.precompute_config import PrecomputeConfig
+    from nexus.engines.run import RunConfig
+    from nexus.engines.select_config import SelectConfig
+    from nexus.training.train_config import TrainConfig
+
+    config = {"collect": CollectConfig, "select": SelectConfig, "convert": ConvertConfig, "evaluate": EvaluateConfig,
+              "generate": GenerateConfig, "train": TrainConfig, "precompute": PrecomputeConfig, "run": RunConfig}[command]
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    params = {p.name: p for p in cli.commands[command].params if p.name != "help"}
+    assert set(params) == set(fields) - ({"family"} if command == "run" else set())
+    ctx = click.Context(cli.commands[command])
+    for name, param in params.items():
+        default = fields[name].default
+        want = None if default is dataclasses.MISSING else default
+        if param.required:
+            assert want is None, name
+        else:
+            got = param.get_default(ctx)
+            got = None if got is getattr(click.core, "UNSET", None) else got  # click >= 8.3: "no default"
+            assert got == (bool(want) if param.is_flag else want), name
+        assert param.help == fields[name].metadata["help"], name
+
+
+def test_run_options_are_the_stage_options():
+    """run's options shared with a stage are that stage's field: same default, same checks."""
+    from nexus.constants import DEFAULT_DIVERSITY, DEFAULT_LR, DEFAULT_SEQ_LEN
+    from nexus.engines.collect_config import CollectArgs
+    from nexus.engines.run import RunConfig
+
+    cfg = RunConfig(output="runs/x")
+    assert (cfg.lr, cfg.seq_len, cfg.diversity) == (DEFAULT_LR, DEFAULT_SEQ_LEN, DEFAULT_DIVERSITY)
+    assert cfg.batch_size == CollectArgs().batch_size
 
 
 def test_convert_defaults_are_the_shared_constants(tmp_path):

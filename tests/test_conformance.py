@@ -225,7 +225,7 @@ def test_collect_select_convert_on_the_family(case, tmp_path):
     averages of the selected experts read from disk; the converted adapter loads and, with its
     zero gate, leaves the logits unchanged."""
     from nexus.data import TokenData
-    from nexus.engines.convert import convert
+    from nexus.engines.convert import ConvertConfig, convert
     from nexus.engines.collect import CollectArgs, collect_router_stats
     from nexus.engines.select import select_experts
     from nexus.routing import record_routers
@@ -254,7 +254,8 @@ def test_collect_select_convert_on_the_family(case, tmp_path):
     assert [x["layer"] for x in selection["layers"]] == [b.layer for b in blocks]
     assert all(len(set(x["experts"])) == k for x in selection["layers"])
 
-    adapter = convert(path, tmp_path / "adapter", selection=selection, strategy="pca", gate_mode="scalar", progress=False)
+    adapter = convert(ConvertConfig(model=path, output=tmp_path / "adapter", selection=selection, strategy="pca",
+                                    gate_mode="scalar"), progress=False)
     base = load_model(path)
     ids = input_ids(model.config)
     with torch.no_grad():

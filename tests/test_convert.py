@@ -24,6 +24,11 @@ from nexus.shared_expert import attach_shared_experts, disable_shared_experts
 E, I, K = 8, 64, 3
 
 
+def _convert(model, output, *, progress=True, **fields):
+    """``convert`` with the config's fields as keywords."""
+    return conv.convert(conv.ConvertConfig(model=model, output=output, **fields), progress=progress)
+
+
 @pytest.fixture(scope="module")
 def selection(gpt_oss_mxfp4_dir):
     """A selection of K experts per layer for the tiny GPT-OSS, from synthetic router statistics."""
@@ -76,9 +81,9 @@ def logits_of(model, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("weighted", [False, True])
 def test_mxfp4_and_float_checkpoints_give_the_same_adapter(gpt_oss_mxfp4_dir, gpt_oss_float_dir, selection, tmp_path,
                                                            weighted):
-    a = adapter_tensors(conv.convert(gpt_oss_mxfp4_dir, tmp_path / "a", selection=selection, weighted=weighted,
+    a = adapter_tensors(_convert(gpt_oss_mxfp4_dir, tmp_path / "a", selection=selection, weighted=weighted,
                                      progress=False))
-    b = adapter_tensors(conv.convert(gpt_oss_float_dir, tmp_path / "b", selection=selection, weighted=weighted,
+    b = adapter_tensors(_convert(gpt_oss_float_dir, tmp_path / "b", selection=selection, weighted=weighted,
                                      progress=False))
     assert sorted(a) == sorted(b) and len(a) == 3 * 7  # 6 projection tensors + the scalar gate, 3 layers
     for k in a:
@@ -87,7 +92,7 @@ def test_mxfp4_and_float_checkpoints_give_the_same_adapter(gpt_oss_mxfp4_dir, gp
 
 @pytest.mark.parametrize("weighted", [False, True])
 def test_shared_expert_is_the_average_of_the_selected_experts(gpt_oss_mxfp4_dir, selection, base, tmp_path, weighted):
-    out = conv.convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=selection, weighted=weighted, gate_mode="scalar",
+    out = _convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=selection, weighted=weighted, gate_mode="scalar",
                        progress=False)
     tensors = adapter_tensors(out)
     cfg = read_adapter_config(out)
@@ -107,7 +112,7 @@ def test_shared_expert_is_the_average_of_the_selected_experts(gpt_oss_mxfp4_dir,
 
 @pytest.mark.parametrize("gate_mode", ["none", "scalar", "token"])
 def test_adapter_has_save_adapter_keys_and_loads(gpt_oss, gpt_oss_mxfp4_dir, selection, tmp_path, gate_mode):
-    out = conv.convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=selection, gate_mode=gate_mode, progress=False)
+    out = _convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=selection, gate_mode=gate_mode, progress=False)
     # what save_adapter would write for a model with shared experts attached
     expected = load_model(gpt_oss_mxfp4_dir)
     attach_shared_experts(expected, gpt_oss, I, gate_mode)
@@ -126,7 +131,7 @@ def test_adapter_has_save_adapter_keys_and_loads(gpt_oss, gpt_oss_mxfp4_dir, sel
 
 
 def test_zeros_outputs_zero_but_can_learn(gpt_oss_mxfp4_dir, base, tmp_path):
-    out = conv.convert(gpt_oss_mxfp4_dir, tmp_path / "z", strategy="zeros", gate_mode="none", progress=False)
+    out = _convert(gpt_oss_mxfp4_dir, tmp_path / "z", strategy="zeros", gate_mode="none", progress=False)
     model = load_adapter(load_model(gpt_oss_mxfp4_dir), out)
     assert torch.equal(logits_of(model), logits_of(base))
     tensors = adapter_tensors(out)
@@ -139,16 +144,16 @@ def test_random_top1_mean_all(gpt_oss_mxfp4_dir, selection, base, tmp_path):
     def init(path):
         return read_adapter_config(path).init
 
-    r1 = init(conv.convert(gpt_oss_mxfp4_dir, tmp_path / "r1", selection=selection, strategy="random", seed=1, progress=False))
-    r1b = init(conv.convert(gpt_oss_mxfp4_dir, tmp_path / "r1b", selection=selection, strategy="random", seed=1, progress=False))
-    r2 = init(conv.convert(gpt_oss_mxfp4_dir, tmp_path / "r2", strategy="random", seed=2, progress=False))
+    r1 = init(_convert(gpt_oss_mxfp4_dir, tmp_path / "r1", selection=selection, strategy="random", seed=1, progress=False))
+    r1b = init(_convert(gpt_oss_mxfp4_dir, tmp_path / "r1b", selection=selection, strategy="random", seed=1, progress=False))
+    r2 = init(_convert(gpt_oss_mxfp4_dir, tmp_path / "r2", strategy="random", seed=2, progress=False))
     assert r1["experts"] == r1b["experts"] and r1["experts"] != r2["experts"]
     assert all(len(ids) == K == len(set(ids)) for ids in r1["experts"].values())
     from nexus.engines.select import default_top_k
 
     assert all(len(ids) == default_top_k(E) for ids in r2["experts"].values())  # no selection: the default K
 
-    top1 = conv.convert(gpt_oss_mxfp4_dir, tmp_path / "t", selection=selection, strategy="top1", progress=False)
+    top1 = _convert(gpt_oss_mxfp4_dir, tmp_path / "t", selection=selection, strategy="top1", progress=False)
     for x in selection["layers"]:
         best = max(range(E), key=lambda e: x["importance"][e])
         assert init(top1)["experts"][str(x["layer"])] == [best]
@@ -156,17 +161,17 @@ def test_random_top1_mean_all(gpt_oss_mxfp4_dir, selection, base, tmp_path):
     torch.testing.assert_close(t["model.layers.2.mlp.nexus_shared.down_proj.weight"],
                                expert_average(base, 2, [init(top1)["experts"]["2"][0]], [1.0])["down_proj.weight"])
 
-    mean_all = adapter_tensors(conv.convert(gpt_oss_mxfp4_dir, tmp_path / "m", strategy="mean_all", progress=False))
+    mean_all = adapter_tensors(_convert(gpt_oss_mxfp4_dir, tmp_path / "m", strategy="mean_all", progress=False))
     ref = expert_average(base, 1, list(range(E)), [1 / E] * E)
     for name, v in ref.items():
         torch.testing.assert_close(mean_all[f"model.layers.1.mlp.nexus_shared.{name}"], v)
 
 
 def test_width_rules(gpt_oss_mxfp4_dir, selection, base, tmp_path):
-    full = conv.convert(gpt_oss_mxfp4_dir, tmp_path / "full", selection=selection, gate_mode="none", progress=False)
-    wide = conv.convert(gpt_oss_mxfp4_dir, tmp_path / "wide", selection=selection, gate_mode="none",
+    full = _convert(gpt_oss_mxfp4_dir, tmp_path / "full", selection=selection, gate_mode="none", progress=False)
+    wide = _convert(gpt_oss_mxfp4_dir, tmp_path / "wide", selection=selection, gate_mode="none",
                         shared_intermediate_size=96, progress=False)
-    narrow = conv.convert(gpt_oss_mxfp4_dir, tmp_path / "narrow", selection=selection, gate_mode="none",
+    narrow = _convert(gpt_oss_mxfp4_dir, tmp_path / "narrow", selection=selection, gate_mode="none",
                           shared_intermediate_size=32, progress=False)
     # wider: the same function, and the new units are alive (non-zero gate/up rows)
     w = adapter_tensors(wide)
@@ -201,12 +206,12 @@ def test_reads_one_expert_at_a_time(gpt_oss_mxfp4_dir, selection, tmp_path, monk
         return original(self, reader, config, layer, experts)
 
     monkeypatch.setattr(Family, "read_experts", spy)
-    conv.convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=selection, progress=False)
+    _convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=selection, progress=False)
     assert calls == [(x["layer"], [e]) for x in selection["layers"] for e in x["experts"]]
 
 
 def test_interrupted_conversion_resumes_at_the_next_layer(gpt_oss_mxfp4_dir, selection, tmp_path, monkeypatch):
-    straight = adapter_tensors(conv.convert(gpt_oss_mxfp4_dir, tmp_path / "straight", selection=selection, progress=False))
+    straight = adapter_tensors(_convert(gpt_oss_mxfp4_dir, tmp_path / "straight", selection=selection, progress=False))
     original = conv.layer_tensors
     done = []
 
@@ -218,14 +223,14 @@ def test_interrupted_conversion_resumes_at_the_next_layer(gpt_oss_mxfp4_dir, sel
 
     monkeypatch.setattr(conv, "layer_tensors", failing)
     with pytest.raises(KeyboardInterrupt):
-        conv.convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=selection, progress=False)
+        _convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=selection, progress=False)
     assert not (tmp_path / "ad").exists()
     assert sorted(p.name for p in (tmp_path / ".ad.partial").glob("layer-*")) == ["layer-0.safetensors"]
 
     done.clear()
     monkeypatch.setattr(conv, "layer_tensors", lambda family, reader, config, block, *a: done.append(block.layer)
                         or original(family, reader, config, block, *a))
-    resumed = adapter_tensors(conv.convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=selection, progress=False))
+    resumed = adapter_tensors(_convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=selection, progress=False))
     assert done == [1, 2]
     assert sorted(resumed) == sorted(straight) and all(torch.equal(resumed[k], straight[k]) for k in straight)
     assert not (tmp_path / ".ad.partial").exists()
@@ -233,32 +238,32 @@ def test_interrupted_conversion_resumes_at_the_next_layer(gpt_oss_mxfp4_dir, sel
     (tmp_path / ".ad.partial").mkdir()
     (tmp_path / ".ad.partial" / "manifest.json").write_text(json.dumps({"other": 1}))
     done.clear()
-    conv.convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=selection, progress=False)
+    _convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=selection, progress=False)
     assert done == [0, 1, 2]
 
 
 def test_selection_for_another_model_is_refused(gpt_oss_mxfp4_dir, selection, tmp_path):
     other = dict(selection, base_fingerprint="0123456789abcdef")
     with pytest.raises(AdapterMismatchError, match="0123456789abcdef.*" + selection["base_fingerprint"]):
-        conv.convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=other, progress=False)
+        _convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=other, progress=False)
     fewer = dict(selection, layers=selection["layers"][:2])
     with pytest.raises(AdapterMismatchError, match="MoE layers"):
-        conv.convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=fewer, progress=False)
+        _convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=fewer, progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_arguments(gpt_oss_mxfp4_dir, dense_model_dir, selection, tmp_path_factory):
     out = tmp_path_factory.mktemp("bad")
     with pytest.raises(NexusError, match="needs --selection"):
-        conv.convert(gpt_oss_mxfp4_dir, out / "ad", strategy="pca", progress=False)
+        _convert(gpt_oss_mxfp4_dir, out / "ad", strategy="pca", progress=False)
     with pytest.raises(NexusError, match="unknown strategy"):
-        conv.convert(gpt_oss_mxfp4_dir, out / "ad", selection=selection, strategy="best", progress=False)
+        _convert(gpt_oss_mxfp4_dir, out / "ad", selection=selection, strategy="best", progress=False)
     with pytest.raises(NexusError, match="no MoE family"):
-        conv.convert(dense_model_dir, out / "ad", strategy="mean_all", progress=False)
+        _convert(dense_model_dir, out / "ad", strategy="mean_all", progress=False)
     blocker = out / "a_file"
     blocker.write_text("")
     with pytest.raises(NexusError, match="cannot write"):
-        conv.convert(gpt_oss_mxfp4_dir, blocker / "ad", selection=selection, progress=False)
+        _convert(gpt_oss_mxfp4_dir, blocker / "ad", selection=selection, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["a_file"]
 
 
@@ -311,17 +316,17 @@ def test_hand_edited_selection_is_refused_saying_what_is_wrong(gpt_oss_mxfp4_dir
     path = tmp_path / "expert_selection.json"
     path.write_text(json.dumps(_edited(selection, **edit)))
     with pytest.raises(NexusError, match=match) as info:
-        conv.convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=path, progress=False)
+        _convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=path, progress=False)
     assert str(path) in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["expert_selection.json"]
 
 
 def test_selection_fields_a_strategy_needs(gpt_oss_mxfp4_dir, selection, tmp_path):
     with pytest.raises(NexusError, match="layer 1: --weighted needs one numeric score per expert"):
-        conv.convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=_edited(selection, scores=[1.0]),
+        _convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=_edited(selection, scores=[1.0]),
                      weighted=True, progress=False)
     with pytest.raises(NexusError, match="layer 1: strategy top1 needs 'importance', one number per expert"):
-        conv.convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=_edited(selection, importance=[0.5] * 3),
+        _convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=_edited(selection, importance=[0.5] * 3),
                      strategy="top1", progress=False)
     assert not (tmp_path / "ad").exists()
 
@@ -330,7 +335,7 @@ def test_adapter_records_weights_fingerprint_and_selection_for_other_weights_is_
         gpt_oss_mxfp4_dir, selection, tmp_path):
     from nexus.fingerprint import weights_fingerprint
 
-    out = conv.convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=selection, progress=False)
+    out = _convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=selection, progress=False)
     cfg = read_adapter_config(out)
     assert (cfg.base_weights_fingerprint, cfg.base_weights_tensors) == weights_fingerprint(
         gpt_oss_mxfp4_dir, cfg.base_weights_tensors)
@@ -339,7 +344,7 @@ def test_adapter_records_weights_fingerprint_and_selection_for_other_weights_is_
     other = dict(selection, base_weights_fingerprint="fedcba9876543210", base_weights_tensors=cfg.base_weights_tensors)
     expected = f"fedcba9876543210.*{gpt_oss_mxfp4_dir}.*{cfg.base_weights_fingerprint}"
     with pytest.raises(AdapterMismatchError, match=expected):
-        conv.convert(gpt_oss_mxfp4_dir, tmp_path / "ad2", selection=other, progress=False)
+        _convert(gpt_oss_mxfp4_dir, tmp_path / "ad2", selection=other, progress=False)
     assert not (tmp_path / "ad2").exists()
 
 
@@ -350,5 +355,5 @@ def test_statistics_given_as_selection_say_to_run_select(gpt_oss_mxfp4_dir, tmp_
     for given in (tmp_path / "stats", tmp_path / "stats" / "router_stats.json",
                   tmp_path / "stats" / "router_stats.safetensors"):
         with pytest.raises(NexusError, match="holds router statistics, not an expert selection.*nexus select --stats"):
-            conv.convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=given, progress=False)
+            _convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=given, progress=False)
     assert not (tmp_path / "ad").exists()

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from helpers_train import make_adapter, make_base, make_data
-from nexus.engines.evaluate import evaluate, generate
+from nexus.engines.evaluate import EvaluateConfig, GenerateConfig, evaluate, generate
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,8 @@ def _reference_perplexity(model_dir, data, adapter=None):
 
 
 def test_perplexity_kl_and_router_health(work):
-    res = evaluate(work["base"], work["data"], adapter=work["adapter"], seq_len=48, batch_size=3)
+    res = evaluate(EvaluateConfig(model=work["base"], data=work["data"], adapter=work["adapter"], seq_len=48,
+                                  batch_size=3))
     ref_base, n = _reference_perplexity(work["base"], work["data"])
     ref_adapted, _ = _reference_perplexity(work["base"], work["data"], work["adapter"])
     assert res["tokens"] == n
@@ -64,7 +65,8 @@ def test_perplexity_kl_and_router_health(work):
 
 
 def test_zero_gate_adapter_is_the_base(work):
-    res = evaluate(work["base"], work["data"], adapter=work["zero"], seq_len=24, batch_size=2, max_batches=2)
+    res = evaluate(EvaluateConfig(model=work["base"], data=work["data"], adapter=work["zero"], seq_len=24, batch_size=2,
+                                  max_batches=2))
     assert res["kl_base_adapted"] == 0.0
     assert res["adapted"]["perplexity"] == res["base"]["perplexity"]
     assert res["router_drift"] == [0.0, 0.0, 0.0]
@@ -85,8 +87,10 @@ def test_generate_greedy_and_chat(work):
     from nexus.data import load_tokenizer
     from nexus.loading import load_model
 
-    text = generate(work["base"], "The Congress", adapter=work["adapter"], max_new_tokens=8)
-    chat = generate(work["base"], "Hello there", adapter=work["adapter"], chat=True, max_new_tokens=8)
+    text = generate(GenerateConfig(model=work["base"], prompt="The Congress", adapter=work["adapter"],
+                                   max_new_tokens=8))
+    chat = generate(GenerateConfig(model=work["base"], prompt="Hello there", adapter=work["adapter"], chat=True,
+                                   max_new_tokens=8))
     model = load_adapter(load_model(work["base"]), work["adapter"])
     tok = load_tokenizer(work["base"])
     ids = tok.apply_chat_template([{"role": "user", "content": "Hello there"}], add_generation_prompt=True,
@@ -94,7 +98,8 @@ def test_generate_greedy_and_chat(work):
     assert tok.decode(ids[0]).endswith("assistant: ")
     want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert chat == tok.decode(want[0, ids.shape[1]:], skip_special_tokens=True)
-    assert isinstance(text, str) and text == generate(work["base"], "The Congress", adapter=work["adapter"], max_new_tokens=8)
+    again = generate(GenerateConfig(model=work["base"], prompt="The Congress", adapter=work["adapter"], max_new_tokens=8))
+    assert isinstance(text, str) and text == again
 
 
 def test_plot_run(work, tmp_path):

@@ -59,13 +59,13 @@ def test_router_load_uses_the_family_selection_bias_as_collect_does():
 
 def test_single_token_rows_are_counted_and_reported(work, caplog):
     from nexus.data import load_token_data, load_tokenizer
-    from nexus.engines.evaluate import evaluate
+    from nexus.engines.evaluate import EvaluateConfig, evaluate
 
     tok = load_tokenizer(work["base"])
     stream = len(load_token_data(work["data"], tok, 4096).rows[0])  # the packed stream, one row
     seq_len = next(s for s in range(8, 64) if stream % s == 1)  # the last row holds 1 token
     with caplog.at_level("WARNING", logger="nexus.engines.evaluate"):
-        res = evaluate(work["base"], work["data"], seq_len=seq_len, batch_size=8)
+        res = evaluate(EvaluateConfig(model=work["base"], data=work["data"], seq_len=seq_len, batch_size=8))
     assert res["dropped_rows"] == 1
     assert res["tokens"] == stream - 1 - (stream // seq_len)  # every kept row predicts all but its first token
     assert "1 rows of a single token" in caplog.text
@@ -74,7 +74,7 @@ def test_single_token_rows_are_counted_and_reported(work, caplog):
 @pytest.mark.parametrize("where", ["directory", "under a file"])
 def test_unwritable_output_fails_before_loading_anything(work, tmp_path, monkeypatch, where):
     import nexus.loading
-    from nexus.engines.evaluate import evaluate
+    from nexus.engines.evaluate import EvaluateConfig, evaluate
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("evaluate loaded the model before checking --output")
@@ -86,14 +86,15 @@ def test_unwritable_output_fails_before_loading_anything(work, tmp_path, monkeyp
         (tmp_path / "a_file").write_text("")
         output = tmp_path / "a_file" / "eval.json"
     with pytest.raises(NexusError, match=str(output)):
-        evaluate(work["base"], work["data"], adapter=work["adapter"], output=output)
+        evaluate(EvaluateConfig(model=work["base"], data=work["data"], adapter=work["adapter"], output=output))
 
 
 def test_output_is_written(work, tmp_path):
-    from nexus.engines.evaluate import evaluate
+    from nexus.engines.evaluate import EvaluateConfig, evaluate
 
     out = tmp_path / "sub" / "eval.json"
-    res = evaluate(work["base"], work["data"], seq_len=24, batch_size=4, max_batches=1, output=out)
+    res = evaluate(EvaluateConfig(model=work["base"], data=work["data"], seq_len=24, batch_size=4, max_batches=1,
+                                  output=out))
     assert json.loads(out.read_text())["tokens"] == res["tokens"]
 
 
@@ -107,16 +108,16 @@ def _edited_adapter(work, tmp_path, **changes):
 
 
 def test_adapter_of_another_family_or_other_weights_is_refused(work, tmp_path):
-    from nexus.engines.evaluate import evaluate
+    from nexus.engines.evaluate import EvaluateConfig, evaluate
 
     path, _ = _edited_adapter(work, tmp_path, family="mixtral", model_type="mixtral", base_fingerprint="0" * 16)
     with pytest.raises(AdapterMismatchError, match="family mixtral"):
-        evaluate(work["base"], work["data"], adapter=path, seq_len=24, max_batches=1)
+        evaluate(EvaluateConfig(model=work["base"], data=work["data"], adapter=path, seq_len=24, max_batches=1))
     shutil.rmtree(path)
     path, cfg = _edited_adapter(work, tmp_path, base_weights_fingerprint="f" * 16)
     assert cfg["base_weights_tensors"]
     with pytest.raises(AdapterMismatchError, match=f"{'f' * 16}, but {work['base']} has weights fingerprint"):
-        evaluate(work["base"], work["data"], adapter=path, seq_len=24, max_batches=1)
+        evaluate(EvaluateConfig(model=work["base"], data=work["data"], adapter=path, seq_len=24, max_batches=1))
 
 
 def test_train_refuses_an_adapter_of_another_family(work, tmp_path):

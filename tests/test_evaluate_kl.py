@@ -14,7 +14,7 @@ from helpers_train import make_adapter, make_base, make_data
 def test_evaluate_kl_is_base_to_adapted_per_predicted_token(gpt_oss_mxfp4_dir, tmp_path):
     from nexus.adapter import load_adapter
     from nexus.data import load_token_data, load_tokenizer
-    from nexus.engines.evaluate import evaluate
+    from nexus.engines.evaluate import EvaluateConfig, evaluate
     from nexus.loading import load_model
 
     base = make_base(gpt_oss_mxfp4_dir, tmp_path / "base")
@@ -27,7 +27,7 @@ def test_evaluate_kl_is_base_to_adapted_per_predicted_token(gpt_oss_mxfp4_dir, t
             save_file(tensors, str(shard), metadata={"format": "pt"})
     adapter = make_adapter(base, tmp_path / "adapter", scale=0.2)
     data = make_data(tmp_path / "data.jsonl", n=4)
-    result = evaluate(base, data, adapter=adapter, seq_len=32, batch_size=4)
+    result = evaluate(EvaluateConfig(model=base, data=data, adapter=adapter, seq_len=32, batch_size=4))
 
     rows = [r for r in load_token_data(data, load_tokenizer(base), 32).rows if len(r) >= 2]
     plain, adapted = load_model(base), load_model(base)

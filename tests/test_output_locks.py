@@ -21,20 +21,20 @@ def work(gpt_oss_mxfp4_dir, tmp_path_factory):
 
 
 def _stages(work, out):
-    from nexus.engines.convert import convert
-    from nexus.engines.evaluate import evaluate
+    from nexus.engines.convert import ConvertConfig, convert
+    from nexus.engines.evaluate import EvaluateConfig, evaluate
     from nexus.engines.plots import PLOTS_DIR, plot_run
-    from nexus.engines.collect import CollectArgs, run_collect
-    from nexus.engines.select import run_select
+    from nexus.engines.collect import CollectConfig, run_collect
+    from nexus.engines.select import SelectConfig, run_select
     from nexus.engines.precompute import PrecomputeConfig, precompute
 
     base, data = str(work["base"]), str(work["data"])
     return {
-        "collect": (out, lambda: run_collect(base, data, out, CollectArgs(batch_size=2), seq_len=32)),
-        "select": (out, lambda: run_select(out.parent / "stats", out)),
-        "convert": (out, lambda: convert(base, out, strategy="mean_all")),
+        "collect": (out, lambda: run_collect(CollectConfig(model=base, data=data, output=out, batch_size=2, seq_len=32))),
+        "select": (out, lambda: run_select(SelectConfig(stats=out.parent / "stats", output=out))),
+        "convert": (out, lambda: convert(ConvertConfig(model=base, output=out, strategy="mean_all"))),
         "precompute": (out, lambda: precompute(PrecomputeConfig(teacher=base, data=data, output=str(out), seq_len=32))),
-        "evaluate": (out, lambda: evaluate(base, data, seq_len=32, output=out)),
+        "evaluate": (out, lambda: evaluate(EvaluateConfig(model=base, data=data, seq_len=32, output=out))),
         "plot": (out / PLOTS_DIR, lambda: plot_run(out)),
     }
 

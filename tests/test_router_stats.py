@@ -282,16 +282,16 @@ def test_damaged_or_foreign_stats_file_is_one_clear_error(tmp_path, how, match):
 
 
 def test_select_on_files_that_are_not_statistics(gpt_oss_mxfp4_dir, tmp_path):
-    from nexus.engines.select import run_select
+    from nexus.engines.select import SelectConfig, run_select
 
     not_stats = tmp_path / "selection.json"
     not_stats.write_text('{"layers": []}')
     with pytest.raises(NexusError, match="it is not router statistics"):
-        run_select(not_stats, tmp_path / "out", plots=False)
+        run_select(SelectConfig(stats=not_stats, output=tmp_path / "out", plots=False))
     with pytest.raises(NexusError, match="not written by `nexus collect`"):
-        run_select(gpt_oss_mxfp4_dir / "model.safetensors", tmp_path / "out", plots=False)
+        run_select(SelectConfig(stats=gpt_oss_mxfp4_dir / "model.safetensors", output=tmp_path / "out", plots=False))
     with pytest.raises(NexusError, match="run `nexus collect` first"):
-        run_select(gpt_oss_mxfp4_dir, tmp_path / "out", plots=False)
+        run_select(SelectConfig(stats=gpt_oss_mxfp4_dir, output=tmp_path / "out", plots=False))
     assert not (tmp_path / "out").exists()
 
 

@@ -12,7 +12,8 @@ import torch
 from nexus.data import TokenData
 from nexus.engines.collect import CollectArgs, collect_router_stats
 from nexus.router_stats import LayerStats, RouterStats
-from nexus.engines.select import importance_pattern, load_selection, run_select, save_selection, select_experts
+from nexus.engines.select import (SelectConfig, importance_pattern, load_selection, run_select, save_selection,
+                                  select_experts)
 from nexus.errors import NexusError
 
 from helpers_prepare import random_rows, router_reference
@@ -196,6 +197,6 @@ def test_run_select_warns_on_incomplete_stats(tmp_path, caplog):
     stats.meta["complete"] = False
     stats.save(tmp_path)
     with caplog.at_level(logging.WARNING, logger="nexus.engines.select"):
-        doc, files = run_select(tmp_path, tmp_path, top_k=2, plots=False)
+        doc, files = run_select(SelectConfig(stats=tmp_path, output=tmp_path, top_k=2, plots=False))
     assert "incomplete" in caplog.text and files == [tmp_path / "expert_selection.json"]
     assert len(doc["layers"][0]["experts"]) == 2

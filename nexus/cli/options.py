@@ -32,9 +32,11 @@ class FiniteFloat(click.ParamType):
 def dataclass_options(cls, skip: tuple[str, ...] = ()):
     """A decorator adding one click option per field of dataclass ``cls``.
 
-    Field metadata ``help`` becomes the option help, ``required`` and ``choices`` carry over (a
-    field without a default is required); ``bool`` fields become flags; ``X | None`` fields default
-    to None; ``float`` fields accept finite numbers only (range checks are the dataclass's).
+    Field metadata (see :func:`nexus.config_fields.option`) carries over: ``help``, ``required``
+    (a field without a default is required too), ``choices``, ``min`` (an inclusive bound of an int
+    or float), ``exists`` (a path that must exist), ``path`` (a path), ``short``, ``metavar``; ``bool`` fields become
+    flags (``off_flag`` names the negative one); ``X | None`` fields default to None; ``float``
+    fields accept finite numbers only (other range checks are the dataclass's or the stage's).
     """
     hints = typing.get_type_hints(cls)
 
@@ -42,23 +44,40 @@ def dataclass_options(cls, skip: tuple[str, ...] = ()):
         for f in reversed(dataclasses.fields(cls)):
             if f.name in skip:
                 continue
-            flag = "--" + f.name.replace("_", "-")
-            kind = hints[f.name]
-            args = [a for a in typing.get_args(kind) if a is not type(None)]
-            base = args[0] if args else kind
-            meta = dict(f.metadata)
-            default = None if f.default is dataclasses.MISSING else f.default
-            if base is bool:
-                fn = click.option(flag, f.name, is_flag=True, default=bool(default), help=meta.get("help"))(fn)
-                continue
-            ctype = click.Choice(meta["choices"]) if "choices" in meta else FiniteFloat() if base is float else base
-            required = meta.get("required", False) or (
-                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            )
-            # No default at all when there is none: click treats an explicit None as a given value,
-            # which would satisfy required=True.
-            defaults = {} if default is None else {"default": default, "show_default": True}
-            fn = click.option(flag, f.name, type=ctype, required=required, help=meta.get("help"), **defaults)(fn)
+            fn = _option(f, hints[f.name])(fn)
         return fn
 
     return decorate
+
+
+def _option(f: dataclasses.Field, kind):
+    """The click option of dataclass field ``f`` of type ``kind``."""
+    flag = "--" + f.name.replace("_", "-")
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    base = args[0] if args else kind
+    meta = dict(f.metadata)
+    names = [meta["short"], flag] if "short" in meta else [flag]
+    default = None if f.default is dataclasses.MISSING else f.default
+    if base is bool:
+        if "off_flag" in meta:
+            return click.option(f"{flag}/{meta['off_flag']}", f.name, default=bool(default), show_default=True,
+                                help=meta.get("help"))
+        return click.option(*names, f.name, is_flag=True, default=bool(default), help=meta.get("help"))
+    if "choices" in meta:
+        ctype = click.Choice(meta["choices"])
+    elif base is float:
+        ctype = FiniteFloat(min=meta.get("min"))
+    elif base is int and meta.get("min") is not None:
+        ctype = click.IntRange(min=meta["min"])
+    elif meta.get("exists") or meta.get("path"):
+        ctype = click.Path(exists=bool(meta.get("exists")))
+    else:
+        ctype = base
+    required = meta.get("required", False) or (
+        f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    )
+    # No default at all when there is none: click treats an explicit None as a given value,
+    # which would satisfy required=True.
+    defaults = {} if default is None else {"default": default, "show_default": True}
+    return click.option(*names, f.name, type=ctype, required=required, help=meta.get("help"),
+                        metavar=meta.get("metavar"), **defaults)

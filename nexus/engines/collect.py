@@ -40,12 +40,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from nexus.constants import ROUTER_STATS_NAME
+from nexus.engines.collect_config import CollectArgs, CollectConfig
 from nexus.errors import Interrupted, NexusError
 from nexus.interrupts import StopFlag, signal_name
 from nexus.fingerprint import config_fingerprint, model_weights_fingerprint, rows_fingerprint
@@ -54,29 +55,6 @@ from nexus.router_stats import FIELDS, LayerStats, RouterStats
 from nexus.routing import RouterRecorder
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class CollectArgs:
-    """What a ``collect`` run does (the run's identity is made from these, minus the progress knobs).
-
-    Attributes:
-        target_tokens: stop after exactly this many (non-padding) tokens; None: the whole data, once.
-        batch_size: rows per forward, per process.
-        seed: shuffle the rows with this seed (None: data order). Matters only with ``target_tokens``.
-        checkpoint_every: save the partial statistics every this many batches (0: only at the end).
-    """
-
-    target_tokens: int | None = None
-    batch_size: int = 8
-    seed: int | None = None
-    checkpoint_every: int = 50
-
-    def __post_init__(self):
-        if self.target_tokens is not None and self.target_tokens < 1:
-            raise NexusError(f"--target-tokens must be positive, got {self.target_tokens}")
-        if self.batch_size < 1:
-            raise NexusError(f"--batch-size must be positive, got {self.batch_size}")
-
 
 def process_state():
     """accelerate's process state; on a machine without an accelerator, processes started by
@@ -298,43 +276,37 @@ def _reduced(stats: RouterStats, reduce_sum) -> RouterStats:
     return RouterStats(layers, dict(stats.meta))
 
 
-def run_collect(
-    model_path: str | Path,
-    data_path: str | Path,
-    output: str | Path,
-    args: CollectArgs,
-    *,
-    family_name: str | None = None,
-    seq_len: int = 512,
-    text_column: str | None = None,
-    dtype: torch.dtype = torch.float32,
-    max_batches: int | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    dequantize: bool = False,
-) -> RouterStats:
-    """Load the base, its tokenizer and the data, then :func:`collect_router_stats` into ``output``.
+def run_collect(config: CollectConfig, family_name: str | None = None, *, progress: bool = True) -> RouterStats:
+    """Load the base, its tokenizer and the data of ``config``, then :func:`collect_router_stats`
+    into ``config.output``.
 
-    The family is resolved (and a dense model refused) before anything heavy is loaded.
+    The family (``family_name``, default detected) is resolved, and a dense model refused, before
+    anything heavy is loaded.
     """
     from nexus.data import load_token_data, load_tokenizer
     from nexus.family import resolve_family
     from nexus.loading import load_config, load_model
 
-    config = load_config(model_path)
-    family = resolve_family(config, name=family_name)
-    tokenizer = load_tokenizer(model_path, config)
-    data = load_token_data(data_path, tokenizer, seq_len, text_column=text_column, max_tokens=args.target_tokens)
+    if not config.model or not config.data:
+        raise NexusError("collect needs --model and --data")
+    model_path, output, args = config.model, config.output, config.args()
+    dtype = getattr(torch, config.dtype)
+    base_config = load_config(model_path)
+    family = resolve_family(base_config, name=family_name)
+    tokenizer = load_tokenizer(model_path, base_config)
+    data = load_token_data(config.data, tokenizer, config.seq_len, text_column=config.text_column,
+                           max_tokens=args.target_tokens)
     state = process_state()
     check_writable(Path(output))
     with output_lock(output, enabled=state.is_main_process):
-        done = _resume(Path(output), run_identity(config, data, args, state.num_processes), overwrite, "cpu")  # fail early
+        identity = run_identity(base_config, data, args, state.num_processes)
+        done = _resume(Path(output), identity, config.overwrite, "cpu")  # fail early
         if done is not None and done.meta.get("complete"):
             log.info("%s already holds complete statistics of this run (%d tokens); nothing to do", output, done.tokens)
             return done
-        model = load_model(model_path, dtype=dtype, device=state.device, dequantize=dequantize)
+        model = load_model(model_path, dtype=dtype, device=state.device, dequantize=config.dequantize)
         family.moe_blocks(model)  # a clear error for a model without MoE blocks
-        source = {"base_model": str(model_path), "data": str(data_path), "seq_len": seq_len, "text_column": text_column,
-                  "dtype": str(dtype).replace("torch.", "")}
-        return collect_router_stats(model, family, data, args, output, source=source, max_batches=max_batches,
-                                    overwrite=overwrite, progress=progress)
+        source = {"base_model": str(model_path), "data": str(config.data), "seq_len": config.seq_len,
+                  "text_column": config.text_column, "dtype": config.dtype}
+        return collect_router_stats(model, family, data, args, output, source=source, max_batches=config.max_batches,
+                                    overwrite=config.overwrite, progress=progress)

@@ -63,6 +63,7 @@ from nexus.constants import (
     SHARED_MODULE_NAME,
     SHARED_SCALE_NAME,
 )
+from nexus.engines.convert_config import ConvertConfig
 from nexus.errors import AdapterMismatchError, NexusError
 from nexus.fingerprint import check_weights, config_fingerprint, fingerprint_tensor_names, weights_fingerprint
 from nexus.io import atomic_dir, atomic_path, locks_output, write_json, write_safetensors
@@ -343,36 +344,29 @@ def _workdir(output: Path, identity: dict) -> Path:
     return work
 
 
-@locks_output("output")
-def convert(
-    model_path: str | Path,
-    output: str | Path,
-    *,
-    selection: str | Path | dict | None = None,
-    strategy: str = DEFAULT_STRATEGY,
-    gate_mode: str | None = None,
-    shared_intermediate_size: int | None = None,
-    weighted: bool = False,
-    seed: int = 0,
-    family_name: str | None = None,
-    progress: bool = True,
-) -> Path:
-    """Write an initialised adapter for the checkpoint at ``model_path`` into ``output``.
+@locks_output("config.output")
+def convert(config: ConvertConfig, family_name: str | None = None, *, progress: bool = True) -> Path:
+    """Write an initialised adapter for the checkpoint at ``config.model`` into ``config.output``.
 
-    :param model_path: the base checkpoint directory (config.json + safetensors; MXFP4 or float).
-    :param output: the adapter directory (replaced whole when the conversion succeeds).
-    :param selection: an ``expert_selection.json`` (path or loaded document); needed by ``pca``
-        and ``top1``, used by ``random`` for K.
-    :param strategy: one of :data:`nexus.constants.INIT_STRATEGIES` (see the module docstring).
-    :param gate_mode: ``none``, ``scalar`` or ``token``; default :data:`nexus.constants.DEFAULT_GATE_MODE`.
-    :param shared_intermediate_size: width N of each shared expert; default the expert width.
-    :param weighted: ``pca`` only: weight experts by importance instead of uniformly.
-    :param seed: for ``random`` and for the default initialisation of units not copied from experts.
+    ``config`` fields: ``model``, the base checkpoint directory (config.json + safetensors; MXFP4
+    or float); ``output``, the adapter directory (replaced whole when the conversion succeeds);
+    ``selection``, an ``expert_selection.json`` (path or loaded document), needed by ``pca`` and
+    ``top1``, used by ``random`` for K; ``strategy``, one of :data:`nexus.constants.INIT_STRATEGIES`
+    (see the module docstring); ``gate_mode``, ``none``, ``scalar`` or ``token``;
+    ``shared_intermediate_size``, the width N of each shared expert (default: the expert width);
+    ``weighted``, ``pca`` only: weight experts by importance instead of uniformly; ``seed``, for
+    ``random`` and for the default initialisation of units not copied from experts.
+
     :param family_name: ``--family``; default detected from the config.
-    :return: ``output``.
+    :return: ``config.output``.
     :raises NexusError: dense model, bad arguments, a selection made for another model, an
         unwritable output (nothing is left half-written).
     """
+    model_path, output, selection, strategy = config.model, config.output, config.selection, config.strategy
+    gate_mode, shared_intermediate_size = config.gate_mode, config.shared_intermediate_size
+    weighted, seed = config.weighted, config.seed
+    if not model_path:
+        raise NexusError("convert needs --model")
     from tqdm.auto import tqdm
 
     from nexus.checkpoint import CheckpointReader
@@ -385,7 +379,7 @@ def convert(
         raise NexusError(f"unknown gate mode {gate_mode!r}; choose one of {', '.join(GATE_MODES)}")
     if shared_intermediate_size is not None and shared_intermediate_size < 1:
         raise NexusError(f"--shared-intermediate-size must be positive, got {shared_intermediate_size}")
-    config = load_config(model_path)
+    config = load_config(model_path)  # from here on, the base's config
     family = resolve_family(config, name=family_name)
     skeleton = meta_model(config)
     blocks = family.moe_blocks(skeleton)

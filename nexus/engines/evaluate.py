@@ -16,12 +16,11 @@ number is logged and reported as ``dropped_rows``.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
 from nexus import __version__
-from nexus.constants import DEFAULT_SEQ_LEN
+from nexus.engines.evaluate_config import EvaluateConfig, GenerateConfig
 from nexus.errors import NexusError
 from nexus.io import check_writable_output, locks_output, write_json
 
@@ -64,25 +63,13 @@ class _RouterTally:
         }
 
 
-@locks_output("output")
-def evaluate(
-    model_path: str | Path,
-    data,
-    adapter: str | Path | None = None,
-    seq_len: int = DEFAULT_SEQ_LEN,
-    batch_size: int = 4,
-    max_batches: int | None = None,
-    tokenizer: str | None = None,
-    text_column: str | None = None,
-    device: str | None = None,
-    bf16: bool = False,
-    output: str | Path | None = None,
-    dequantize: bool = False,
-) -> dict:
-    """Evaluate the base (and the adapted model, with ``adapter``) on ``data``.
+@locks_output("config.output")
+def evaluate(config: EvaluateConfig, *, device: str | None = None) -> dict:
+    """Evaluate the base ``config.model`` (and the adapted model, with ``config.adapter``) on
+    ``config.data``, in rows of ``config.seq_len`` tokens; with ``config.output``, also write the
+    result there as JSON (atomically), checked to be writable before anything is loaded.
 
-    :param output: also write the result there as JSON (atomically); checked to be writable
-        before anything is loaded.
+    :param device: where to run (default: cuda when available, else cpu).
     :return: a JSON-able dict: ``tokens``, ``dropped_rows``, ``base``/``adapted`` (``nll``,
         ``perplexity``, ``router``), ``kl_base_adapted`` (mean per predicted token of
         KL(base || adapted)) and ``router_drift`` (per layer mean ``|p_adapted - p_base|``), plus provenance.
@@ -98,6 +85,10 @@ def evaluate(
     from nexus.progress import progress_bar
     from nexus.routing import RouterRecorder
 
+    model_path, data, adapter, seq_len = config.model, config.data, config.adapter, config.seq_len
+    batch_size, max_batches, tokenizer, text_column = config.batch_size, config.max_batches, config.tokenizer, \
+        config.text_column
+    output, bf16, dequantize = config.output, config.bf16, config.dequantize
     output = check_writable_output(output, directory=False) if output is not None else None
     adapter_cfg = read_adapter_config(adapter) if adapter else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -175,23 +166,18 @@ def evaluate(
     return result
 
 
-def generate(
-    model_path: str | Path,
-    prompt: str,
-    adapter: str | Path | None = None,
-    chat: bool = False,
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    tokenizer: str | None = None,
-    seed: int = 0,
-    device: str | None = None,
-    dequantize: bool = False,
-) -> str:
-    """Continue ``prompt`` with the (adapted) model and return the new text only.
+def generate(config: GenerateConfig, *, device: str | None = None) -> str:
+    """Continue ``config.prompt`` with the (adapted) model and return the new text only.
 
-    :param chat: wrap ``prompt`` as a user message with the tokenizer's chat template.
-    :param temperature: 0 for greedy decoding, else sampling at this temperature.
+    ``config.chat`` wraps the prompt as a user message with the tokenizer's chat template;
+    ``config.temperature`` 0 decodes greedily, else samples at that temperature.
+
+    :param device: where to run (default: cuda when available, else cpu).
     """
+    model_path, prompt, adapter, chat = config.model, config.prompt, config.adapter, config.chat
+    max_new_tokens, temperature, tokenizer, seed = config.max_new_tokens, config.temperature, config.tokenizer, \
+        config.seed
+    dequantize = config.dequantize
     from nexus.adapter import load_adapter
     from nexus.data import load_tokenizer
     from nexus.loading import load_model

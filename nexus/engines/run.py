@@ -28,30 +28,33 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from nexus.constants import (
-    DEFAULT_DIVERSITY,
-    DEFAULT_GATE_MODE,
-    DEFAULT_LR,
-    DEFAULT_SEQ_LEN,
-    DEFAULT_STRATEGY,
-    DEFAULT_TOP_K,
-    GATE_MODES,
-    HOLDOUT_FRACTION,
-    INIT_STRATEGIES,
-)
-from nexus.errors import Interrupted, NexusError
 from nexus.config_fields import option as _f
+from nexus.config_fields import same_as
+from nexus.constants import GATE_MODES, HOLDOUT_FRACTION, INIT_STRATEGIES
+from nexus.engines.collect_config import CollectArgs, CollectConfig
+from nexus.engines.convert_config import ConvertConfig
+from nexus.engines.evaluate_config import EvaluateConfig
 from nexus.engines.run_stages import StageRunner
+from nexus.engines.select_config import SelectConfig
+from nexus.errors import Interrupted, NexusError
+from nexus.training.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RunConfig:
-    """The arguments of ``nexus run`` (each stage gets the subset it needs).
+    """The arguments of ``nexus run``: the stage configs' fields that a run exposes, taken from those
+    configs (:func:`nexus.config_fields.same_as`: same defaults, same checks), under the flag names
+    the run has always had; each stage gets its config built from them (:func:`validate_run`).
 
-    ``lr`` and ``seq_len`` default to what ``nexus train`` uses (:data:`nexus.constants.DEFAULT_LR`,
-    :data:`~nexus.constants.DEFAULT_SEQ_LEN`, where the reasons are given).
+    Two defaults differ from ``nexus train``'s on purpose. ``batch_size`` 8 is ``collect``'s: one
+    batch size serves collect, train and evaluate in a run, and router statistics want many
+    tokens per forward. ``warmup_steps`` 10 is a tenth of the run's default 100 steps, so the
+    run's short schedule does not start at the peak rate from a freshly converted adapter;
+    ``nexus train`` keeps 4 rows and no warmup, the values its users' runs were recorded with
+    (``run_config.json``; a resume must match them). Changing either here would also rerun every
+    stage of existing run directories (their stamps record the values).
     """
 
     output: str = _f(None, "Run directory.", required=True)
@@ -61,27 +64,29 @@ class RunConfig:
                                      "of --data, picked by content hash and left out of collect and train; with the "
                                      "demo, its held-out sample).")
     family: str | None = _f(None, "Family name (default: detected).")
-    text_column: str | None = _f(None, "Text column of the data.")
-    seq_len: int = _f(DEFAULT_SEQ_LEN, "Tokens per row.")
-    batch_size: int = _f(8, "Rows per batch (collect, train, evaluate).")
-    target_tokens: int | None = _f(None, "Tokens for router statistics (default: the whole data once).")
-    top_k: int | None = _f(None, f"Experts averaged per layer (default: a quarter of E, at least 1, at most "
-                                 f"{DEFAULT_TOP_K}, so that the selection matters; K >= E/2 warns).")
-    diversity: float = _f(DEFAULT_DIVERSITY, "Redundancy penalty of the selection.")
-    strategy: str = _f(DEFAULT_STRATEGY, "Initialisation.", choices=INIT_STRATEGIES)
-    gate_mode: str = _f(DEFAULT_GATE_MODE, "Shared-expert gate.", choices=GATE_MODES)
-    shared_intermediate_size: int | None = _f(None, "Shared expert width (default: the expert width).")
-    max_steps: int = _f(100, "Training steps.")
-    lr: float = _f(DEFAULT_LR, "Peak learning rate.")
-    warmup_steps: int = _f(10, "Warmup steps.")
-    kd_weight: float = _f(1.0, "Distillation weight (teacher: the base itself).")
-    ce_weight: float = _f(1.0, "Cross-entropy weight.")
-    sfa_interval: int = _f(0, "SFA interval (0: off).")
-    train_routers: bool = _f(False, "Train the routers too.")
-    eval_batches: int | None = _f(None, "Limit evaluation to this many batches.")
-    seed: int = _f(0, "Seed.")
+    text_column: str | None = same_as(TrainConfig, "text_column")
+    seq_len: int = same_as(TrainConfig, "seq_len")
+    batch_size: int = same_as(CollectArgs, "batch_size", "Rows per batch (collect, train, evaluate).")
+    target_tokens: int | None = same_as(CollectArgs, "target_tokens", "Tokens for router statistics (default: the "
+                                                                      "whole data once).")
+    # Range checks of top_k, diversity and eval_batches are validate_run's (they know E, and name the flag).
+    top_k: int | None = same_as(SelectConfig, "top_k", min=None)
+    diversity: float = same_as(SelectConfig, "diversity", min=None)
+    strategy: str = same_as(ConvertConfig, "strategy")
+    gate_mode: str = same_as(ConvertConfig, "gate_mode")
+    shared_intermediate_size: int | None = same_as(ConvertConfig, "shared_intermediate_size")
+    max_steps: int = same_as(TrainConfig, "max_steps")
+    lr: float = same_as(TrainConfig, "lr")
+    warmup_steps: int = _f(10, "Linear warmup steps (a tenth of the default --max-steps).")
+    kd_weight: float = same_as(TrainConfig, "kd_weight", "Distillation weight (teacher: the base itself).")
+    ce_weight: float = same_as(TrainConfig, "ce_weight")
+    sfa_interval: int = same_as(TrainConfig, "sfa_interval")
+    train_routers: bool = same_as(TrainConfig, "train_routers")
+    eval_batches: int | None = same_as(EvaluateConfig, "max_batches", "Limit evaluation to this many batches.",
+                                       min=None)
+    seed: int = same_as(TrainConfig, "seed", "Seed of collect's row order, convert's random picks and training.")
     force: bool = _f(False, "Rerun every stage even when its artifact is up to date.")
-    dequantize: bool = _f(False, "Dequantise experts stored quantised (MXFP4, FP8) at load instead of keeping them packed as stored.")
+    dequantize: bool = same_as(TrainConfig, "dequantize")
 
 
 @dataclass
@@ -92,8 +97,11 @@ class _Plan:
     train_data: str  # --data, or its @train side
     eval_data: str
     eval_source: dict  # how eval_data relates to --data, recorded in eval.json
-    collect_args: object
-    train_config: object
+    collect: CollectConfig
+    select: SelectConfig
+    convert: ConvertConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
     data_fingerprint: str
     eval_fingerprint: str
 
@@ -112,8 +120,6 @@ def validate_run(cfg: RunConfig) -> _Plan:
 
     from nexus.data import check_data, check_seq_len, data_fingerprint, heldout_counts, load_tokenizer, split_specs
     from nexus.demo import demo_checkpoint, demo_eval_path, demo_text_path
-    from nexus.engines.collect import CollectArgs
-    from nexus.training.train_config import TrainConfig
     from nexus.family import resolve_family
     from nexus.loading import load_config
 
@@ -149,7 +155,6 @@ def validate_run(cfg: RunConfig) -> _Plan:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise NexusError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    collect_args = CollectArgs(target_tokens=cfg.target_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model, config)
     check_seq_len(cfg.seq_len, tokenizer)
@@ -170,15 +175,27 @@ def validate_run(cfg: RunConfig) -> _Plan:
                                "left out of collect and train"}
         log.info("no --eval-data: holding out %d of the %d documents of %s (%s) for evaluate; collect and train "
                  "read the other %d", held, total, cfg.data, eval_data, total - held)
-    train_dir = Path(cfg.output) / "train"
-    tcfg = TrainConfig(
-        model=cfg.model, adapter=str(Path(cfg.output) / "adapter_init"), output=str(train_dir), data=train_data,
+    out = Path(cfg.output)
+    train_dir = out / "train"
+    collect = CollectConfig(model=cfg.model, data=train_data, output=str(out / "stats"),
+                            target_tokens=cfg.target_tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                            text_column=cfg.text_column, seed=cfg.seed, dequantize=cfg.dequantize)
+    select = SelectConfig(stats=collect.output, output=str(out / "expert_selection.json"), top_k=cfg.top_k,
+                          diversity=cfg.diversity)
+    convert = ConvertConfig(model=cfg.model, selection=select.output, output=str(out / "adapter_init"),
+                            strategy=cfg.strategy, gate_mode=cfg.gate_mode,
+                            shared_intermediate_size=cfg.shared_intermediate_size, seed=cfg.seed)
+    train = TrainConfig(
+        model=cfg.model, adapter=convert.output, output=str(train_dir), data=train_data,
         text_column=cfg.text_column, seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_steps=cfg.max_steps,
         lr=cfg.lr, warmup_steps=cfg.warmup_steps, kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight,
         sfa_interval=cfg.sfa_interval, train_routers=cfg.train_routers, seed=cfg.seed, dequantize=cfg.dequantize,
         save_every=max(1, cfg.max_steps // 4), log_every=max(1, min(10, cfg.max_steps // 20)),
     )
-    return _Plan(family, train_data, eval_data, eval_source, collect_args, tcfg,
+    evaluate = EvaluateConfig(model=cfg.model, data=eval_data, adapter=str(train_dir / "final"), seq_len=cfg.seq_len,
+                              batch_size=cfg.batch_size, max_batches=cfg.eval_batches, text_column=cfg.text_column,
+                              dequantize=cfg.dequantize)
+    return _Plan(family, train_data, eval_data, eval_source, collect, select, convert, train, evaluate,
                  data_fingerprint(cfg.data), data_fingerprint(eval_data))
 
 
@@ -209,10 +226,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
     data_id = {"data": plan.train_data, "data_fingerprint": plan.data_fingerprint, "text_column": cfg.text_column,
                "seq_len": cfg.seq_len}
 
-    stats_dir = out / "stats"
-    selection = out / "expert_selection.json"
-    adapter_init = out / "adapter_init"
-    tcfg = plan.train_config
+    tcfg = plan.train
     train_dir = Path(tcfg.output)
     eval_path = out / "eval.json"
 
@@ -223,9 +237,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
         return result
 
     def _evaluate():
-        result = evaluate(cfg.model, plan.eval_data, adapter=train_dir / "final", seq_len=cfg.seq_len,
-                          batch_size=cfg.batch_size, max_batches=cfg.eval_batches, text_column=cfg.text_column,
-                          dequantize=cfg.dequantize)
+        result = evaluate(plan.evaluate)
         result["eval_source"] = plan.eval_source
         write_json(eval_path, result)
         return result
@@ -233,24 +245,19 @@ def run_pipeline(cfg: RunConfig) -> dict:
     try:
         with token_cache(out / "cache"), _SigtermInterrupts():
             stages.run(
-                "collect", {**model_id, **data_id, **dataclasses.asdict(plan.collect_args)},
-                stats_dir / "router_stats.json",
-                lambda resume: run_collect(cfg.model, plan.train_data, stats_dir, plan.collect_args,
-                                           family_name=family.name, seq_len=cfg.seq_len, text_column=cfg.text_column,
-                                           overwrite=not resume, dequantize=cfg.dequantize),
+                "collect", {**model_id, **data_id, **dataclasses.asdict(plan.collect.args())},
+                Path(plan.collect.output) / "router_stats.json",
+                lambda resume: run_collect(dataclasses.replace(plan.collect, overwrite=not resume), family.name),
                 resumable=True,
             )
-            stages.run("select", {"top_k": cfg.top_k, "diversity": cfg.diversity}, selection,
-                       lambda: run_select(stats_dir, selection, top_k=cfg.top_k, diversity=cfg.diversity),
-                       after=("collect",))
+            stages.run("select", {"top_k": cfg.top_k, "diversity": cfg.diversity}, Path(plan.select.output),
+                       lambda: run_select(plan.select), after=("collect",))
             stages.run(
                 "convert",
                 {**model_id, "strategy": cfg.strategy, "gate_mode": cfg.gate_mode,
                  "size": cfg.shared_intermediate_size, "seed": cfg.seed},
-                adapter_init,
-                lambda: convert(cfg.model, adapter_init, selection=selection, strategy=cfg.strategy,
-                                gate_mode=cfg.gate_mode, shared_intermediate_size=cfg.shared_intermediate_size,
-                                seed=cfg.seed, family_name=family.name),
+                Path(plan.convert.output),
+                lambda: convert(plan.convert, family.name),
                 after=("select",),
             )
             train_inputs = {k: v for k, v in tcfg.to_dict().items() if k not in ("resume", "overwrite")}

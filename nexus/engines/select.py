@@ -42,7 +42,8 @@ import torch
 from nexus import __version__
 from nexus.constants import DEFAULT_DIVERSITY, DEFAULT_TOP_K, DEFAULT_TOP_K_FRACTION, SELECTION_NAME
 from nexus.errors import NexusError
-from nexus.io import locks_output, write_json
+from nexus.engines.select_config import SelectConfig
+from nexus.io import output_lock, write_json
 
 log = logging.getLogger(__name__)
 
@@ -263,18 +264,23 @@ def load_selection(path: str | Path) -> dict:
     return doc
 
 
-@locks_output("output")
-def run_select(stats_path: str | Path, output: str | Path, top_k: int | None = None,
-               diversity: float = DEFAULT_DIVERSITY, plots: bool = True) -> tuple[dict, list[Path]]:
-    """Load statistics, :func:`select_experts`, :func:`save_selection`.
+def run_select(config: SelectConfig) -> tuple[dict, list[Path]]:
+    """Load the statistics in ``config.stats``, :func:`select_experts`, :func:`save_selection` to
+    ``config.output`` (default: beside the statistics).
 
     :return: ``(selection document, files written)``.
     """
     from nexus.router_stats import RouterStats
 
-    stats = RouterStats.load(stats_path)
-    if not stats.meta.get("complete", False):
-        log.warning("the statistics in %s are incomplete (%d tokens): rerun `nexus collect` to finish them",
-                    stats_path, stats.tokens)
-    doc = select_experts(stats, top_k, diversity, source=str(stats_path))
-    return doc, save_selection(doc, output, plots)
+    stats_path = config.stats
+    output = config.output
+    if output is None:
+        base = Path(stats_path)
+        output = str(base if base.is_dir() else base.parent)
+    with output_lock(output):
+        stats = RouterStats.load(stats_path)
+        if not stats.meta.get("complete", False):
+            log.warning("the statistics in %s are incomplete (%d tokens): rerun `nexus collect` to finish them",
+                        stats_path, stats.tokens)
+        doc = select_experts(stats, config.top_k, config.diversity, source=str(stats_path))
+        return doc, save_selection(doc, output, config.plots)

@@ -474,12 +474,14 @@ def get_nexus_model(model: nn.Module, config: NexusConfig | None = None) -> Nexu
             raise NexusError(f"init_strategy {config.init_strategy!r} reads the routed experts from the base's "
                              f"checkpoint directory, but this model was not loaded from one; load it from a local "
                              f"directory or use NexusConfig(init_strategy='zeros')")
-        from nexus.engines.convert import convert
+        from nexus.engines.convert import ConvertConfig, convert
 
         with tempfile.TemporaryDirectory(prefix="nexus-init-") as tmp:
-            adapter = convert(source, Path(tmp) / "adapter", selection=config.selection, strategy=config.init_strategy,
-                              gate_mode=config.gate_mode, shared_intermediate_size=size, weighted=config.weighted,
-                              seed=config.seed, family_name=family.name, progress=False)
+            adapter = convert(ConvertConfig(model=str(source), output=str(Path(tmp) / "adapter"),
+                                            selection=config.selection, strategy=config.init_strategy,
+                                            gate_mode=config.gate_mode, shared_intermediate_size=size,
+                                            weighted=config.weighted, seed=config.seed),
+                              family.name, progress=False)
             converted = read_adapter_config(adapter)
             check_base(converted, model.config, what=f"the adapter converted from {source}")
             attach_shared_experts(model, family, size, config.gate_mode)
