@@ -203,3 +203,14 @@ def test_peft_cannot_host_nexus_as_a_method():
 
     with pytest.raises(ValueError, match="PeftType"):
         register_peft_method(name="nexus", config_cls=nexus.NexusConfig, model_cls=nexus.NexusModel)
+
+
+def test_packed_base_counts_its_experts_as_the_dequantised_one(gpt_oss_base_dir, tmp_path):
+    from nexus.loading import load_model
+    from nexus.quant.packed_loading import packed_modules
+
+    packed = load_model(gpt_oss_base_dir)
+    assert packed_modules(packed), "the tiny GPT-OSS base should load packed"
+    counts = [nexus.get_nexus_model(m, nexus.NexusConfig(gate_mode="scalar")).get_nb_trainable_parameters()
+              for m in (packed, load_model(gpt_oss_base_dir, dequantize=True))]
+    assert counts[0] == counts[1]

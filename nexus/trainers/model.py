@@ -162,9 +162,15 @@ class NexusModel(PeftModel):
         return self.get_base_model().generate(*args, **kwargs)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, total)`` parameter counts (packed quantised experts counted as stored)."""
+        """``(trainable, total)`` parameter counts; packed experts count the weights they decode to
+        (``E * 3 * H * I`` per layer, biases included), as the dequantised model would."""
+        from nexus.quant.packed_loading import packed_modules
+
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters())
+        packed = sum(m.num_experts * 3 * m.hidden_size * m.intermediate_size
+                     + sum(b.numel() for b in (m.gate_up_bias, m.down_bias) if b is not None)
+                     for m in packed_modules(self).values())
+        return trainable, sum(p.numel() for p in self.parameters()) + packed
 
     def print_trainable_parameters(self) -> None:
         """Print the trainable and total parameter counts, as PEFT does."""
