@@ -52,6 +52,7 @@ TRAIN_EPILOG = """\b
 Examples:
   nexus train --model base/ --adapter adapter/ --data train.jsonl --output runs/a
   nexus train ... --teacher cache/ --ce-weight 0.5 --temperature 2
+  nexus train ... --kd-data general.jsonl --kd-batch-size 8   # CE on --data, KD on general text
   accelerate launch --multi_gpu --num_processes 4 $(which nexus) train ...   # DDP
   torchrun --nproc_per_node 2 --no-python nexus train ...                    # DDP on CPU (gloo)
   accelerate launch --config_file fsdp2.yaml $(which nexus) train ...       # base sharded (docs/training.md)

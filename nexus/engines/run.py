@@ -37,7 +37,7 @@ from nexus.engines.evaluate_config import EvaluateConfig
 from nexus.engines.run_stages import StageRunner
 from nexus.engines.select_config import SelectConfig
 from nexus.errors import Interrupted, NexusError
-from nexus.training.train_config import TrainConfig
+from nexus.training.train_config import TrainConfig, kd_data_errors
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,11 @@ class RunConfig:
     lr: float = same_as(TrainConfig, "lr")
     warmup_steps: int = _f(10, "Linear warmup steps (a tenth of the default --max-steps).")
     kd_weight: float = same_as(TrainConfig, "kd_weight", "Distillation weight (teacher: the base itself).")
+    kd_data: str | None = same_as(TrainConfig, "kd_data", "General text for distillation: train computes KD on "
+                                                          "batches of it and CE on --data (default: both on --data).")
+    kd_batch_size: int | None = same_as(TrainConfig, "kd_batch_size", "Rows of --kd-data per training batch "
+                                                                      "(default: --batch-size).")
+    kd_text_column: str | None = same_as(TrainConfig, "kd_text_column")
     ce_weight: float = same_as(TrainConfig, "ce_weight")
     sfa_interval: int = same_as(TrainConfig, "sfa_interval")
     train_routers: bool = same_as(TrainConfig, "train_routers")
@@ -104,6 +109,7 @@ class _Plan:
     evaluate: EvaluateConfig
     data_fingerprint: str
     eval_fingerprint: str
+    kd_data_fingerprint: str | None = None
 
 
 def validate_run(cfg: RunConfig) -> _Plan:
@@ -159,6 +165,9 @@ def validate_run(cfg: RunConfig) -> _Plan:
     tokenizer = load_tokenizer(cfg.model, config)
     check_seq_len(cfg.seq_len, tokenizer)
     check_data(cfg.data, tokenizer, cfg.text_column)
+    if cfg.kd_data is not None:
+        with kd_data_errors(cfg.kd_data):
+            check_data(cfg.kd_data, tokenizer, cfg.kd_text_column)
     if cfg.eval_data is not None:
         check_data(cfg.eval_data, tokenizer, cfg.text_column)
         train_data, eval_data = cfg.data, cfg.eval_data
@@ -189,6 +198,7 @@ def validate_run(cfg: RunConfig) -> _Plan:
         model=cfg.model, adapter=convert.output, output=str(train_dir), data=train_data,
         text_column=cfg.text_column, seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_steps=cfg.max_steps,
         lr=cfg.lr, warmup_steps=cfg.warmup_steps, kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight,
+        kd_data=cfg.kd_data, kd_batch_size=cfg.kd_batch_size, kd_text_column=cfg.kd_text_column,
         sfa_interval=cfg.sfa_interval, train_routers=cfg.train_routers, seed=cfg.seed, dequantize=cfg.dequantize,
         save_every=max(1, cfg.max_steps // 4), log_every=max(1, min(10, cfg.max_steps // 20)),
     )
@@ -196,7 +206,8 @@ def validate_run(cfg: RunConfig) -> _Plan:
                               batch_size=cfg.batch_size, max_batches=cfg.eval_batches, text_column=cfg.text_column,
                               dequantize=cfg.dequantize)
     return _Plan(family, train_data, eval_data, eval_source, collect, select, convert, train, evaluate,
-                 data_fingerprint(cfg.data), data_fingerprint(eval_data))
+                 data_fingerprint(cfg.data), data_fingerprint(eval_data),
+                 data_fingerprint(cfg.kd_data) if cfg.kd_data is not None else None)
 
 
 def run_pipeline(cfg: RunConfig) -> dict:
@@ -260,9 +271,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
                 lambda: convert(plan.convert, family.name),
                 after=("select",),
             )
-            train_inputs = {k: v for k, v in tcfg.to_dict().items() if k not in ("resume", "overwrite")}
-            stages.run("train", {**train_inputs, "data_fingerprint": plan.data_fingerprint}, train_dir / "final",
-                       _train, after=("convert",), resumable=True)
+            stages.run("train", _train_inputs(plan), train_dir / "final", _train, after=("convert",), resumable=True)
             stages.run("evaluate", {"eval_data": plan.eval_data, "eval_fingerprint": plan.eval_fingerprint,
                                     "max_batches": cfg.eval_batches, "eval_source": plan.eval_source},
                        eval_path, _evaluate, after=("train",))
@@ -275,6 +284,19 @@ def run_pipeline(cfg: RunConfig) -> dict:
                           "continue from the stage's last checkpoint", signal.SIGINT) from exc
     return {"run_dir": str(out), "ran": stages.ran, "skipped": stages.skipped,
             "eval": json.loads(eval_path.read_text())}
+
+
+def _train_inputs(plan: _Plan) -> dict:
+    """What the train stage's stamp covers: its arguments and the content of the data it reads.
+    Without ``--kd-data`` the kd options are left out, so the stamps of earlier runs still match."""
+    from nexus.training.train_config import KD_STREAM_FIELDS
+
+    inputs = {k: v for k, v in plan.train.to_dict().items()
+              if k not in ("resume", "overwrite") and not (k in KD_STREAM_FIELDS and v is None)}
+    inputs["data_fingerprint"] = plan.data_fingerprint
+    if plan.kd_data_fingerprint is not None:
+        inputs["kd_data_fingerprint"] = plan.kd_data_fingerprint
+    return inputs
 
 
 class _SigtermInterrupts:

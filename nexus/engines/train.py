@@ -6,7 +6,10 @@ Loss per optimizer step, over the whole gradient-accumulation window and every p
 
 CE and KL are summed over predicted tokens and divided by the number of predicted tokens of the
 window on all processes; the router KL is summed over input tokens and layers and divided by
-(input tokens x layers). Each micro-batch's backward therefore contributes its exact share of
+(input tokens x layers). With ``--kd-data`` distillation has its own stream: CE is computed on
+the batches of ``--data`` (the domain), KL and router KL on batches of ``--kd-data`` (general
+text), each term divided by the tokens of its own stream; the kd stream has its own seeded order
+and its position is part of the checkpoint. Each micro-batch's backward therefore contributes its exact share of
 the big-batch gradient (no 1/GA scaling, no 1/GA^2 bug, ranks with unequal token counts
 weighted correctly), multiplied by the world size to undo DDP's gradient averaging.
 
@@ -62,7 +65,7 @@ from nexus.training.train_state import (
     save_checkpoint,
     set_rng_state,
 )
-from nexus.training.train_step import distill_losses, loss_to_backpropagate, micro_batches
+from nexus.training.train_step import distill_losses, loss_to_backpropagate, micro_batches, token_counts
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +151,10 @@ class TrainRun:
     checkpoint: Path | None = None  # the last checkpoint written (or resumed from)
     resumed: bool = False
     metrics: MetricsLog | None = None
+    kd_data: object | None = None  # the --kd-data rows (a TokenData), or None when KD shares the domain batches
+    kd_collate: object | None = None
+    next_kd_batch: int = 0
+    kd_tokens_seen: int = 0
 
     @property
     def main(self) -> bool:
@@ -231,9 +238,11 @@ def setup(config: TrainConfig, accelerator, strategy, run_dir: Path, checkpoint:
             teacher, router_note = None, None
     if router_note and accelerator.is_main_process:
         log.warning("router drift and entropy metrics are unavailable: %s", router_note)
-    data, collate = _load_data(config, tokenizer, cache)
+    # With --kd-data a teacher cache belongs to the kd stream, and --data is read as it is.
+    data, collate = _load_data(config, tokenizer, None if config.kd_data else cache)
+    kd_data, kd_collate = _load_kd_data(config, tokenizer, cache) if config.kd_data else (None, None)
     return TrainRun(config, accelerator, strategy, run_dir, model, family, blocks, optimizer, scheduler, trainable,
-                    sfa, adapter_config, teacher, router_note, data, collate)
+                    sfa, adapter_config, teacher, router_note, data, collate, kd_data=kd_data, kd_collate=kd_collate)
 
 
 def lr_lambda(config: TrainConfig):
@@ -393,8 +402,36 @@ def _load_data(config, tokenizer, cache):
             log.info("training on the teacher cache's rows (seq_len %d; --seq-len is ignored)", cache.meta["seq_len"])
         return TokenData(cache.rows, cache.pad_id), cache.collate
     if config.data is None:
+        if config.kd_data:
+            raise NexusError("--data is required with --kd-data: the cross-entropy is computed on it (the domain)")
         raise NexusError("--data is required unless --teacher is a teacher cache")
     data = load_token_data(config.data, tokenizer, config.seq_len, config.text_column)
+    return data, functools.partial(_collate_rows, data)
+
+
+def _load_kd_data(config, tokenizer, cache):
+    """``(ordering TokenData, collate(indices) -> batch)`` for the ``--kd-data`` rows: the teacher
+    cache's rows (after checking that the cache was made from ``--kd-data``), else ``--kd-data`` itself.
+
+    :raises NexusError: ``--kd-data`` is not the data the teacher cache was made from.
+    """
+    from nexus.data import TokenData, load_token_data
+    from nexus.fingerprint import rows_fingerprint
+    from nexus.training.train_config import kd_data_errors
+
+    with kd_data_errors(config.kd_data):
+        data = load_token_data(config.kd_data, tokenizer, cache.meta["seq_len"] if cache else config.seq_len,
+                               config.kd_text_column)
+    if cache is not None:
+        rows = data.rows
+        if rows_fingerprint(rows) != cache.meta["data_fingerprint"]:
+            raise NexusError(
+                f"--kd-data {config.kd_data} is not the data teacher cache {config.teacher} was made from "
+                f"({cache.meta['data']} at seq_len {cache.meta['seq_len']}): a cache holds the teacher's outputs for "
+                f"its own rows only; give that data as --kd-data, precompute a cache from --kd-data, "
+                f"or use --teacher self"
+            )
+        return TokenData(cache.rows, cache.pad_id), cache.collate
     return data, functools.partial(_collate_rows, data)
 
 
@@ -458,6 +495,7 @@ def resume(run: TrainRun, checkpoint: Path) -> None:
     rngs, rank = trainer_state["rng"], run.accelerator.process_index
     set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
     run.step, run.next_batch, run.tokens_seen = state["step"], state["next_batch"], state["tokens"]
+    run.next_kd_batch, run.kd_tokens_seen = state.get("next_kd_batch", 0), state.get("kd_tokens", 0)
     run.checkpoint, run.resumed = checkpoint, True
     log.info("resuming %s from step %d (next batch %d)", run.run_dir, run.step, run.next_batch)
 
@@ -480,6 +518,7 @@ def open_records(run: TrainRun) -> None:
             "trainable_parameters": sum(p.numel() for p in run.trainable.values()),
             "teacher_kind": getattr(run.teacher, "kind", None), "router_metrics_unavailable": run.router_note,
             "num_rows": len(run.data.rows), "config": config.to_dict(),
+            **({"kd_num_rows": len(run.kd_data.rows)} if run.kd_data is not None else {}),
         })
     run.metrics = MetricsLog(run.run_dir, enabled=run.main, resume_step=run.step if run.resumed else None)
     if config.report_to:
@@ -499,6 +538,7 @@ class _StepOutcome:
     grad_norm: float
     lrs: list[float]  # the learning rates the update used, one per param group
     merged: bool  # SFA merged the weights after the update
+    kd_tokens: tuple[float, float] | None = None  # (n_pred, n_in) of the kd stream's window, with --kd-data
 
 
 def train_loop(run: TrainRun) -> int | None:
@@ -513,13 +553,20 @@ def train_loop(run: TrainRun) -> int | None:
     config = run.config
     batches = micro_batches(run.data, run.collate, config.batch_size, config.seed, run.next_batch,
                             run.accelerator.process_index, run.world)
-    first_step, stopped_by, window = run.step, None, MetricsWindow()
+    kd_batches = None
+    if run.kd_data is not None:
+        kd_batches = micro_batches(run.kd_data, run.kd_collate, config.kd_batch_size or config.batch_size, config.seed,
+                                   run.next_kd_batch, run.accelerator.process_index, run.world)
+    kd_stream = kd_batches is not None
+    first_step, stopped_by, window = run.step, None, MetricsWindow(kd_stream)
     bar = progress_bar(total=config.max_steps, initial=run.step, desc="train", unit="step", enabled=run.main)
     bar_time = time.perf_counter()
     with StopFlag("training", "after this step, with a checkpoint") as stop, bar:
         while run.step < config.max_steps:
-            outcome = optimizer_step(run, [next(batches) for _ in range(config.grad_accum)])
-            window.add(outcome.sums, outcome.n_pred, outcome.n_in, outcome.grad_norm, outcome.merged, run.step)
+            domain = [next(batches) for _ in range(config.grad_accum)]
+            outcome = optimizer_step(run, domain, [next(kd_batches) for _ in domain] if kd_stream else None)
+            window.add(outcome.sums, outcome.n_pred, outcome.n_in, outcome.grad_norm, outcome.merged, run.step,
+                       outcome.kd_tokens)
             now = time.perf_counter()
             bar.update(1)
             bar.set_postfix(loss=f"{float(outcome.sums[0]):.4g}",
@@ -527,7 +574,7 @@ def train_loop(run: TrainRun) -> int | None:
             bar_time = now
             if run.step % config.log_every == 0 or run.step == config.max_steps:
                 _log_metrics(run, window, outcome.lrs)
-                window = MetricsWindow()
+                window = MetricsWindow(kd_stream)
             stop_now, signum = _stop_requested(run, stop, run.step - first_step)
             stopped_by = signum or stopped_by
             if (config.save_every and run.step % config.save_every == 0) or run.step == config.max_steps or stop_now:
@@ -537,19 +584,30 @@ def train_loop(run: TrainRun) -> int | None:
     return stopped_by
 
 
-def optimizer_step(run: TrainRun, window: list[tuple[int, dict]]) -> _StepOutcome:
+def optimizer_step(run: TrainRun, window: list[tuple[int, dict]],
+                   kd_window: list[tuple[int, dict]] | None = None) -> _StepOutcome:
     """Forward and backward every micro-batch of ``window`` (``(global batch index, batch)`` pairs),
-    then one optimizer update, scheduler step and SFA merge check; advances ``run``'s position."""
+    then one optimizer update, scheduler step and SFA merge check; advances ``run``'s position.
+
+    :param kd_window: with ``--kd-data``, one kd batch per micro-batch of ``window``: CE is then
+        computed on ``window``, KD and router KL on ``kd_window`` (:func:`_two_stream_pass`).
+    """
     config, strategy = run.config, run.strategy
     # Normalisers first: every micro-batch's loss is divided by the token counts of the whole
     # window on every process, so the accumulated gradient is the one of the big batch.
-    local = torch.tensor(
-        [[float((b["labels"][:, 1:] != -100).sum()), 0.0 if b["empty"] else float(b["attention_mask"].sum())]
-         for _, b in window]
-    ).sum(0)
-    n_pred, n_in = run.sum_over_processes(local).tolist()
+    local = torch.tensor([token_counts(b) for _, b in window]).sum(0)
+    if kd_window is not None:
+        local = torch.cat([local, torch.tensor([token_counts(b) for _, b in kd_window]).sum(0)])
+    counts = run.sum_over_processes(local).tolist()
+    n_pred, n_in = counts[:2]
+    kd_tokens = (counts[2], counts[3]) if kd_window is not None else None
     sums = None
     for i, (_, batch) in enumerate(window):
+        if kd_window is not None:
+            loss, parts, kd_parts = _two_stream_pass(run, batch, kd_window[i][1], i == len(window) - 1, n_pred,
+                                                     kd_tokens)
+            sums = stack_sums(sums, loss, parts, kd_parts)
+            continue
         with strategy.accumulating(last=i == len(window) - 1):
             parts = distill_losses(
                 strategy.student, batch, run.teacher, run.accelerator.device,
@@ -562,7 +620,8 @@ def optimizer_step(run: TrainRun, window: list[tuple[int, dict]]) -> _StepOutcom
             strategy.backward(loss * run.world)  # DDP averages gradients over processes; the loss is a global sum
         sums = stack_sums(sums, loss, parts)
     reduced = run.sum_over_processes(sums)
-    per = torch.tensor([max(n_pred, 1), max(n_pred, 1), max(n_in, 1) * run.n_layers], device=reduced.device)
+    kd_pred, kd_in = kd_tokens or (n_pred, n_in)
+    per = torch.tensor([max(n_pred, 1), max(kd_pred, 1), max(kd_in, 1) * run.n_layers], device=reduced.device)
     ce, kd, rkl = (reduced[1:4] / per).tolist()
     _stop_if_non_finite(run.step, "loss", (float(reduced[0]), ce, kd, rkl), run.checkpoint)
     lrs = [g["lr"] for g in run.optimizer.param_groups]
@@ -571,14 +630,43 @@ def optimizer_step(run: TrainRun, window: list[tuple[int, dict]]) -> _StepOutcom
     run.scheduler.step()
     run.step, run.next_batch = run.step + 1, window[-1][0] + 1
     run.tokens_seen += int(n_in)
+    if kd_window is not None:
+        run.next_kd_batch = kd_window[-1][0] + 1
+        run.kd_tokens_seen += int(kd_tokens[1])
     merged = run.sfa.maybe_merge(run.step)
-    return _StepOutcome(reduced, n_pred, n_in, grad_norm, lrs, merged)
+    return _StepOutcome(reduced, n_pred, n_in, grad_norm, lrs, merged, kd_tokens)
+
+
+def _two_stream_pass(run: TrainRun, batch: dict, kd_batch: dict, last: bool, n_pred: float,
+                     kd_tokens: tuple[float, float]):
+    """One micro-batch with ``--kd-data``: CE on the domain ``batch`` (no teacher pass), then KD
+    and router KL on ``kd_batch``, each forward followed by its own backward (one graph alive at a
+    time; gradients synchronised only after the window's last kd pass).
+
+    :return: ``(loss, domain LossParts, kd LossParts)``; ``loss`` is the detached sum of the two
+        back-propagated losses.
+    """
+    config, strategy, device = run.config, run.strategy, run.accelerator.device
+    common = dict(temperature=config.temperature, family=run.family, autocast=run.accelerator.autocast)
+    with strategy.accumulating(last=False):
+        parts = distill_losses(strategy.student, batch, None, device, kd=False, blocks=[], **common)
+        ce_loss = loss_to_backpropagate(config, parts.ce, 0.0, 0.0, n_pred, 0.0, run.n_layers, kd_tokens=kd_tokens)
+        strategy.backward(ce_loss * run.world)
+    with strategy.accumulating(last=last):
+        kd_parts = distill_losses(
+            strategy.student, kd_batch, run.teacher, device, kd=config.kd_weight > 0 and run.teacher is not None,
+            blocks=run.blocks if run.teacher is not None else [], router_grad=config.router_kl_weight > 0, **common,
+        )
+        kd_loss = loss_to_backpropagate(config, 0.0, kd_parts.kd, kd_parts.router_kl, n_pred, 0.0, run.n_layers,
+                                        kd_tokens=kd_tokens)
+        strategy.backward(kd_loss * run.world)
+    return ce_loss.detach() + kd_loss.detach(), parts, kd_parts
 
 
 def _log_metrics(run: TrainRun, window: MetricsWindow, lrs: list[float]) -> None:
     """Write the metrics line of ``window`` to ``metrics.jsonl``, the trackers and the log."""
     record = window.record(run.step, lrs, run.tokens_seen, run.sfa.merges, [b.layer for b in run.blocks],
-                           run.n_layers)
+                           run.n_layers, run.kd_tokens_seen)
     run.metrics.write(record)
     if run.config.report_to:
         run.accelerator.log(flat_scalars(record), step=run.step)
@@ -636,7 +724,9 @@ def save(run: TrainRun) -> Path | None:
             run.run_dir, run.step, functools.partial(_write_checkpoint_files, run, tensors, staged),
             {"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(), "sfa": sfa_state, "rng": rngs},
             {"step": run.step, "next_batch": run.next_batch, "tokens": run.tokens_seen, "world_size": run.world,
-             "nexus_version": __version__},
+             "nexus_version": __version__,
+             **({"next_kd_batch": run.next_kd_batch, "kd_tokens": run.kd_tokens_seen} if run.kd_data is not None
+                else {})},
             run.config.keep_last,
         )
     run.accelerator.wait_for_everyone()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ class TrainConfig:
     data: str | None = _f(None, "Training data: .jsonl/.parquet/.txt file, a directory of them, or a cached dataset (optional with a teacher cache).")
     tokenizer: str | None = _f(None, "Tokenizer directory (default: the model's).")
     text_column: str | None = _f(None, "Text column of the data (default: text, or chat messages).")
+    kd_data: str | None = _f(None, "General text for distillation: KD (and router KL) on batches of it, CE on --data "
+                                   "(default: every term on --data). With a teacher cache: the data the cache was "
+                                   "made from.")
+    kd_batch_size: int | None = _f(None, "Rows of --kd-data per micro-batch per process (default: --batch-size).")
+    kd_text_column: str | None = _f(None, "Text column of --kd-data (default: text, or chat messages).")
     seq_len: int = _f(DEFAULT_SEQ_LEN, "Tokens per row (documents are packed).")
     batch_size: int = _f(4, "Rows per micro-batch per process.")
     grad_accum: int = _f(1, "Micro-batches per optimizer step (the loss is normalised by the tokens of the whole window).")
@@ -67,8 +73,9 @@ class TrainConfig:
                 raise NexusError(f"--{name} is required")
         at_least = {"seq_len": 2, "batch_size": 1, "grad_accum": 1, "max_steps": 1, "log_every": 1,
                     "warmup_steps": 0, "save_every": 0, "keep_last": 0, "sfa_interval": 0}
-        if self.stop_after is not None:
-            at_least["stop_after"] = 1
+        for name in ("stop_after", "kd_batch_size"):
+            if getattr(self, name) is not None:
+                at_least[name] = 1
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise NexusError(f"{_flag(name)} must be at least {low}, got {getattr(self, name)}")
@@ -88,10 +95,23 @@ class TrainConfig:
             raise NexusError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not (0 <= self.sfa_beta <= 1):
             raise NexusError(f"--sfa-beta must be in [0, 1], got {self.sfa_beta}")
+        self._check_kd_data()
         if self.resume and self.overwrite:
             raise NexusError("--resume continues the run in --output and --overwrite deletes it: give only one")
 
+    def _check_kd_data(self) -> None:
+        """Refuse --kd-data options that would be silently ignored."""
+        if self.kd_data is None:
+            for name in ("kd_batch_size", "kd_text_column"):
+                if getattr(self, name) is not None:
+                    raise NexusError(f"{_flag(name)} applies to --kd-data, which is not given; give --kd-data or "
+                                     f"drop {_flag(name)}")
+        elif self.kd_weight == 0 and self.router_kl_weight == 0:
+            raise NexusError("--kd-data feeds the distillation terms, but --kd-weight and --router-kl-weight are 0; "
+                             "set one of them above 0 or drop --kd-data")
+
     def to_dict(self) -> dict:
+        """Every field, as recorded in ``run_config.json`` and the adapter's ``args``."""
         return dataclasses.asdict(self)
 
 
@@ -103,4 +123,19 @@ def _flag(name: str) -> str:
 # ignored (the optimizer state restores the learning rates and weight decay of the original run).
 RESUME_MUST_MATCH = ("model", "adapter", "teacher", "data", "seq_len", "batch_size", "grad_accum", "seed",
                      "train_routers", "train_native_shared", "sfa_interval", "sfa_anchor", "text_column", "tokenizer",
-                     "lr", "router_lr", "weight_decay", "ce_weight", "kd_weight", "router_kl_weight", "temperature")
+                     "lr", "router_lr", "weight_decay", "ce_weight", "kd_weight", "router_kl_weight", "temperature",
+                     "kd_data", "kd_batch_size", "kd_text_column")
+
+KD_STREAM_FIELDS = ("kd_data", "kd_batch_size", "kd_text_column")
+"""The options of the separate distillation stream (all None without ``--kd-data``)."""
+
+
+@contextlib.contextmanager
+def kd_data_errors(kd_data: str):
+    """Re-raise a data error (:mod:`nexus.data`) met while reading ``--kd-data`` as one about it:
+    prefixed with the flag and the path, naming ``--kd-text-column`` instead of ``--text-column``."""
+    try:
+        yield
+    except NexusError as exc:
+        message = str(exc).replace("--text-column", "--kd-text-column")
+        raise NexusError(f"--kd-data {kd_data}: {message}") from exc

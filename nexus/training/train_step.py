@@ -142,17 +142,37 @@ def distill_losses(
     return parts
 
 
-def loss_to_backpropagate(config, ce, kd, router_kl, n_pred: float, n_in: float, n_layers: int):
+def loss_to_backpropagate(config, ce, kd, router_kl, n_pred: float, n_in: float, n_layers: int,
+                          kd_tokens: tuple[float, float] | None = None):
     """The training loss of one micro-batch, as back-propagated and (summed over the window) logged.
 
     ``(ce_weight * CE + kd_weight * T^2 * KD) / n_pred + router_kl_weight * RKL / (n_in * n_layers)``
     with CE, KD, RKL the micro-batch's token sums (scalar tensors or floats) and ``n_pred`` /
     ``n_in`` the predicted / input tokens of the whole window on every process.
 
+    With a separate distillation stream (``--kd-data``), CE comes from the domain batches and KD,
+    RKL from the kd batches, so each term is normalised by the tokens of its own stream:
+    ``ce_weight * CE / n_pred + kd_weight * T^2 * KD / n_pred_kd + router_kl_weight * RKL /
+    (n_in_kd * n_layers)``.
+
     :param config: a :class:`nexus.training.train_config.TrainConfig` (or anything with its
         ``ce_weight``, ``kd_weight``, ``temperature`` and ``router_kl_weight``).
+    :param kd_tokens: ``(n_pred_kd, n_in_kd)`` of the kd stream's window, or None when KD shares
+        the domain batches.
     """
-    loss = (config.ce_weight * ce + config.kd_weight * config.temperature**2 * kd) / max(n_pred, 1.0)
+    if kd_tokens is None:
+        loss = (config.ce_weight * ce + config.kd_weight * config.temperature**2 * kd) / max(n_pred, 1.0)
+        rkl_tokens = n_in
+    else:
+        n_pred_kd, rkl_tokens = kd_tokens
+        loss = (config.ce_weight * ce / max(n_pred, 1.0)
+                + config.kd_weight * config.temperature**2 * kd / max(n_pred_kd, 1.0))
     if config.router_kl_weight > 0:
-        loss = loss + config.router_kl_weight * router_kl / (max(n_in, 1.0) * n_layers)
+        loss = loss + config.router_kl_weight * router_kl / (max(rkl_tokens, 1.0) * n_layers)
     return loss
+
+
+def token_counts(batch: dict) -> list[float]:
+    """``[predicted tokens, input tokens]`` of a batch (input tokens 0 for a placeholder batch)."""
+    return [float((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
+            0.0 if batch["empty"] else float(batch["attention_mask"].sum())]
