@@ -32,8 +32,8 @@ def build_parser():
     p.add_argument("--preset", choices=["smoke", "quick", "full"], default="full",
                    help="Sizes and grids (default full; --quick is the quick preset).")
     p.add_argument("--methods", default="all",
-                   help="Comma-separated method names, 'all' (default), or 'milestone' "
-                        "(nexus, nexus-init-mean_all, lora-experts, full-experts).")
+                   help="Comma-separated method names (the files of benchmarks/quality/variants/), 'all' "
+                        "(default), or 'milestone' (the variants marked so).")
     p.add_argument("--models", default=None, help="Comma-separated base models (gpt_oss, qwen3_moe); default all.")
     p.add_argument("--name", default=None, help="File stem of the outputs (default quality-<preset>).")
     p.add_argument("--cache", type=Path, default=None,

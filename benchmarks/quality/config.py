@@ -1,7 +1,8 @@
-"""Benchmark settings: model recipes and the three presets (smoke, quick, full).
+"""Benchmark settings: model recipes and the three presets (smoke, quick, full). The compared methods
+are data (:mod:`benchmarks.quality.methods`).
 
-Everything that changes a result is in these frozen dataclasses, so a hash of them keys the
-cached base models and the per-run results.
+Everything here that changes a result is in these frozen dataclasses, so a hash of them keys the
+cached base models and the per-run results (each run is also keyed by its variant's definition).
 """
 
 from __future__ import annotations
@@ -66,11 +67,7 @@ class BenchConfig:
         eval_rows: rows per evaluation split (``domain_val``, ``domain_test``, ``general_test``).
         drift_rows: rows of each test split used for router drift.
         collect_rows: domain training rows used for router statistics (NEXUS selection).
-        nexus_top_k: experts averaged per layer by the ``pca`` and ``random`` inits.
-        kd_weight, kd_temperature: the distillation variant's weight and temperature.
-        sfa_beta, sfa_every_frac: SFA averaging weight and interval (fraction of ``steps``).
-        small_fraction: the smaller shared-expert budget, as a fraction of the expert width.
-        lora_alpha_ratio: ``lora_alpha = ratio * r``.
+        nexus_top_k: experts per layer of ``select`` (averaged by the ``pca`` init).
         threads: torch threads per run.
         isolate: run each adaptation in its own spawned process, so its peak RSS is its own
             (about 5 s of start-up per run; the small presets run in-process).
@@ -93,12 +90,6 @@ class BenchConfig:
     drift_rows: int = 16
     collect_rows: int = 64
     nexus_top_k: int = 4
-    kd_weight: float = 1.0
-    kd_temperature: float = 1.0
-    sfa_beta: float = 0.25
-    sfa_every_frac: float = 0.25
-    small_fraction: float = 0.25
-    lora_alpha_ratio: float = 2.0
     threads: int = 2
     isolate: bool = True
 

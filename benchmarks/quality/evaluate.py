@@ -1,42 +1,55 @@
-"""Held-out perplexity, distillation loss and router drift, for any causal MoE LM."""
+"""Held-out perplexity, distillation loss and router drift, for any causal MoE LM.
+
+Every loss and perplexity is computed with :mod:`nexus.losses` (the functions ``nexus train``
+and ``nexus evaluate`` use): next-token cross-entropy summed over the labelled tokens and
+divided by their count, KL(teacher || student) likewise.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
+
+from nexus.losses import cross_entropy_sum, kl_div_sum, shift_for_next_token
 
 
 def causal_ce(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy of ``logits[B, S, V]`` against ``labels[B, S]`` (positions
-    0..S-2 predict 1..S-1; label ``-100`` marks padding and is ignored)."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), reduction=reduction)
+    0..S-2 predict 1..S-1; label ``-100`` marks padding and is ignored).
+
+    :param reduction: ``mean`` over the labelled tokens or their ``sum``.
+    :return: a scalar fp32 tensor.
+    """
+    total, count = cross_entropy_sum(*shift_for_next_token(logits, labels))
+    return total if reduction == "sum" else total / count.clamp_min(1)
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+            temperature: float = 1.0) -> torch.Tensor:
     """``T^2 * KL(teacher || student)`` averaged over predicted tokens (``labels[:, 1:] != -100``).
 
     :param student, teacher: logits ``[B, S, V]``.
     :return: a scalar.
     """
-    t = temperature
-    s_logp = F.log_softmax(student[:, :-1].float() / t, dim=-1)
-    t_logp = F.log_softmax(teacher[:, :-1].float() / t, dim=-1)
-    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
-    mask = (labels[:, 1:] != -100).float()
-    return (kl * mask).sum() / mask.sum().clamp_min(1.0) * t * t
+    s_logits, shifted = shift_for_next_token(student, labels)
+    t_logits, _ = shift_for_next_token(teacher, labels)
+    mask = shifted != -100
+    kl = kl_div_sum(t_logits, s_logits, mask, temperature)
+    return kl / mask.sum().clamp_min(1) * temperature * temperature
 
 
 @torch.no_grad()
 def perplexity(model, rows: torch.Tensor, batch_size: int = 8) -> float:
-    """exp of the mean next-token NLL over every predicted token of ``rows[N, S]`` (fp64 sum)."""
+    """exp of the mean next-token NLL over every predicted token of ``rows[N, S]`` (fp64 sum of
+    :func:`nexus.losses.cross_entropy_sum` per batch, as ``nexus evaluate`` computes it)."""
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
         ids = rows[i : i + batch_size]
         logits = model(input_ids=ids).logits
-        total += float(causal_ce(logits, ids, reduction="sum").double())
-        count += ids[:, 1:].numel()
+        s, n = cross_entropy_sum(*shift_for_next_token(logits, ids))
+        total += float(s)
+        count += int(n)
     return math.exp(total / count)
 
 

@@ -1,94 +1,173 @@
-"""The adaptation methods compared by the benchmark and how each prepares a model for training.
+"""The adaptation methods compared by the benchmark, read from data, and how a baseline prepares a model.
 
-Every method turns a freshly loaded base model into ``(model to call, trainable parameters,
-self-teacher)``; the training loop (:mod:`benchmarks.quality.trainer`) is the same for all.
+Every method is one JSON file in :data:`VARIANTS_DIR` laid over ``defaults.json`` (nested
+``convert``/``train`` objects are merged key by key), so adding a variant is adding a file:
 
-NEXUS variants change one factor at a time from ``nexus`` (PCA init, scalar gate, frozen
-router, CE only, no SFA, shared expert as wide as a routed expert). The exception is
-``nexus-init-zeros``: a zero down projection under a zero-initialised scalar gate is a saddle
-with no gradient at all, so that variant uses the ``none`` gate.
+- ``kind``: ``nexus`` (the product's convert + train stages), ``lora_experts``, ``lora_attention``
+  or ``full_experts`` (the benchmark's baseline loop, :mod:`benchmarks.quality.trainer`).
+- ``convert``: :class:`nexus.engines.convert_config.ConvertConfig` fields (``strategy``,
+  ``gate_mode``, ``weighted``).
+- ``train``: :class:`nexus.training.train_config.TrainConfig` fields (``kd_weight``,
+  ``temperature``, ``train_routers``, ``sfa_beta``, ...); the baselines honour ``kd_weight``,
+  ``temperature`` and ``sfa_beta``.
+- ``width_fraction``: the shared expert's width as a fraction of a routed expert's.
+- ``sfa_interval_frac``: SFA interval as a fraction of the steps (0: off).
+- ``budget_of``: for LoRA, the NEXUS variant whose trainable count the rank is matched to;
+  ``lora_alpha_ratio``: ``lora_alpha = ratio * r``.
+- ``milestone``: part of ``--methods milestone``; ``about``: one line for the report.
 
-Baselines: PEFT LoRA on the fused expert weights (``target_parameters``) and on the attention
-projections, each at the rank whose trainable count is closest to a NEXUS budget, and full
-fine-tuning of every routed expert (the upper reference; router frozen).
+The keys the benchmark sets for every run (paths, steps, batch, LR, schedule, seed) are not
+accepted in a variant.
 """
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 
+from nexus.errors import NexusError
+
+VARIANTS_DIR = Path(__file__).resolve().parent / "variants"
+DEFAULTS_FILE = "defaults.json"
+KINDS = ("nexus", "lora_experts", "lora_attention", "full_experts")
 EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# Set by the benchmark for every run: a variant may not override them.
+RESERVED_CONVERT = ("model", "selection", "output", "shared_intermediate_size", "seed")
+RESERVED_TRAIN = ("model", "adapter", "output", "data", "tokenizer", "text_column", "seq_len", "batch_size",
+                  "grad_accum", "max_steps", "lr", "warmup_steps", "schedule", "min_lr_ratio", "max_grad_norm",
+                  "weight_decay", "sfa_interval", "save_every", "keep_last", "resume", "overwrite", "stop_after",
+                  "log_every", "seed", "teacher")
 
 
 @dataclass(frozen=True)
 class Method:
-    """One compared method.
+    """One compared method (a variant file over the defaults; see the module docstring).
 
     Attributes:
-        name: row name in the tables.
-        kind: ``nexus``, ``lora_experts``, ``lora_attention`` or ``full_experts``.
-        init, gate, train_router, kd, sfa, small: NEXUS options (init strategy, gate mode,
-            router trained, self-distillation on, SFA on, the smaller shared-expert budget).
-        budget_of: for LoRA, the NEXUS method whose trainable count the rank is matched to.
+        name: row name in the tables (the file's stem).
+        kind: one of :data:`KINDS`.
         about: one line for the report.
+        milestone: part of ``--methods milestone``.
+        width_fraction: shared-expert width / routed-expert width (NEXUS).
+        budget_of: the NEXUS variant a LoRA rank is matched to.
+        lora_alpha_ratio: ``lora_alpha = ratio * r``.
+        sfa_interval_frac: SFA interval as a fraction of the steps (0: off).
+        convert: ConvertConfig overrides; train: TrainConfig overrides.
     """
 
     name: str
     kind: str
-    init: str = "pca"
-    gate: str = "scalar"
-    train_router: bool = False
-    kd: bool = False
-    sfa: bool = False
-    small: bool = False
-    budget_of: str | None = None
     about: str = ""
+    milestone: bool = False
+    width_fraction: float = 1.0
+    budget_of: str | None = None
+    lora_alpha_ratio: float = 2.0
+    sfa_interval_frac: float = 0.0
+    convert: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
 
     @property
     def needs_family(self) -> bool:
         return self.kind == "nexus"
 
+    @property
+    def init(self) -> str:
+        return self.convert.get("strategy", "pca")
 
-def _nexus(name: str, about: str, **kw) -> Method:
-    return Method(name=name, kind="nexus", about=about, **kw)
+    @property
+    def gate(self) -> str:
+        return self.convert.get("gate_mode", "scalar")
+
+    @property
+    def kd_weight(self) -> float:
+        return float(self.train.get("kd_weight", 0.0))
+
+    def definition(self) -> dict:
+        """The resolved variant as a JSON-able dict (what its runs are keyed by)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-METHODS: tuple[Method, ...] = (
-    _nexus("nexus", "shared expert = mean of PCA-picked experts, scalar gate, frozen router, CE"),
-    _nexus("nexus-init-random", "init: mean of K random experts", init="random"),
-    _nexus("nexus-init-top1", "init: the most-used expert alone", init="top1"),
-    _nexus("nexus-init-mean_all", "init: mean of all experts", init="mean_all"),
-    _nexus("nexus-init-zeros", "init: zero down projection (gate none: zero x zero has no gradient)", init="zeros", gate="none"),
-    _nexus("nexus-gate-none", "gate: plain add (the original NEXUS)", gate="none"),
-    _nexus("nexus-gate-token", "gate: sigmoid(w.x) per token", gate="token"),
-    _nexus("nexus-router", "routers trained too", train_router=True),
-    _nexus("nexus-kd", "CE + self-distillation KL (teacher: adapter disabled)", kd=True),
-    _nexus("nexus-sfa", "SFA: periodic averaging with the initial shared experts", sfa=True),
-    _nexus("nexus-small", "shared expert at the smaller budget", small=True),
-    Method("lora-experts", "lora_experts", budget_of="nexus", about="PEFT LoRA on the fused expert weights"),
-    Method("lora-experts-small", "lora_experts", budget_of="nexus-small", about="PEFT LoRA on experts, smaller budget"),
-    Method("lora-attention", "lora_attention", budget_of="nexus", about="PEFT LoRA on q/k/v/o projections"),
-    Method("full-experts", "full_experts", about="full fine-tuning of every routed expert (upper reference)"),
-)
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
+
+def _read(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise NexusError(f"variant file {path} is not readable JSON ({exc}); fix or remove it") from exc
+    if not isinstance(doc, dict):
+        raise NexusError(f"variant file {path} must hold a JSON object; fix it")
+    return doc
+
+
+def _check(name: str, doc: dict, path: Path) -> None:
+    from nexus.engines.convert_config import ConvertConfig
+    from nexus.training.train_config import TrainConfig
+
+    known = {f.name for f in fields(Method)} - {"name"}
+    unknown = sorted(set(doc) - known)
+    if unknown:
+        raise NexusError(f"variant {path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if doc.get("kind") not in KINDS:
+        raise NexusError(f"variant {path}: kind {doc.get('kind')!r} is not one of {', '.join(KINDS)}")
+    sections = (("convert", ConvertConfig, RESERVED_CONVERT), ("train", TrainConfig, RESERVED_TRAIN))
+    for section, cls, reserved in sections:
+        allowed = {f.name for f in fields(cls)} - set(reserved)
+        bad = sorted(set(doc.get(section) or {}) - allowed)
+        if bad:
+            raise NexusError(f"variant {path}: {section} key(s) {', '.join(bad)} cannot be set by a variant; "
+                             f"allowed: {', '.join(sorted(allowed))}")
+    if not 0 < float(doc.get("width_fraction", 1.0)) <= 1:
+        raise NexusError(f"variant {path}: width_fraction must be in (0, 1], got {doc['width_fraction']}")
+
+
+def load_methods(directory: str | Path = VARIANTS_DIR) -> tuple[Method, ...]:
+    """Every ``*.json`` variant of ``directory`` over its ``defaults.json``.
+
+    :return: methods ordered by kind (:data:`KINDS`), then ``nexus`` first, then by name.
+    :raises NexusError: a file is not valid JSON, has an unknown key or sets a reserved one, or a
+        ``budget_of`` names no NEXUS variant.
+    """
+    directory = Path(directory)
+    defaults_path = directory / DEFAULTS_FILE
+    defaults = _read(defaults_path) if defaults_path.exists() else {}
+    methods = []
+    for path in sorted(directory.glob("*.json")):
+        if path.name == DEFAULTS_FILE:
+            continue
+        doc = _merge(defaults, _read(path))
+        _check(path.stem, doc, path)
+        methods.append(Method(name=path.stem, **doc))
+    names = {m.name: m for m in methods}
+    for m in methods:
+        if m.budget_of is not None and (m.budget_of not in names or names[m.budget_of].kind != "nexus"):
+            raise NexusError(f"variant {m.name}: budget_of {m.budget_of!r} is not a NEXUS variant in {directory}")
+    return tuple(sorted(methods, key=lambda m: (KINDS.index(m.kind), m.name != "nexus", m.name)))
+
+
+METHODS: tuple[Method, ...] = load_methods()
 METHODS_BY_NAME = {m.name: m for m in METHODS}
-MILESTONE_METHODS = ("nexus", "nexus-init-mean_all", "lora-experts", "full-experts")
+MILESTONE_METHODS = tuple(m.name for m in METHODS if m.milestone)
 
 
 @dataclass
 class Prepared:
-    """A model ready for the training loop.
+    """A baseline model ready for the training loop.
 
     Attributes:
         model: what the loop calls (a PEFT model for LoRA).
         trainable: the parameters the optimizer updates.
         teacher: a zero-argument context-manager factory under which ``model`` computes the
             base model's outputs (self-distillation), or None.
-        info: what the method built (rank, shared width, selected experts, ...).
+        info: what the method built (rank, ...).
     """
 
     model: torch.nn.Module
@@ -97,72 +176,34 @@ class Prepared:
     info: dict = field(default_factory=dict)
 
 
-def shared_width(method: Method, intermediate_size: int, small_fraction: float) -> int:
-    """The shared-expert width of a NEXUS method: the expert width, or the small fraction of it."""
-    return max(1, int(round(intermediate_size * small_fraction))) if method.small else intermediate_size
+def shared_width(method: Method, intermediate_size: int) -> int:
+    """The shared-expert width of a NEXUS method: ``width_fraction`` of the routed expert width."""
+    return max(1, int(round(intermediate_size * method.width_fraction)))
 
 
-@contextlib.contextmanager
-def base_routers(routers: list[torch.nn.Module], originals: list[list[torch.Tensor]]):
-    """Temporarily put the original router weights back (a trained router's teacher)."""
-    saved = [[p.detach().clone() for p in r.parameters()] for r in routers]
-    with torch.no_grad():
-        for r, orig in zip(routers, originals):
-            for p, o in zip(r.parameters(), orig):
-                p.copy_(o)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for r, s in zip(routers, saved):
-                for p, o in zip(r.parameters(), s):
-                    p.copy_(o)
+def nexus_budget(model, family, method: Method, width: int) -> int:
+    """Trainable parameters of ``method`` on ``model`` (a fresh base; attached in place): the shared
+    experts as :func:`nexus.shared_expert.attach_shared_experts` builds them, plus the routers when trained."""
+    from nexus.shared_expert import attach_shared_experts, freeze_base
+
+    blocks = attach_shared_experts(model, family, width, method.gate)
+    routers = [family.router_capture(b).module for b in blocks] if method.train.get("train_routers") else []
+    return sum(p.numel() for p in freeze_base(model, routers))
 
 
-def prepare_nexus(model, family, method: Method, width: int, selection: dict[int, list[int]] | None, base_path=None) -> Prepared:
-    """Attach and initialise shared experts, freeze the base (routers too unless trained).
-
-    :param selection: experts per layer to average (see :mod:`benchmarks.quality.nexus_path`);
-        None leaves the fresh initialisation (parameter counting only).
-    """
-    from benchmarks.quality import nexus_path
-    from nexus.shared_expert import disable_shared_experts, freeze_base
-
-    if selection is None:
-        from nexus.shared_expert import attach_shared_experts
-
-        blocks = attach_shared_experts(model, family, width, method.gate)
-    else:
-        blocks = nexus_path.convert(model, family, base_path, selection, width, method.gate)
-    routers = [family.router_capture(b).module for b in blocks] if method.train_router else []
-    trainable = freeze_base(model, routers)
-    originals = [[p.detach().clone() for p in r.parameters()] for r in routers]
-
-    def teacher():
-        stack = contextlib.ExitStack()
-        stack.enter_context(disable_shared_experts(model))
-        if routers:
-            stack.enter_context(base_routers(routers, originals))
-        return stack
-
-    info = {"shared_intermediate_size": width, "gate": method.gate, "init": method.init}
-    if selection is not None:
-        info["selected_experts"] = {str(k): v for k, v in selection.items()}
-    return Prepared(model, trainable, teacher, info)
-
-
-def prepare_lora(model, method: Method, rank: int, alpha_ratio: float) -> Prepared:
+def prepare_lora(model, method: Method, rank: int) -> Prepared:
     """Wrap ``model`` in a PEFT LoRA of ``rank`` on the expert weights or attention projections."""
     from peft import LoraConfig, get_peft_model
 
+    alpha = method.lora_alpha_ratio * rank
     if method.kind == "lora_experts":
-        cfg = LoraConfig(r=rank, lora_alpha=alpha_ratio * rank, target_modules=[], target_parameters=EXPERT_TARGETS)
+        cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=[], target_parameters=EXPERT_TARGETS)
     else:
-        cfg = LoraConfig(r=rank, lora_alpha=alpha_ratio * rank, target_modules=ATTENTION_TARGETS)
+        cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=ATTENTION_TARGETS)
     peft_model = get_peft_model(model, cfg)
     peft_model.eval()
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    return Prepared(peft_model, trainable, peft_model.disable_adapter, {"rank": rank, "lora_alpha": alpha_ratio * rank})
+    return Prepared(peft_model, trainable, peft_model.disable_adapter, {"rank": rank, "lora_alpha": alpha})
 
 
 def prepare_full_experts(model) -> Prepared:
@@ -181,14 +222,14 @@ def count_trainable(prepared: Prepared) -> int:
     return sum(p.numel() for p in prepared.trainable)
 
 
-def matched_rank(model_factory, method: Method, budget: int, alpha_ratio: float) -> tuple[int, int]:
+def matched_rank(model_factory, method: Method, budget: int) -> tuple[int, int]:
     """The LoRA rank whose trainable count is closest to ``budget`` (counts are linear in r).
 
     :param model_factory: builds a fresh base model (random weights are fine).
     :return: ``(rank, trainable count at that rank)``.
     """
-    c1 = count_trainable(prepare_lora(model_factory(), method, 1, alpha_ratio))
-    c2 = count_trainable(prepare_lora(model_factory(), method, 2, alpha_ratio))
+    c1 = count_trainable(prepare_lora(model_factory(), method, 1))
+    c2 = count_trainable(prepare_lora(model_factory(), method, 2))
     slope, offset = c2 - c1, 2 * c1 - c2
     rank = max(1, int(round((budget - offset) / slope)))
     return rank, offset + slope * rank

@@ -69,7 +69,7 @@ def summarize_method(entry: dict, base_ppl: dict) -> dict:
         "peak_rss_mb": _ms([r["peak_rss_mb"] for r in best]),
         "rss_isolated": all(r["rss_isolated"] for r in best),
         # Runs before the baselines loaded data through load_token_data used pre-tokenised rows.
-        "data_loading": sorted({r.get("data_loading") or ("load_token_data" if r["info"].get("pipeline") == "engines"
+        "data_loading": sorted({r.get("data_loading") or ("load_token_data" if r["info"].get("pipeline") in ("engines", "nexus stages")
                                                         else "pre-tokenised rows") for r in best}),
         "lr_curve": [{"lr": r["lr"], "domain_val_ppl": r["final"]["domain_val"], "domain_test_ppl": r["final"]["domain_test"],
                       "general_test_ppl": r["final"]["general_test"], "diverged": r["diverged"]} for r in seed0],
@@ -214,8 +214,8 @@ def markdown(results: dict) -> str:
         if ranks or budgets:
             lines += [
                 f"Budgets: NEXUS {', '.join(f'{k} {v:,}' for k, v in budgets.items())}; LoRA ranks "
-                f"{', '.join(f'{k} r={v}' for k, v in ranks.items())}. Engines: "
-                f"{', '.join(f'{k}={v}' for k, v in ctx.get('engines', {}).items())}.",
+                f"{', '.join(f'{k} r={v}' for k, v in ranks.items())}. NEXUS runs: "
+                f"{ctx.get('nexus_pipeline', 'nexus stages')} (collect, select, convert, train).",
                 "",
             ]
     lines += [

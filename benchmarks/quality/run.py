@@ -1,10 +1,11 @@
 """Orchestration: corpora -> tokenizer -> cached base models -> LR sweep x methods x seeds.
 
 Per base model the parent process prepares a *context* (evaluation rows, the base model's
-perplexities and router probabilities, NEXUS expert selections, LoRA ranks matched to the
-NEXUS budgets) in the work directory; each (method, LR, seed) run then executes in a fresh
+perplexities and router probabilities, the expert selection of the product's ``collect`` and
+``select`` stages, LoRA ranks matched to the NEXUS budgets) in the work directory; each (method, LR, seed) run then executes in a fresh
 spawned process (so its peak RSS is its own) and writes one JSON there. Finished runs are
-reused, so an interrupted benchmark resumes where it stopped.
+reused while their method's variant definition is unchanged, so an interrupted benchmark resumes
+where it stopped.
 
 LR selection: every method is first run with seed 0 over the same grid; the best LR is the
 one with the lowest final held-out *validation* domain perplexity (the test split is only
@@ -31,16 +32,15 @@ import torch
 from benchmarks.quality.config import BenchConfig, ModelRecipe, digest
 from benchmarks.quality.corpus import domain_corpus, general_corpus
 from benchmarks.quality.evaluate import perplexity, router_drift, router_probs
-from benchmarks.quality.nexus_path import engines_available
 from benchmarks.quality.methods import (
     METHODS,
     METHODS_BY_NAME,
     Method,
     count_trainable,
     matched_rank,
+    nexus_budget,
     prepare_full_experts,
     prepare_lora,
-    prepare_nexus,
     shared_width,
 )
 from benchmarks.quality.pretrain import build_config, cached_base
@@ -52,8 +52,7 @@ from nexus.io import atomic_path, write_json
 log = logging.getLogger(__name__)
 
 EVAL_SPLITS = ("domain_val", "domain_test", "general_test")
-RUN_FORMAT = 3  # bump when a change to the runs invalidates cached run results
-RANDOM_SELECTIONS = 10  # seeds of the local stand-in's ``random`` init kept in a context
+RUN_FORMAT = 4  # bump when a change to the runs invalidates cached run results
 
 
 def bench_cache() -> Path:
@@ -113,22 +112,59 @@ def _expert_width(config) -> int:
     return getattr(config, "moe_intermediate_size", None) or config.intermediate_size
 
 
+def budget_keys() -> dict:
+    """Per LoRA variant, a digest of its definition and of the NEXUS variant its budget follows."""
+    return {m.name: digest(m.definition(), METHODS_BY_NAME[m.budget_of].definition())
+            for m in METHODS if m.kind.startswith("lora") and m.budget_of}
+
+
+def match_budgets(recipe: ModelRecipe, family, width: int) -> tuple[dict, dict]:
+    """Trainable counts of the NEXUS variants that LoRA variants are matched to, and those LoRA ranks.
+
+    :param family: the NEXUS family (None: count the shared experts' weights alone).
+    :param width: the routed expert width.
+    :return: ``(budgets {nexus variant: count}, ranks {lora variant: r})``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = build_config(recipe)
+    factory = lambda: AutoModelForCausalLM.from_config(config)  # noqa: E731
+    budgets: dict[str, int] = {}
+    if family is not None:
+        for name in sorted({m.budget_of for m in METHODS if m.budget_of}):
+            m = METHODS_BY_NAME[name]
+            budgets[name] = nexus_budget(factory(), family, m, shared_width(m, width))
+    ranks: dict[str, int] = {}
+    for m in METHODS:
+        if m.kind.startswith("lora") and m.budget_of:
+            budget = budgets.get(m.budget_of)
+            if budget is None:  # no family to count with: the shared expert's weights alone
+                shared = shared_width(METHODS_BY_NAME[m.budget_of], width)
+                budget = config.num_hidden_layers * 3 * config.hidden_size * shared
+            ranks[m.name], _ = matched_rank(factory, m, budget)
+    return budgets, ranks
+
+
 def build_context(cfg: BenchConfig, recipe: ModelRecipe, inputs: dict, cache: Path, work: Path) -> dict:
     """Pretrain (or reuse) the base model of ``recipe`` and prepare everything its runs share.
 
     :return: the context dict, also written to ``work/context.json`` (tensors beside it in
-        ``context.pt``): base path and pretraining record, base perplexities, NEXUS selections,
-        trainable budgets and LoRA ranks (for every method of :data:`METHODS`).
+        ``context.pt``): base path and pretraining record, base perplexities, the expert
+        selection file, trainable budgets and LoRA ranks (for every method of :data:`METHODS`).
     """
-    from transformers import AutoModelForCausalLM
-
     from benchmarks.quality import nexus_path
     from nexus.data import load_token_data
     from nexus.loading import load_model
 
     path = work / "context.json"
     if path.exists():
-        return json.loads(path.read_text())
+        ctx = json.loads(path.read_text())
+        if ctx.get("budget_keys") != budget_keys():  # a variant file was added or changed since
+            family = _family(recipe.family)
+            ctx["nexus_budgets"], ctx["lora_ranks"] = match_budgets(recipe, family, ctx["expert_width"])
+            ctx["budget_keys"] = budget_keys()
+            write_json(path, ctx)
+        return ctx
     general = inputs["general"]
     base_key = recipe.key(inputs["tokenizer_dir"].name, general.fingerprint)
     base_path, record = cached_base(
@@ -161,39 +197,14 @@ def build_context(cfg: BenchConfig, recipe: ModelRecipe, inputs: dict, cache: Pa
 
     family = _family(recipe.family)
     width = _expert_width(model.config)
-    selections: dict[str, dict] = {}
-    budgets: dict[str, int] = {}
-    ranks: dict[str, int] = {}
-    config = build_config(recipe)
-    factory = lambda: AutoModelForCausalLM.from_config(config)  # noqa: E731
-    engines = nexus_path.engine_status()
     work.mkdir(parents=True, exist_ok=True)
     data = load_token_data(inputs["domain_train_jsonl"], inputs["tokenizer"], cfg.seq_len)
     selection_path = None
-    use_engines = family is not None and engines["convert"] == "engine" and engines["train"] == "engine"
     if family is not None:
-        full = torch.tensor([r for r in data.rows if len(r) == cfg.seq_len])
-        collect_rows = spread(full, cfg.collect_rows)
-        num_experts = family.moe_blocks(model)[0].num_experts
-        k = min(cfg.nexus_top_k, num_experts)
-        if use_engines:
-            selection_path = work / "expert_selection.json"
-            nexus_path.selection_document(model, family, collect_rows, k, selection_path)
-        # The local stand-in's selections too (cheap): the fallback path and the equivalence test use them.
-        stats = nexus_path.collect_stats(model, family, collect_rows)
-        for strategy in ("pca", "top1", "mean_all", "zeros"):
-            selections[strategy] = nexus_path.select(stats, strategy, k, seed=0)
-        for seed in range(max(cfg.seeds, RANDOM_SELECTIONS)):
-            selections[f"random-{seed}"] = nexus_path.select(stats, "random", k, seed=seed)
-        for name in ("nexus", "nexus-small"):
-            m = METHODS_BY_NAME[name]
-            budgets[name] = count_trainable(prepare_nexus(factory(), family, m, shared_width(m, width, cfg.small_fraction), None))
-    for m in METHODS:
-        if m.kind.startswith("lora"):
-            budget = budgets.get(m.budget_of)
-            if budget is None:  # no family to count with: the shared expert's weights alone
-                budget = config.num_hidden_layers * 3 * config.hidden_size * shared_width(METHODS_BY_NAME[m.budget_of], width, cfg.small_fraction)
-            ranks[m.name], _ = matched_rank(factory, m, budget, cfg.lora_alpha_ratio)
+        k = min(cfg.nexus_top_k, family.moe_blocks(model)[0].num_experts)
+        selection_path = nexus_path.select_stage(base_path, inputs["domain_train_jsonl"], cfg.seq_len,
+                                                 cfg.collect_rows * cfg.seq_len, k, work / "select")
+    budgets, ranks = match_budgets(recipe, family, width)
     del model
 
     tensors_path = work / "context.pt"
@@ -209,11 +220,10 @@ def build_context(cfg: BenchConfig, recipe: ModelRecipe, inputs: dict, cache: Pa
         "base_expert_load_domain": expert_load,
         "top_k": top_k,
         "expert_width": width,
-        "selections": {k: {str(layer): v for layer, v in sel.items()} for k, sel in selections.items()},
         "nexus_budgets": budgets,
         "lora_ranks": ranks,
-        "engines": engines,
-        "nexus_pipeline": "engines" if use_engines else "local",
+        "budget_keys": budget_keys(),
+        "nexus_pipeline": "nexus stages",
         "selection_path": str(selection_path) if selection_path else None,
         "tensors": str(tensors_path),
         "train_jsonl": str(inputs["domain_train_jsonl"]),
@@ -228,27 +238,13 @@ def build_context(cfg: BenchConfig, recipe: ModelRecipe, inputs: dict, cache: Pa
 # --------------------------------------------------------------------------- one run
 
 
-def _selection(ctx: dict, method: Method, seed: int) -> dict[int, list[int]]:
-    key = f"random-{seed}" if method.init == "random" else method.init
-    if key not in ctx["selections"]:  # a seed beyond those precomputed
-        key = f"random-{seed % max(1, sum(k.startswith('random-') for k in ctx['selections']))}"
-    return {int(layer): v for layer, v in ctx["selections"][key].items()}
-
-
-def prepare_method(ctx: dict, method: Method, model, seed: int):
-    """Turn the loaded base ``model`` into ``method``'s trainable :class:`Prepared`."""
-    cfg = ctx["config"]
-    if method.kind == "nexus":
-        from nexus.family import resolve_family
-
-        family = resolve_family(name=ctx["family"])
-        width = shared_width(method, ctx["expert_width"], cfg["small_fraction"])
-        return prepare_nexus(model, family, method, width, _selection(ctx, method, seed), ctx["base_path"])
+def prepare_method(ctx: dict, method: Method, model):
+    """Turn the loaded base ``model`` into a baseline ``method``'s trainable :class:`Prepared`."""
     if method.kind in ("lora_experts", "lora_attention"):
-        return prepare_lora(model, method, ctx["lora_ranks"][method.name], cfg["lora_alpha_ratio"])
+        return prepare_lora(model, method, ctx["lora_ranks"][method.name])
     if method.kind == "full_experts":
         return prepare_full_experts(model)
-    raise ValueError(f"unknown method kind {method.kind!r}")
+    raise ValueError(f"method kind {method.kind!r} has no baseline loop")
 
 
 def reset_peak_rss() -> bool:
@@ -292,26 +288,34 @@ def load_train_data(ctx: dict):
     return load_token_data(ctx["train_jsonl"], load_tokenizer(ctx["base_path"]), ctx["seq_len"])
 
 
-def _settings(cfg: dict, method: Method, lr: float, seed: int) -> TrainSettings:
+def settings_of(cfg: dict, method: Method, lr: float, seed: int) -> TrainSettings:
+    """One run's optimisation settings: the preset's budget and schedule, the variant's loss and SFA."""
+    sfa_every = max(1, round(method.sfa_interval_frac * cfg["steps"])) if method.sfa_interval_frac else 0
     return TrainSettings(
         steps=cfg["steps"],
         batch_size=cfg["batch_size"],
         lr=lr,
         seed=seed,
         warmup_frac=cfg["warmup_frac"],
-        kd_weight=cfg["kd_weight"] if method.kd else 0.0,
-        kd_temperature=cfg["kd_temperature"],
-        sfa_beta=cfg["sfa_beta"] if method.sfa else 0.0,
-        sfa_every=max(1, round(cfg["sfa_every_frac"] * cfg["steps"])) if method.sfa else 0,
+        kd_weight=method.kd_weight,
+        kd_temperature=float(method.train.get("temperature", 1.0)),
+        sfa_beta=float(method.train.get("sfa_beta", 0.5)) if sfa_every else 0.0,
+        sfa_every=sfa_every,
         eval_at=eval_steps(cfg["steps"], cfg["eval_points"]),
     )
+
+
+def variant_digest(method: Method) -> str:
+    """16 hex chars over ``method``'s resolved definition: a cached run is reused only under the same one."""
+    return digest(method.definition())
 
 
 def run_one(job: dict) -> dict:
     """Run one (method, LR, seed) adaptation and write its JSON (see the module docstring).
 
-    NEXUS methods go through ``convert`` + the training engine when the context says so
-    (``nexus_pipeline == "engines"``); everything else through :func:`trainer.train`.
+    NEXUS methods go through the product's ``convert`` and ``train`` stages
+    (:func:`benchmarks.quality.nexus_path.train_nexus`); the baselines through :func:`trainer.train`.
+    Every perplexity is :func:`benchmarks.quality.evaluate.perplexity` (:mod:`nexus.losses`).
 
     :param job: ``context`` (path of context.json), ``method``, ``lr``, ``seed``, ``out`` (JSON
         path), ``threads`` (torch threads; default the context's), ``isolated`` (running in its
@@ -332,35 +336,34 @@ def run_one(job: dict) -> dict:
     seed, lr = job["seed"], job["lr"]
     rss_reset = reset_peak_rss()
     tensors = torch.load(ctx["tensors"])
-    settings = _settings(cfg, method, lr, seed)
+    settings = settings_of(cfg, method, lr, seed)
 
     def evaluate_model(model, step: int) -> dict:
         model.eval()
         return {f"{name}_ppl": perplexity(model, rows) for name, rows in tensors["eval_rows"].items()}
 
     t_start = time.perf_counter()
-    if method.kind == "nexus" and ctx.get("nexus_pipeline") == "engines":
-        width = shared_width(method, ctx["expert_width"], cfg["small_fraction"])
+    if method.kind == "nexus":
+        width = shared_width(method, ctx["expert_width"])
         scratch = Path(job["out"]).with_suffix(".work")
         shutil.rmtree(scratch, ignore_errors=True)
         try:
-            out = nexus_path.train_with_engines(
-                ctx["base_path"], ctx["train_jsonl"], ctx["selection_path"], method.init, method.gate, method.train_router,
-                width, settings, ctx["seq_len"], scratch, evaluate_model,
-            )
+            out = nexus_path.train_nexus(method, ctx["base_path"], ctx["train_jsonl"], ctx["selection_path"], width,
+                                         settings, ctx["seq_len"], scratch, evaluate_model)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         trained = out.pop("model")
         initial = out.pop("initial")
         trainable = out.pop("trainable")
-        info = {"pipeline": "engines", "shared_intermediate_size": width, "gate": method.gate, "init": method.init}
+        info = {"pipeline": "nexus stages", "shared_intermediate_size": width, "gate": method.gate,
+                "init": method.init, **out.pop("configs")}
         record = out
     else:
         data = load_train_data(ctx)
         # LoRA and full fine-tuning of the experts need them as float parameters, not packed bytes.
         model = load_model(ctx["base_path"], dequantize=True)
         torch.manual_seed(seed)
-        prepared = prepare_method(ctx, method, model, seed)
+        prepared = prepare_method(ctx, method, model)
         initial = evaluate_model(prepared.model, 0)
         record = train(prepared, data, settings, lambda step: evaluate_model(prepared.model, step))
         trained, trainable = prepared.model, count_trainable(prepared)
@@ -376,6 +379,8 @@ def run_one(job: dict) -> dict:
         "method": method.name,
         "lr": lr,
         "seed": seed,
+        "variant": method.definition(),
+        "variant_digest": variant_digest(method),
         "trainable_params": trainable,
         "info": info,
         "initial": {k: initial[k] for k in ("domain_test_ppl", "general_test_ppl")},
@@ -393,13 +398,14 @@ def run_one(job: dict) -> dict:
 
 
 def execute(jobs: list[dict], isolate: bool, workers: int = 1) -> list[dict]:
-    """Run ``jobs`` (skipping those whose JSON exists), each in a fresh spawned process when
-    ``isolate``. :return: results in job order."""
+    """Run ``jobs``, each in a fresh spawned process when ``isolate``; a job whose JSON exists with
+    the same variant definition (:func:`variant_digest`) is reused. :return: results in job order."""
     results: dict[int, dict] = {}
     todo = []
     for i, job in enumerate(jobs):
-        if Path(job["out"]).exists():
-            results[i] = json.loads(Path(job["out"]).read_text())
+        done = json.loads(Path(job["out"]).read_text()) if Path(job["out"]).exists() else None
+        if done is not None and done.get("variant_digest") == variant_digest(METHODS_BY_NAME[job["method"]]):
+            results[i] = done
         else:
             todo.append(i)
     if todo:
@@ -426,7 +432,8 @@ def carry_over(results_path: Path, cache: Path) -> int:
     """Seed the run cache with the runs of an earlier results JSON of the same experiment.
 
     A run is carried over when its work directory (named by a hash of the adaptation settings,
-    the base model's recipe, the corpora and the engines: everything that changes a result) is
+    the base model's recipe and the corpora: everything that changes a result but the variant's
+    definition, which :func:`execute` checks) is
     the same as now, and it loaded its training data as runs do now (the training engine, or
     :func:`load_train_data`); runs already in the cache are kept. Each carried run records
     ``carried_from`` (the file and the date of the earlier benchmark), because its timings and
@@ -443,7 +450,7 @@ def carry_over(results_path: Path, cache: Path) -> int:
         work = Path(cache) / "quality-runs" / Path(model["work_dir"]).name
         for name, entry in model["methods"].items():
             for run in entry["runs"]:
-                if run.get("data_loading") != "load_token_data" and run["info"].get("pipeline") != "engines":
+                if run.get("data_loading") != "load_token_data" and run["info"].get("pipeline") not in ("engines", "nexus stages"):
                     continue
                 out = Path(_job(work, name, run["lr"], run["seed"], 0, 1)["out"])
                 if out.exists():
@@ -582,7 +589,7 @@ def run_benchmark(
         if models and recipe.name not in models:
             continue
         base_key = recipe.key(inputs["tokenizer_dir"].name, inputs["general"].fingerprint)
-        run_key = digest(RUN_FORMAT, cfg.adaptation_dict(), base_key, inputs["domain"].fingerprint, engines_available())
+        run_key = digest(RUN_FORMAT, cfg.adaptation_dict(), base_key, inputs["domain"].fingerprint)
         work = cache / "quality-runs" / f"{cfg.preset}-{recipe.name}-{run_key}"
         t_model = time.perf_counter()
         ctx = build_context(cfg, recipe, inputs, cache, work)

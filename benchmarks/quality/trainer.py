@@ -1,8 +1,9 @@
-"""The adaptation loop of the baselines (and of NEXUS when its engines are not installed).
+"""The adaptation loop of the baselines (LoRA, full fine-tuning of the experts); NEXUS runs train
+through ``nexus.engines.train`` (:mod:`benchmarks.quality.nexus_path`).
 
 It mirrors ``nexus.engines.train`` step for step, so every method sees the same batches in the
 same order under the same optimisation: batches from :meth:`nexus.data.TokenData.batches`
-(the engine's order), loss = CE over predicted tokens (+ ``kd_weight * T^2 * KL(teacher ||
+(the engine's order), loss = CE over predicted tokens (:mod:`nexus.losses`, + ``kd_weight * T^2 * KL(teacher ||
 student)`` when the method distils; the teacher is the same model under ``Prepared.teacher``),
 AdamW without weight decay over the trainable parameters, linear warmup then cosine down to
 ``min_lr_ratio``, gradient clipping at 1.0, and SFA (arXiv 2501.05559) as the engine's: every
