@@ -41,14 +41,6 @@ def bench_parser(description: str, threads: int | None = 1, threads_help: str | 
     return p
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    """``--quick`` and ``--results-dir`` only: superseded by :func:`bench_parser` (which adds ``--threads``)."""
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--quick", action="store_true", help="Small sizes: seconds instead of minutes.")
-    p.add_argument("--results-dir", type=Path, default=RESULTS, help="Where the results JSON goes.")
-    return p
-
-
 def parse_bench_args(p: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` (default ``sys.argv[1:]``) and check the common flags before anything runs.
 

@@ -17,8 +17,8 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import common  # noqa: E402
 
-SCRIPTS = ["bench_convert_memory", "bench_engines", "bench_mxfp4_decode", "bench_quality", "bench_router_stats",
-           "bench_train_step"]
+SCRIPTS = ["bench_convert_memory", "bench_engines", "bench_mxfp4_decode", "bench_packed", "bench_quality",
+           "bench_router_stats", "bench_train_step"]
 
 
 def _main(script: str):

@@ -376,3 +376,16 @@ def test_saving_a_packed_model_is_refused(packed_dir, tmp_path):
     with pytest.raises(NexusError, match="save_pretrained would drop them"):
         load_model(path).save_pretrained(tmp_path / "copy")
     assert not (tmp_path / "copy").exists()
+
+
+def test_bf16_load_keeps_the_modules_transformers_keeps_in_fp32(packed_dir):
+    """DeepSeek-V3's ``e_score_correction_bias`` stays float32 in a bf16 model, packed as dequantised
+    (``_keep_in_fp32_modules_strict``): rounding it to bf16 changes which experts are chosen."""
+    _, path = packed_dir("deepseek_v3", "fp8")
+    dtypes = []
+    for dequantize in (False, True):
+        model = load_model(path, dtype=torch.bfloat16, dequantize=dequantize)
+        dtypes.append({n: t.dtype for n, t in [*model.named_parameters(), *model.named_buffers()]
+                       if "e_score_correction_bias" in n})
+    assert dtypes[0] and set(dtypes[0].values()) == {torch.float32}
+    assert dtypes[0] == dtypes[1]

@@ -121,6 +121,16 @@ def packed_modules(model: nn.Module) -> dict[str, PackedExperts]:
     return {n: m for n, m in model.named_modules() if isinstance(m, PackedExperts)}
 
 
+def _load_dtype(model, name: str, target: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``from_pretrained`` would give tensor ``name``: float32 for the modules the model keeps
+    in fp32 (``_keep_in_fp32_modules_strict`` always, e.g. DeepSeek-V3's ``e_score_correction_bias``;
+    ``_keep_in_fp32_modules`` under fp16), else the meta model's dtype."""
+    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if dtype == torch.float16:
+        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    return torch.float32 if keep and keep & set(name.split(".")) else target.dtype
+
+
 def _renamer(model):
     """Checkpoint key -> model key, applying transformers' renamings; None for keys a converter claims."""
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -193,7 +203,7 @@ def load_packed_model(path: str | Path, family, dtype: torch.dtype, device) -> n
         elif t.dtype in (torch.uint8, torch.float8_e4m3fn) and target.dtype != t.dtype:
             raise NexusError(f"checkpoint {reader.path}: {key} is stored as {t.dtype} without the companion scales "
                              f"the loader decodes; dequantise the checkpoint or pass --dequantize")
-        t = t.to(device=device, dtype=target.dtype if target.is_floating_point() else t.dtype)
+        t = t.to(device=device, dtype=_load_dtype(model, name, target, dtype) if target.is_floating_point() else t.dtype)
         owner, _, attr = name.rpartition(".")
         module = owner_of[owner] if owner else model
         if attr in module._parameters:
