@@ -16,13 +16,16 @@ class CollectArgs:
 
     Attributes:
         target_tokens: stop after exactly this many (non-padding) tokens; None: the whole data, once.
+            The data is read in order until the budget is met (a 168 MB file is not read whole for
+            20k tokens), so the statistics describe the first documents of the file, shuffled
+            among themselves: put a representative sample first, or shuffle the file.
         batch_size: rows per forward, per process.
         seed: shuffle the rows with this seed (None: data order). Matters only with ``target_tokens``.
         checkpoint_every: save the partial statistics every this many batches (0: only at the end).
     """
 
-    target_tokens: int | None = _f(None, "Stop after exactly this many non-padding tokens (default: the whole "
-                                         "data, once).")
+    target_tokens: int | None = _f(None, "Stop after exactly this many non-padding tokens, read from the start of "
+                                         "the data (default: the whole data, once).")
     batch_size: int = _f(8, "Rows per forward pass, per process.")
     seed: int | None = _f(None, "Shuffle rows with this seed (default: data order).")
     checkpoint_every: int = _f(50, "Save partial statistics every N batches (0: only at the end); a rerun "
