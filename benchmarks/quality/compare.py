@@ -31,7 +31,7 @@ FACTORS: dict[str, tuple[str, dict[str, str]]] = {
                      "nexus-init-zeros": "zeros (gate none)"}),
     "gate": ("scalar", {"nexus-gate-none": "none", "nexus-gate-token": "token"}),
     "router": ("frozen", {"nexus-router": "trained"}),
-    "kd_weight": ("0", {"nexus-kd": "1 (teacher self)"}),
+    "kd_weight": ("0", {"nexus-kd": "1 (teacher self)", "nexus-kd-general": "1 on general text (--kd-data)"}),
     "sfa": ("off", {"nexus-sfa": "on"}),
     "width": ("expert width", {"nexus-small": "1/4 of it"}),
 }

@@ -15,6 +15,10 @@ Every method is one JSON file in :data:`VARIANTS_DIR` laid over ``defaults.json`
 - ``budget_of``: for LoRA, the NEXUS variant whose trainable count the rank is matched to;
   ``lora_alpha_ratio``: ``lora_alpha = ratio * r``.
 - ``milestone``: part of ``--methods milestone``; ``about``: one line for the report.
+- ``kd_on``: where a NEXUS variant's distillation terms are computed: ``domain`` (the default:
+  on the domain batches) or ``general`` (on the general training text, passed to
+  ``nexus train --kd-data``, while CE stays on the domain batches; ``train.kd_batch_size`` sets
+  the rows of general text per step).
 
 The keys the benchmark sets for every run (paths, steps, batch, LR, schedule, seed) are not
 accepted in a variant.
@@ -40,7 +44,8 @@ RESERVED_CONVERT = ("model", "selection", "output", "shared_intermediate_size", 
 RESERVED_TRAIN = ("model", "adapter", "output", "data", "tokenizer", "text_column", "seq_len", "batch_size",
                   "grad_accum", "max_steps", "lr", "warmup_steps", "schedule", "min_lr_ratio", "max_grad_norm",
                   "weight_decay", "sfa_interval", "save_every", "keep_last", "resume", "overwrite", "stop_after",
-                  "log_every", "seed", "teacher")
+                  "log_every", "seed", "teacher", "kd_data")
+KD_SOURCES = ("domain", "general")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class Method:
         lora_alpha_ratio: ``lora_alpha = ratio * r``.
         sfa_interval_frac: SFA interval as a fraction of the steps (0: off).
         convert: ConvertConfig overrides; train: TrainConfig overrides.
+        kd_on: ``domain`` or ``general``: the batches the distillation terms are computed on.
     """
 
     name: str
@@ -69,6 +75,7 @@ class Method:
     sfa_interval_frac: float = 0.0
     convert: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
+    kd_on: str = "domain"
 
     @property
     def needs_family(self) -> bool:
@@ -87,8 +94,14 @@ class Method:
         return float(self.train.get("kd_weight", 0.0))
 
     def definition(self) -> dict:
-        """The resolved variant as a JSON-able dict (what its runs are keyed by)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The resolved variant as a JSON-able dict (what its runs are keyed by).
+
+        ``kd_on`` is left out at its default, so runs cached before the key existed stay valid.
+        """
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if out["kd_on"] == "domain":
+            del out["kd_on"]
+        return out
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -125,6 +138,12 @@ def _check(name: str, doc: dict, path: Path) -> None:
         if bad:
             raise NexusError(f"variant {path}: {section} key(s) {', '.join(bad)} cannot be set by a variant; "
                              f"allowed: {', '.join(sorted(allowed))}")
+    kd_on = doc.get("kd_on", "domain")
+    if kd_on not in KD_SOURCES:
+        raise NexusError(f"variant {path}: kd_on {kd_on!r} is not one of {', '.join(KD_SOURCES)}")
+    if kd_on == "general" and doc.get("kind") != "nexus":
+        raise NexusError(f"variant {path}: kd_on 'general' needs kind 'nexus' (the baselines distil on the domain "
+                         "batches only); remove kd_on or change kind")
     if not 0 < float(doc.get("width_fraction", 1.0)) <= 1:
         raise NexusError(f"variant {path}: width_fraction must be in (0, 1], got {doc['width_fraction']}")
 

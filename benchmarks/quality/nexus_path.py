@@ -44,20 +44,31 @@ def select_stage(base_path, data_path, seq_len: int, target_tokens: int, top_k: 
     return path
 
 
-def nexus_configs(method, base_path, data_path, selection_path, width: int, settings, seq_len: int, run_dir):
+def nexus_configs(method, base_path, data_path, selection_path, width: int, settings, seq_len: int, run_dir,
+                  general_path=None):
     """The ``convert`` and ``train`` configs of one NEXUS run.
 
-    :param method: a NEXUS :class:`benchmarks.quality.methods.Method` (its ``convert``/``train`` overrides).
+    :param method: a NEXUS :class:`benchmarks.quality.methods.Method` (its ``convert``/``train`` overrides;
+        ``kd_on="general"`` sets ``TrainConfig.kd_data`` to ``general_path``).
     :param settings: a :class:`benchmarks.quality.trainer.TrainSettings` (steps, batch, LR, schedule,
         seed, SFA interval, evaluation steps: the first is the checkpoint interval).
     :param run_dir: scratch directory: ``adapter/`` (convert) and ``run/`` (train).
+    :param general_path: the general training documents (jsonl), the kd stream of ``kd_on="general"``.
     :return: ``(ConvertConfig, TrainConfig)``.
+    :raises NexusError: ``kd_on="general"`` without ``general_path``.
     """
+    from nexus.errors import NexusError
     from benchmarks.quality.trainer import warmup_steps
     from nexus.engines.convert_config import ConvertConfig
     from nexus.training.train_config import TrainConfig
 
     run_dir = Path(run_dir)
+    kd_stream = {}
+    if method.kd_on == "general":
+        if general_path is None:
+            raise NexusError(f"variant {method.name}: kd_on 'general' needs the general training text; "
+                             "rebuild the benchmark context")
+        kd_stream = {"kd_data": str(general_path)}
     strategy = method.init
     convert = ConvertConfig(
         model=str(base_path), output=str(run_dir / "adapter"),
@@ -69,7 +80,7 @@ def nexus_configs(method, base_path, data_path, selection_path, width: int, sett
         data=str(data_path), seq_len=seq_len, batch_size=settings.batch_size, max_steps=settings.steps,
         lr=settings.lr, warmup_steps=warmup_steps(settings), schedule="cosine", min_lr_ratio=settings.min_lr_ratio,
         max_grad_norm=1.0, weight_decay=0.0, sfa_interval=settings.sfa_every, save_every=settings.eval_at[0],
-        keep_last=0, log_every=1, seed=settings.seed, **method.train,
+        keep_last=0, log_every=1, seed=settings.seed, **kd_stream, **method.train,
     )
     return convert, train
 
@@ -79,9 +90,10 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def train_nexus(method, base_path, data_path, selection_path, width: int, settings, seq_len: int, run_dir,
-                evaluate) -> dict:
+                evaluate, general_path=None) -> dict:
     """One NEXUS run: ``convert`` then ``train`` (:func:`nexus_configs`), evaluated at ``settings.eval_at``.
 
+    :param general_path: the general training documents (jsonl), for ``kd_on="general"``.
     :param evaluate: ``(model, step) -> dict`` of metrics.
     :return: ``model`` (the trained model, None when diverged), ``initial`` (``evaluate`` of the
         converted adapter before training), ``trainable``, ``curve``, ``evals``,
@@ -99,7 +111,7 @@ def train_nexus(method, base_path, data_path, selection_path, width: int, settin
 
     run_dir = Path(run_dir)
     convert_cfg, train_cfg = nexus_configs(method, base_path, data_path, selection_path, width, settings, seq_len,
-                                           run_dir)
+                                           run_dir, general_path)
     adapter = run_convert(convert_cfg, progress=False)
     start = load_adapter(load_model(base_path), adapter)
     initial = evaluate(start, 0)

@@ -70,19 +70,17 @@ def prepare_inputs(cfg: BenchConfig, cache: Path) -> dict:
 
     :return: ``general``/``domain`` corpora, ``tokenizer``, ``tokenizer_dir``,
         ``streams[(corpus, split)]`` -> path of a ``uint16`` ``.npy`` stream (evaluation and
-        pretraining), and ``domain_train_jsonl``: the domain training documents, one JSON
+        pretraining), ``domain_train_jsonl``: the domain training documents, one JSON
         ``{"text": ...}`` per line, which every adaptation method trains on (packed by
-        :func:`nexus.data.load_token_data`).
+        :func:`nexus.data.load_token_data`), and ``general_train_jsonl``: the general training
+        documents, the distillation stream of ``kd_on="general"`` variants (``--kd-data``).
     """
     general = general_corpus(max_chars=cfg.general_max_chars)
     domain = domain_corpus(max_chars=cfg.domain_max_chars)
     tokenizer, tok_dir = cached_tokenizer(general.texts("train"), cfg.vocab_size, cache, general.fingerprint)
-    data_path = cache / "streams" / f"domain-train-{domain.fingerprint}.jsonl"
-    if not data_path.exists():
-        with atomic_path(data_path) as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for text in domain.texts("train"):
-                    f.write(json.dumps({"text": text}) + "\n")
+    data_path = _write_jsonl(cache / "streams" / f"domain-train-{domain.fingerprint}.jsonl", domain.texts("train"))
+    general_path = _write_jsonl(cache / "streams" / f"general-train-{general.fingerprint}.jsonl",
+                                general.texts("train"))
     streams = {}
     for corpus in (general, domain):
         for split in ("train", "val", "test"):
@@ -90,7 +88,17 @@ def prepare_inputs(cfg: BenchConfig, cache: Path) -> dict:
             cached_stream(tokenizer, corpus.texts(split), cache / "streams", key)
             streams[(corpus.name, split)] = cache / "streams" / f"{key}.npy"
     return {"general": general, "domain": domain, "tokenizer": tokenizer, "tokenizer_dir": tok_dir, "streams": streams,
-            "domain_train_jsonl": data_path}
+            "domain_train_jsonl": data_path, "general_train_jsonl": general_path}
+
+
+def _write_jsonl(path: Path, texts) -> Path:
+    """``texts`` as one JSON ``{"text": ...}`` per line at ``path`` (kept when it exists). :return: ``path``."""
+    if not path.exists():
+        with atomic_path(path) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for text in texts:
+                    f.write(json.dumps({"text": text}) + "\n")
+    return path
 
 
 def _rows(inputs: dict, corpus: str, split: str, seq_len: int) -> torch.Tensor:
@@ -159,10 +167,14 @@ def build_context(cfg: BenchConfig, recipe: ModelRecipe, inputs: dict, cache: Pa
     path = work / "context.json"
     if path.exists():
         ctx = json.loads(path.read_text())
+        stale = ctx.get("general_jsonl") != str(inputs["general_train_jsonl"])
+        ctx["general_jsonl"] = str(inputs["general_train_jsonl"])
         if ctx.get("budget_keys") != budget_keys():  # a variant file was added or changed since
             family = _family(recipe.family)
             ctx["nexus_budgets"], ctx["lora_ranks"] = match_budgets(recipe, family, ctx["expert_width"])
             ctx["budget_keys"] = budget_keys()
+            stale = True
+        if stale:
             write_json(path, ctx)
         return ctx
     general = inputs["general"]
@@ -227,6 +239,7 @@ def build_context(cfg: BenchConfig, recipe: ModelRecipe, inputs: dict, cache: Pa
         "selection_path": str(selection_path) if selection_path else None,
         "tensors": str(tensors_path),
         "train_jsonl": str(inputs["domain_train_jsonl"]),
+        "general_jsonl": str(inputs["general_train_jsonl"]),
         "domain_train_rows": len(data.rows),
         "seq_len": cfg.seq_len,
         "config": asdict(cfg),
@@ -349,14 +362,15 @@ def run_one(job: dict) -> dict:
         shutil.rmtree(scratch, ignore_errors=True)
         try:
             out = nexus_path.train_nexus(method, ctx["base_path"], ctx["train_jsonl"], ctx["selection_path"], width,
-                                         settings, ctx["seq_len"], scratch, evaluate_model)
+                                         settings, ctx["seq_len"], scratch, evaluate_model,
+                                         general_path=ctx.get("general_jsonl"))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         trained = out.pop("model")
         initial = out.pop("initial")
         trainable = out.pop("trainable")
         info = {"pipeline": "nexus stages", "shared_intermediate_size": width, "gate": method.gate,
-                "init": method.init, **out.pop("configs")}
+                "init": method.init, "kd_on": method.kd_on, **out.pop("configs")}
         record = out
     else:
         data = load_train_data(ctx)
