@@ -67,3 +67,16 @@ def make_data(path: Path, n: int = 40) -> Path:
     """A ``.jsonl`` with ``n`` demo paragraphs in a ``text`` column."""
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in demo_paragraphs(n)))
     return path
+
+
+def student_at_step0(work):
+    """The base ``work["base"]`` with the adapter ``work["adapter"]``, only the shared experts trainable."""
+    from nexus.adapter import load_adapter
+    from nexus.loading import load_model
+    from nexus.shared_expert import is_shared_parameter
+
+    model = load_model(work["base"])
+    load_adapter(model, work["adapter"])
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_shared_parameter(name))
+    return model

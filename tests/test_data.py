@@ -8,15 +8,8 @@ import os
 
 import pytest
 
-from nexus.data import (
-    data_fingerprint,
-    is_heldout,
-    load_token_data,
-    load_tokenizer,
-    split_specs,
-    token_cache,
-    tokenize_documents,
-)
+from nexus.data import load_token_data, load_tokenizer, token_cache, tokenize_documents
+from nexus.data_sources import data_fingerprint, is_heldout, split_specs
 from nexus.errors import NexusError
 from helpers_train import demo_paragraphs, train_tokenizer
 

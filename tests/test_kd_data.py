@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from helpers_train import demo_paragraphs, make_adapter, make_base, make_data
+from helpers_train import demo_paragraphs, make_adapter, make_base, make_data, student_at_step0
 from nexus.constants import ADAPTER_WEIGHTS_NAME
 from nexus.engines.train import train
 from nexus.errors import NexusError
@@ -63,19 +63,6 @@ def _metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _student(work):
-    """The base with the adapter, only the shared experts trainable, as at step 0."""
-    from nexus.adapter import load_adapter
-    from nexus.loading import load_model
-    from nexus.shared_expert import is_shared_parameter
-
-    model = load_model(work["base"])
-    load_adapter(model, work["adapter"])
-    for name, p in model.named_parameters():
-        p.requires_grad_(is_shared_parameter(name))
-    return model
-
-
 def _forward_with_routers(model, batch):
     """Logits ``[B, S, V]`` and per MoE layer the router probabilities ``[B*S, E]`` (GPT-OSS: softmax)."""
     captured = []
@@ -103,7 +90,7 @@ def test_kd_term_comes_from_the_kd_batches_and_ce_from_the_domain_batches(work, 
     rec = _metrics(tmp_path / "run")[0]
 
     domain, general = collate(domain_rows, pad), collate(kd_rows, pad)
-    base, student = load_model(work["base"]), _student(work)
+    base, student = load_model(work["base"]), student_at_step0(work)
     with torch.no_grad():
         t_logits, t_probs = _forward_with_routers(base, general)
     s_dom = student(input_ids=domain["input_ids"], attention_mask=domain["attention_mask"], use_cache=False).logits

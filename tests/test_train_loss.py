@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from helpers_train import make_adapter, make_base, make_data
+from helpers_train import make_adapter, make_base, make_data, student_at_step0
 from nexus.constants import ADAPTER_WEIGHTS_NAME
 from nexus.engines.precompute import PrecomputeConfig, precompute
 from nexus.engines.train import train
@@ -54,19 +54,6 @@ def _batch(rows):
     return ids, attn, predicts
 
 
-def _student(work):
-    """The base with the adapter, only the shared experts trainable, as at step 0."""
-    from nexus.adapter import load_adapter
-    from nexus.loading import load_model
-    from nexus.shared_expert import is_shared_parameter
-
-    model = load_model(work["base"])
-    load_adapter(model, work["adapter"])
-    for name, p in model.named_parameters():
-        p.requires_grad_(is_shared_parameter(name))
-    return model
-
-
 def _grad_norm(model) -> float:
     grads = [p.grad.double().flatten() for p in model.parameters() if p.grad is not None]
     return float(torch.cat(grads).norm())
@@ -97,7 +84,7 @@ def test_cached_topk_kd_at_temperature_is_scaled_by_t_squared_and_padding_is_mas
     ids, attn, predicts = _batch(work["rows"])
     with torch.no_grad():
         t_logits = load_model(work["base"])(input_ids=ids, attention_mask=attn, use_cache=False).logits
-    student = _student(work)
+    student = student_at_step0(work)
     s_logits = student(input_ids=ids, attention_mask=attn, use_cache=False).logits
     m = predicts[:, :-1].reshape(-1)
     target = ids[:, 1:].reshape(-1)[m]
@@ -133,7 +120,7 @@ def test_router_kl_is_averaged_over_layers_and_input_tokens(work, tmp_path):
     ids, attn, predicts = _batch(rows)
     with torch.no_grad():
         _, p_layers = _router_probs(load_model(work["base"]), ids, attn)
-    student = _student(work)
+    student = student_at_step0(work)
     s_logits, q_layers = _router_probs(student, ids, attn)
     keep = attn.reshape(-1).bool()
     n_in, n_layers = int(keep.sum()), len(p_layers)

@@ -124,7 +124,8 @@ def validate_run(cfg: RunConfig) -> _Plan:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from nexus.data import check_data, check_seq_len, data_fingerprint, heldout_counts, load_tokenizer, split_specs
+    from nexus.data import check_data, check_seq_len, heldout_counts, load_tokenizer
+    from nexus.data_sources import data_fingerprint, split_specs
     from nexus.demo import demo_checkpoint, demo_eval_path, demo_text_path
     from nexus.family import resolve_family
     from nexus.loading import load_config

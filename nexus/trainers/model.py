@@ -175,6 +175,8 @@ class NexusModel(PeftModel):
     def print_trainable_parameters(self) -> None:
         """Print the trainable and total parameter counts, as PEFT does."""
         trainable, total = self.get_nb_trainable_parameters()
+        # Printing is this method's contract (PEFT's, called from notebooks and scripts); logging
+        # would hide the line at the default level.
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
