@@ -1,5 +1,7 @@
 """Artifact file names and the settings several modules share, in one place."""
 
+import math
+
 ADAPTER_CONFIG_NAME = "nexus_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ROUTER_STATS_NAME = "router_stats.safetensors"
@@ -26,6 +28,12 @@ DEFAULT_GATE_MODE = "token"
 # bounds what `convert` reads per layer on models with hundreds of experts. K >= E/2 warns.
 DEFAULT_TOP_K_FRACTION = 0.25
 DEFAULT_TOP_K = 24
+
+
+def default_top_k(num_experts: int) -> int:
+    """Experts per layer when ``--top-k`` is not given: ``ceil(E / 4)`` clipped to ``[1, 24]``."""
+    return max(1, min(DEFAULT_TOP_K, math.ceil(num_experts * DEFAULT_TOP_K_FRACTION)))
+
 DEFAULT_DIVERSITY = 0.1
 
 # `train` and `run`: peak learning rate and tokens per row, one value for both commands.

@@ -14,7 +14,7 @@ Strategies (``K`` = the selection's experts per layer):
 - ``pca``: the selected experts; weights their importance scores normalised to sum 1 with
   ``weighted``, else uniform.
 - ``random``: K experts drawn uniformly without replacement (seeded), uniform weights; K is
-  ``min(24, E)`` without a selection.
+  :func:`nexus.constants.default_top_k` without a selection.
 - ``top1``: the single most important expert of the selection.
 - ``mean_all``: all E experts, uniform weights.
 - ``zeros``: the shared expert outputs exactly 0 (``down_proj`` weight and bias zero) but
@@ -152,7 +152,7 @@ def plan_experts(blocks, strategy: str, selection: dict | None, weighted: bool, 
 
     :return: ``{layer: (expert ids, weights)}``; empty lists for ``zeros``.
     """
-    from nexus.engines.select import default_top_k
+    from nexus.constants import default_top_k
 
     if strategy not in INIT_STRATEGIES:
         raise NexusError(f"unknown strategy {strategy!r}; choose one of {', '.join(INIT_STRATEGIES)}")

@@ -34,13 +34,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from pathlib import Path
 
 import torch
 
 from nexus import __version__
-from nexus.constants import DEFAULT_DIVERSITY, DEFAULT_TOP_K, DEFAULT_TOP_K_FRACTION, SELECTION_NAME
+from nexus.constants import DEFAULT_DIVERSITY, SELECTION_NAME, default_top_k
 from nexus.errors import NexusError
 from nexus.engines.select_config import SelectConfig
 from nexus.io import output_lock, write_json
@@ -49,12 +48,6 @@ log = logging.getLogger(__name__)
 
 PATTERNS = ("cliff", "moderate", "gradual", "even")
 EVEN_CV, CLIFF_STEP, MODERATE_CV = 0.1, 0.3, 0.3
-
-
-def default_top_k(num_experts: int) -> int:
-    """Experts per layer when ``--top-k`` is not given: ``ceil(E / 4)`` clipped to ``[1, 24]``
-    (``DEFAULT_TOP_K_FRACTION`` and ``DEFAULT_TOP_K`` in :mod:`nexus.constants`)."""
-    return max(1, min(DEFAULT_TOP_K, math.ceil(num_experts * DEFAULT_TOP_K_FRACTION)))
 
 
 def warn_if_top_k_large(top_k: int, num_experts: int) -> bool:
