@@ -34,6 +34,9 @@ def build_parser():
     p.add_argument("--methods", default="all",
                    help="Comma-separated method names (the files of benchmarks/quality/variants/), 'all' "
                         "(default), or 'milestone' (the variants marked so).")
+    p.add_argument("--domain", choices=["python", "licenses"], default="python",
+                   help="The adaptation domain: python (the stdlib's source, default) or licenses (the installed "
+                        "packages' licence texts: legal English).")
     p.add_argument("--models", default=None, help="Comma-separated base models (gpt_oss, qwen3_moe); default all.")
     p.add_argument("--name", default=None, help="File stem of the outputs (default quality-<preset>).")
     p.add_argument("--cache", type=Path, default=None,
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.carry:
             print(f"carried over {carry_over(path, args.cache or bench_cache())} runs from {path}")
         results = run_benchmark(cfg, chosen, models=args.models.split(",") if args.models else None,
-                                workers=args.workers, cache=args.cache)
+                                workers=args.workers, cache=args.cache, domain=args.domain)
         results["arguments"] = arguments(args)
         paths = write_report(results, args.results_dir, args.name)
     except NexusError as exc:

@@ -13,7 +13,9 @@ EVAL_NAME = "eval.json"
 CACHE_METADATA_NAME = "metadata.json"
 SHARED_MODULE_NAME = "nexus_shared"
 SHARED_SCALE_NAME = "nexus_shared_scale"
-GATE_MODES = ("none", "scalar", "token")
+GATE_MODES = ("none", "scalar", "token", "scalar_token")
+# The gate modes `nexus export` folds into the base's own tensors (the others are input-dependent).
+FOLDABLE_GATE_MODES = ("none", "scalar")
 INIT_STRATEGIES = ("pca", "random", "top1", "mean_all", "zeros")
 # Defaults of `nexus convert` / `nexus run`; the evidence behind them is the quality benchmark
 # (README, "Quality on real text").

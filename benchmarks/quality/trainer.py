@@ -4,7 +4,9 @@ through ``nexus.engines.train`` (:mod:`benchmarks.quality.nexus_path`).
 It mirrors ``nexus.engines.train`` step for step, so every method sees the same batches in the
 same order under the same optimisation: batches from :meth:`nexus.data.TokenData.batches`
 (the engine's order), loss = CE over predicted tokens (:mod:`nexus.losses`, + ``kd_weight * T^2 * KL(teacher ||
-student)`` when the method distils; the teacher is the same model under ``Prepared.teacher``),
+student)`` when the method distils; the teacher is the same model under ``Prepared.teacher``; with
+``kd_on="general"`` the KL is taken on batches of the general text, drawn as ``nexus train
+--kd-data`` draws them, each term averaged over its own batch's predicted tokens),
 AdamW without weight decay over the trainable parameters, linear warmup then cosine down to
 ``min_lr_ratio``, gradient clipping at 1.0, and SFA (arXiv 2501.05559) as the engine's: every
 ``sfa_every`` steps ``theta <- (1 - beta) theta + beta snapshot; snapshot <- theta``.
@@ -37,6 +39,8 @@ class TrainSettings:
         seed: data order and any random init.
         min_lr_ratio: the cosine floor (fraction of the peak LR).
         kd_weight, kd_temperature: distillation (0: CE only).
+        kd_on: ``domain`` (KL on the domain batches) or ``general`` (on ``kd_data``'s batches).
+        kd_batch_size: rows of the general text per step (default ``batch_size``).
         sfa_beta, sfa_every: SFA averaging (``sfa_every`` 0: off).
         eval_at: steps after which ``evaluate`` is called (the last should be ``steps``).
     """
@@ -49,6 +53,8 @@ class TrainSettings:
     min_lr_ratio: float = 0.1
     kd_weight: float = 0.0
     kd_temperature: float = 1.0
+    kd_on: str = "domain"
+    kd_batch_size: int | None = None
     sfa_beta: float = 0.0
     sfa_every: int = 0
     eval_at: tuple[int, ...] = ()
@@ -66,9 +72,10 @@ def warmup_steps(s: TrainSettings) -> int:
     return max(1, round(s.warmup_frac * s.steps))
 
 
-def train(prepared: Prepared, data, s: TrainSettings, evaluate: Callable[[int], dict]) -> dict:
+def train(prepared: Prepared, data, s: TrainSettings, evaluate: Callable[[int], dict], kd_data=None) -> dict:
     """Train ``prepared`` on ``data`` (a :class:`nexus.data.TokenData`) for ``s.steps`` steps.
 
+    :param kd_data: the general text's :class:`nexus.data.TokenData` (``s.kd_on == "general"``).
     :param evaluate: called with the step number at each of ``s.eval_at``; returns a dict of
         metrics (not counted in the training time).
     :return: ``curve`` (per step: loss, ce, kd, lr, grad_norm), ``evals`` (``evaluate``'s dicts
@@ -81,21 +88,30 @@ def train(prepared: Prepared, data, s: TrainSettings, evaluate: Callable[[int], 
     snapshot = [p.detach().clone() for p in params] if s.sfa_every else None
     stream = data.batches(s.batch_size, seed=s.seed)
     use_kd = s.kd_weight > 0 and prepared.teacher is not None
+    if use_kd and s.kd_on == "general" and kd_data is None:
+        raise ValueError("kd_on 'general' needs kd_data, the general text")
+    kd_stream = kd_data.batches(s.kd_batch_size or s.batch_size, seed=s.seed) if use_kd and s.kd_on == "general" else None
+    device = next(model.parameters()).device
     curve, evals = [], []
     train_seconds, diverged = 0.0, False
     tokens = 0
     for step in range(1, s.steps + 1):
         t0 = time.perf_counter()
         _, batch = next(stream)
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
         logits = model(input_ids=ids, attention_mask=mask).logits
         ce = causal_ce(logits, labels)
         loss = ce
         kd = None
         if use_kd:
+            kd_ids, kd_mask, kd_labels, student = ids, mask, labels, logits
+            if kd_stream is not None:
+                _, kd_batch = next(kd_stream)
+                kd_ids, kd_mask, kd_labels = (kd_batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+                student = model(input_ids=kd_ids, attention_mask=kd_mask).logits
             with torch.no_grad(), prepared.teacher():
-                teacher_logits = model(input_ids=ids, attention_mask=mask).logits
-            kd = kd_loss(logits, teacher_logits, labels, s.kd_temperature)
+                teacher_logits = model(input_ids=kd_ids, attention_mask=kd_mask).logits
+            kd = kd_loss(student, teacher_logits, kd_labels, s.kd_temperature)
             loss = ce + s.kd_weight * kd
         if not torch.isfinite(loss):
             diverged = True
@@ -113,7 +129,7 @@ def train(prepared: Prepared, data, s: TrainSettings, evaluate: Callable[[int], 
                     p.mul_(1 - s.sfa_beta).add_(snap, alpha=s.sfa_beta)
                     snap.copy_(p)
         train_seconds += time.perf_counter() - t0
-        tokens += int(mask.sum())
+        tokens += int(mask.sum())  # domain tokens: the budget every method shares
         curve.append({
             "step": step,
             "loss": float(loss.detach()),

@@ -21,7 +21,9 @@ class ConvertConfig:
     output: str = _f(None, "Adapter directory to write.", required=True, short="-o", path=True)
     strategy: str = _f(DEFAULT_STRATEGY, "Which experts initialise each shared expert.", choices=INIT_STRATEGIES)
     gate_mode: str = _f(DEFAULT_GATE_MODE, "none: plain add; scalar: learnable per-layer scale from 0; token: "
-                                           "sigmoid(w.x) per token.", choices=GATE_MODES)
+                                           "sigmoid(w.x) per token; scalar_token: s*2*sigmoid(w.x), s and w from 0. "
+                                           "none and scalar fold into a stock checkpoint (nexus export); the "
+                                           "per-token gates need --remote-code.", choices=GATE_MODES)
     shared_intermediate_size: int | None = _f(None, "Width of each shared expert (default: the routed expert "
                                                     "width).")
     weighted: bool = _f(False, "pca: weight the selected experts by importance, or average them uniformly.",

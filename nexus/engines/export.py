@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from nexus import __version__
-from nexus.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, SHARED_MODULE_NAME
+from nexus.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, FOLDABLE_GATE_MODES, SHARED_MODULE_NAME
 from nexus.errors import NexusError
 from nexus.io import atomic_dir, locks_output, write_json
 
@@ -91,9 +91,9 @@ def choose_fold(spec, config: dict, gate_mode: str, quant_method: str | None):
     """
     from nexus.spec import RoutedFold
 
-    if gate_mode == "token":
+    if gate_mode not in FOLDABLE_GATE_MODES:
         raise NexusError(_no_fold_options(
-            "the adapter's gate mode is 'token' (a per-token sigmoid gate, which no stock block computes); "
+            f"the adapter's gate mode is {gate_mode!r} (a per-token sigmoid gate, which no stock block computes); "
             "to fold exactly, convert and train the adapter again with --gate-mode scalar (or none)"))
     if quant_method not in (None, "mxfp4"):
         raise NexusError(f"the base is quantised with {quant_method!r}, which export does not rewrite yet; export "

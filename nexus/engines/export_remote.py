@@ -18,8 +18,8 @@ _TEMPLATE = '''"""{base_name} with one always-active shared expert added to each
 
 Written by `nexus export --remote-code`; needs only torch and transformers. Each block listed in
 `config.{config_key}["blocks"]` gets a child `nexus_shared` (a gated MLP in the base's own
-activation) and, unless the gate mode is "none", `nexus_shared_scale`: a scalar, or a per-token
-sigmoid(w . x). A forward hook adds `scale * nexus_shared(x)` to the block's output.
+activation) and, unless the gate mode is "none", `nexus_shared_scale`: a scalar, a per-token
+sigmoid(w . x), or s * 2 * sigmoid(w . x). A forward hook adds `scale * nexus_shared(x)` to the block's output.
 """
 
 import torch
@@ -59,9 +59,14 @@ class NexusSharedScale(nn.Module):
         super().__init__()
         self.mode = mode
         self.weight = nn.Parameter(torch.zeros((1,) if mode == "scalar" else (1, hidden_size)))
+        if mode == "scalar_token":
+            self.scale = nn.Parameter(torch.zeros(1))
 
     def forward(self, x):
-        return self.weight if self.mode == "scalar" else torch.sigmoid(x @ self.weight.t())
+        if self.mode == "scalar":
+            return self.weight
+        gate = torch.sigmoid(x @ self.weight.t())
+        return self.scale * 2 * gate if self.mode == "scalar_token" else gate
 
 
 def _add_shared(module, args, kwargs, output):

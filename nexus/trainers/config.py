@@ -19,7 +19,7 @@ class NexusConfig:
             default ``pca`` with a selection, else ``zeros`` (the shared expert outputs 0 at step 0).
             Every strategy but ``zeros`` reads the routed experts from the base's checkpoint directory.
         shared_intermediate_size: width of each shared expert; default the routed expert width.
-        gate_mode: ``none``, ``scalar`` or ``token`` (the default of ``nexus convert``).
+        gate_mode: one of :data:`nexus.constants.GATE_MODES` (default that of ``nexus convert``).
         train_routers: train the routers too (stored in the adapter, restored by ``disable_adapter``).
         weighted: ``pca`` only: weight the averaged experts by importance.
         seed: for ``random`` and the default initialisation of units not copied from experts.
