@@ -3,6 +3,7 @@
     python benchmarks/bench_quality.py --quick          # minutes: every method on tiny models
     python benchmarks/bench_quality.py                  # hours: the full preset
     python benchmarks/bench_quality.py --preset smoke   # seconds: plumbing only
+    python benchmarks/bench_quality.py --preset gpu --methods milestone   # one CUDA GPU: ~99M-parameter bases
 
 Base models are pretrained once and cached under ``$NEXUS_CACHE/bench`` (default
 ``~/.cache/nexus/bench``); finished runs are cached too, so an interrupted run resumes.
@@ -29,8 +30,8 @@ def build_parser():
     """The benchmark's flags: the common ones (:func:`benchmarks.common.bench_parser`) and its own."""
     p = bench_parser(__doc__.splitlines()[0], threads=None,
                      threads_help="Torch threads per run (default the preset's: 1).")
-    p.add_argument("--preset", choices=["smoke", "quick", "full"], default="full",
-                   help="Sizes and grids (default full; --quick is the quick preset).")
+    p.add_argument("--preset", choices=["smoke", "quick", "full", "gpu"], default="full",
+                   help="Sizes and grids (default full; --quick is the quick preset; gpu needs a CUDA GPU).")
     p.add_argument("--methods", default="all",
                    help="Comma-separated method names (the files of benchmarks/quality/variants/), 'all' "
                         "(default), or 'milestone' (the variants marked so).")
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     import dataclasses
 
     from benchmarks.quality.config import PRESETS
+    from benchmarks.quality.device import require_device
     from benchmarks.quality.methods import METHODS, METHODS_BY_NAME, MILESTONE_METHODS
     from nexus.errors import NexusError
 
@@ -71,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = PRESETS["quick" if args.quick else args.preset]
+    try:
+        require_device(cfg.device, cfg.preset)
+    except NexusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if args.threads:
         cfg = dataclasses.replace(cfg, threads=args.threads)
     if args.isolate is not None:

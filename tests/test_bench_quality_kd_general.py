@@ -73,7 +73,7 @@ def test_run_one_hands_the_contexts_general_text_to_the_nexus_stages(tmp_path, m
     seen = {}
 
     def fake_train_nexus(method, base_path, data_path, selection_path, width, settings, seq_len, run_dir, evaluate,
-                         general_path=None):
+                         general_path=None, device="cpu"):
         seen["configs"] = nexus_path.nexus_configs(method, base_path, data_path, selection_path, width, settings,
                                                    seq_len, run_dir, general_path)
         raise RuntimeError("stop before training")

@@ -1,4 +1,4 @@
-"""Benchmark settings: model recipes and the three presets (smoke, quick, full). The compared methods
+"""Benchmark settings: model recipes and the presets (smoke, quick, full, gpu). The compared methods
 are data (:mod:`benchmarks.quality.methods`).
 
 Everything here that changes a result is in these frozen dataclasses, so a hash of them keys the
@@ -28,6 +28,7 @@ class ModelRecipe:
         max_seconds: safety cap on pretraining wall time; a capped run is marked ``truncated``.
         eval_every: steps between held-out evaluations on the pretraining curve.
         seed: initialisation and data-order seed.
+        bf16: pretrain under bf16 autocast (weights and optimizer stay fp32; on CUDA only).
     """
 
     name: str
@@ -43,10 +44,17 @@ class ModelRecipe:
     max_seconds: float = 3600.0
     eval_every: int = 100
     seed: int = 0
+    bf16: bool = False
 
     def key(self, *extra: str) -> str:
-        """16 hex chars over this recipe and ``extra`` (tokenizer and corpus identities)."""
-        return digest(dataclasses.asdict(self), *extra)
+        """16 hex chars over this recipe and ``extra`` (tokenizer and corpus identities).
+
+        ``bf16`` enters the hash only when set, so the recipes cached before it existed keep their key.
+        """
+        d = dataclasses.asdict(self)
+        if not d["bf16"]:
+            del d["bf16"]
+        return digest(d, *extra)
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,7 @@ class BenchConfig:
     """One benchmark preset.
 
     Attributes:
-        preset: ``smoke``, ``quick`` or ``full``.
+        preset: ``smoke``, ``quick``, ``full`` or ``gpu``.
         vocab_size: BPE entries.
         general_max_chars, domain_max_chars: optional per-split character caps.
         models: the base-model recipes.
@@ -71,6 +79,8 @@ class BenchConfig:
         threads: torch threads per run.
         isolate: run each adaptation in its own spawned process, so its peak RSS is its own
             (about 5 s of start-up per run; the small presets run in-process).
+        device: where pretraining, evaluation and the baselines run (``cpu`` or ``cuda``; the
+            NEXUS stages pick theirs through accelerate: CUDA whenever it is available).
     """
 
     preset: str
@@ -92,6 +102,7 @@ class BenchConfig:
     nexus_top_k: int = 4
     threads: int = 2
     isolate: bool = True
+    device: str = "cpu"
 
     @property
     def tokens_per_run(self) -> int:
@@ -100,7 +111,7 @@ class BenchConfig:
     def adaptation_dict(self) -> dict:
         """The fields that change an adaptation run's result (models excluded: keyed separately)."""
         d = dataclasses.asdict(self)
-        for k in ("models", "preset", "lrs", "seeds", "lr_extensions", "threads", "isolate"):
+        for k in ("models", "preset", "lrs", "seeds", "lr_extensions", "threads", "isolate", "device"):
             d.pop(k)
         return d
 
@@ -227,5 +238,36 @@ PRESETS = {
         collect_rows=64,
         nexus_top_k=4,
         threads=1,
+    ),
+    # One CUDA GPU (not run yet): ~99M-parameter bases, 98.9M (GPT-OSS) and 98.7M (Qwen3-MoE)
+    # parameters counted with the transformers config classes (hidden 512, 8 layers, 8 heads,
+    # 32 experts of width 192, top-2, vocab 16384; ~28M active per token, 16.8M of them embeddings
+    # and head), pretrained under bf16 autocast with 64 x 512-token batches. The general corpus
+    # (~2M training tokens) bounds pretraining, not the clock: 1000 steps are ~33M tokens, about
+    # 17 epochs; max_seconds caps it at 30 min. Adaptation: 400 steps x 32 x 512 = 6.6M tokens
+    # (about one epoch of the Python domain) in fp32, in-process (CUDA per spawned run costs more
+    # than its RSS figure is worth). Fails at once without CUDA (benchmarks.quality.device).
+    "gpu": BenchConfig(
+        preset="gpu",
+        vocab_size=16384,
+        models=tuple(
+            ModelRecipe(name, name, make(512, 192, 32, 8, 16384, heads=8), steps=1000, batch_size=64, seq_len=512,
+                        lr=1e-3, warmup=100, eval_every=100, max_seconds=1800, bf16=True)
+            for name, make in (("gpt_oss", gpt_oss_config), ("qwen3_moe", qwen3_moe_config))
+        ),
+        steps=400,
+        batch_size=32,
+        seq_len=512,
+        lrs=(1e-3, 3e-3, 1e-2, 3e-2),
+        seeds=3,
+        lr_extensions=2,
+        eval_points=4,
+        eval_rows={"domain_val": 64, "domain_test": 128, "general_test": 128},
+        drift_rows=32,
+        collect_rows=256,
+        nexus_top_k=4,
+        threads=4,
+        isolate=False,
+        device="cuda",
     ),
 }

