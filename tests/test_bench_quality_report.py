@@ -274,3 +274,34 @@ def test_results_from_before_variant_files_still_render(figures):
     figs = figures(results)
     assert _series(figs["headline"].axes[0]) == ["nexus", "lora-experts"]
     assert [ax.get_title().splitlines()[0] for ax in figs["factors-m1"].axes] == ["m1: gate"]
+
+
+def test_invocations_of_one_experiment_merge_and_others_are_refused(tmp_path):
+    import json
+
+    from benchmarks.quality.merge import merge_results
+    from benchmarks.quality.report import main
+    from nexus.errors import NexusError
+
+    a = synthetic_results(VARIANTS[:3])
+    b = synthetic_results(VARIANTS[2:5])
+    for model in b["models"].values():  # the shared method ran at another LR in the second invocation
+        entry = model["methods"]["nexus-gate-token"]
+        extra = _run(VARIANTS[2], 0.0003, 0, 0.5)
+        entry["runs"].append(extra)
+        entry["grid"] = [0.0003, 0.001, 0.003]
+    a["arguments"], b["arguments"] = {"methods": "first"}, {"methods": "second"}
+    merged = merge_results([a, b])
+    entry = merged["models"]["m1"]["methods"]["nexus-gate-token"]
+    assert entry["grid"] == [0.0003, 0.001, 0.003] and entry["best_lr"] == 0.0003 and entry["edge"] == "low"
+    assert len(entry["runs"]) == 4 and sorted(merged["models"]["m1"]["methods"]) == sorted(v["name"] for v in VARIANTS[:5])
+    assert [i["methods"] for i in merged["arguments"]["invocations"]] == ["first", "second"]
+    other = synthetic_results(VARIANTS[:1])
+    other["models"]["m1"]["work_dir"] = "/elsewhere"
+    with pytest.raises(NexusError, match="m1.*/elsewhere"):
+        merge_results([a, other])
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--name", "both"]) == 0
+    written = json.loads((tmp_path / "both.json").read_text())
+    assert written["arguments"]["invocations"] and (tmp_path / "both-headline.png").exists()

@@ -29,7 +29,8 @@ REFERENCE = "nexus"
 FACTORS: dict[str, tuple[str, dict[str, str]]] = {
     "init": ("pca", {"nexus-init-random": "random", "nexus-init-top1": "top1", "nexus-init-mean_all": "mean_all",
                      "nexus-init-zeros": "zeros (gate none)"}),
-    "gate": ("scalar", {"nexus-gate-none": "none", "nexus-gate-token": "token"}),
+    "gate": ("scalar", {"nexus-gate-none": "none", "nexus-gate-token": "token",
+                        "nexus-gate-scalar_token": "scalar_token (zero-start per-token)"}),
     "router": ("frozen", {"nexus-router": "trained"}),
     "kd_weight": ("0", {"nexus-kd": "1 (teacher self)", "nexus-kd-general": "1 on general text (--kd-data)"}),
     "sfa": ("off", {"nexus-sfa": "on"}),

@@ -303,34 +303,40 @@ def write_report(results: dict, out_dir: Path, name: str | None = None, write_re
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Re-render the markdown and figures of an existing results JSON; nothing is run.
+    """Re-render the markdown and figures of existing results JSONs; nothing is run.
 
-    ``python -m benchmarks.quality.report RESULTS.json [--name NAME] [--out-dir DIR]``: the
-    outputs go beside the JSON (or into ``--out-dir``) under its stem (or ``NAME``); the JSON
-    itself is rewritten only under a new name or directory.
+    ``python -m benchmarks.quality.report RESULTS.json [MORE.json ...] [--name NAME] [--out-dir DIR]``:
+    several files of one experiment are merged first (:mod:`benchmarks.quality.merge`). The
+    outputs go beside the first JSON (or into ``--out-dir``) under its stem (or ``NAME``); a single
+    JSON is rewritten only under a new name or directory.
     """
     import argparse
     import json
 
+    from benchmarks.quality.merge import merge_results
     from nexus.errors import NexusError
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality.report", description=main.__doc__.splitlines()[0])
-    p.add_argument("results", type=Path, help="A results JSON of benchmarks/bench_quality.py.")
-    p.add_argument("--name", default=None, help="File stem of the outputs (default the JSON's).")
-    p.add_argument("--out-dir", type=Path, default=None, help="Where to write (default beside the JSON).")
+    p.add_argument("results", type=Path, nargs="+", help="Results JSONs of benchmarks/bench_quality.py.")
+    p.add_argument("--name", default=None, help="File stem of the outputs (default the first JSON's).")
+    p.add_argument("--out-dir", type=Path, default=None, help="Where to write (default beside the first JSON).")
     args = p.parse_args(argv)
     try:
-        try:
-            results = json.loads(args.results.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise NexusError(f"{args.results} is not a readable results JSON ({exc}); give the .json of a "
-                             "benchmark run") from exc
-        if not isinstance(results, dict) or results.get("benchmark") != "quality" or "models" not in results:
-            raise NexusError(f"{args.results} is not a quality-benchmark results JSON (no 'benchmark': 'quality' "
-                             "and 'models'); give the .json written by benchmarks/bench_quality.py")
-        out_dir = args.out_dir or args.results.parent
-        stem = args.name or args.results.stem
-        same = (out_dir / f"{stem}.json").resolve() == args.results.resolve()
+        parts = []
+        for path in args.results:
+            try:
+                results = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise NexusError(f"{path} is not a readable results JSON ({exc}); give the .json of a "
+                                 "benchmark run") from exc
+            if not isinstance(results, dict) or results.get("benchmark") != "quality" or "models" not in results:
+                raise NexusError(f"{path} is not a quality-benchmark results JSON (no 'benchmark': 'quality' "
+                                 "and 'models'); give the .json written by benchmarks/bench_quality.py")
+            parts.append(results)
+        results = merge_results(parts)
+        out_dir = args.out_dir or args.results[0].parent
+        stem = args.name or args.results[0].stem
+        same = len(parts) == 1 and (out_dir / f"{stem}.json").resolve() == args.results[0].resolve()
         paths = write_report(results, out_dir, stem, write_results=not same)
     except NexusError as exc:
         print(f"error: {exc}", file=sys.stderr)
