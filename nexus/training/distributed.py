@@ -52,7 +52,15 @@ def _import_group_default_holders() -> None:
     import torch.distributed.nn  # noqa: F401
 
     if importlib.util.find_spec("deepspeed") is not None:
+        quiet_deepspeed_on_cpu()
         import deepspeed.comm  # noqa: F401
+
+
+def quiet_deepspeed_on_cpu() -> None:
+    """Tell DeepSpeed it runs on the CPU when torch sees no GPU (``DS_ACCELERATOR=cpu``, unless
+    set), which it would pick anyway, but after printing a warning to stdout on import."""
+    if not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 _LRU_CACHED = type(functools.lru_cache(None)(lambda: None))  # what functools.lru_cache/cache return
