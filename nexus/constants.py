@@ -20,7 +20,11 @@ INIT_STRATEGIES = ("pca", "random", "top1", "mean_all", "zeros")
 # Defaults of `nexus convert` / `nexus run`; the evidence behind them is the quality benchmark
 # (README, "Quality on real text").
 DEFAULT_STRATEGY = "pca"
-DEFAULT_GATE_MODE = "token"
+# Chosen by the benchmark's serving-first rule (benchmarks/quality/default_choice.py): among the
+# gate x loss cells that keep general ppl within 1.1x the base (KD on general text), the plain
+# add had the lowest domain ppl, and it folds into a stock checkpoint (`nexus export`); no
+# per-token gate was 3% better.
+DEFAULT_GATE_MODE = "none"
 
 # `select`/`convert`/`run`: experts averaged per layer when --top-k is not given:
 # ceil(E * DEFAULT_TOP_K_FRACTION), at least 1 and at most DEFAULT_TOP_K. The shared expert starts

@@ -82,9 +82,9 @@ def logits_of(model, seed: int = 0) -> torch.Tensor:
 def test_mxfp4_and_float_checkpoints_give_the_same_adapter(gpt_oss_mxfp4_dir, gpt_oss_float_dir, selection, tmp_path,
                                                            weighted):
     a = adapter_tensors(_convert(gpt_oss_mxfp4_dir, tmp_path / "a", selection=selection, weighted=weighted,
-                                     progress=False))
+                                     gate_mode="scalar", progress=False))
     b = adapter_tensors(_convert(gpt_oss_float_dir, tmp_path / "b", selection=selection, weighted=weighted,
-                                     progress=False))
+                                     gate_mode="scalar", progress=False))
     assert sorted(a) == sorted(b) and len(a) == 3 * 7  # 6 projection tensors + the scalar gate, 3 layers
     for k in a:
         assert torch.equal(a[k], b[k]), k
