@@ -302,6 +302,9 @@ def test_invocations_of_one_experiment_merge_and_others_are_refused(tmp_path):
         merge_results([a, other])
     (tmp_path / "a.json").write_text(json.dumps(a))
     (tmp_path / "b.json").write_text(json.dumps(b))
-    assert main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--name", "both"]) == 0
+    assert main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--name", "both",
+                 "--headline", "nexus-gate-token,nexus-kd"]) == 0
     written = json.loads((tmp_path / "both.json").read_text())
     assert written["arguments"]["invocations"] and (tmp_path / "both-headline.png").exists()
+    assert written["headline"] == {"nexus": "nexus-gate-token", "baselines": ["nexus-kd"]}
+    assert main([str(tmp_path / "a.json"), "--name", "x", "--headline", "nexus,missing"]) == 1

@@ -320,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("results", type=Path, nargs="+", help="Results JSONs of benchmarks/bench_quality.py.")
     p.add_argument("--name", default=None, help="File stem of the outputs (default the first JSON's).")
     p.add_argument("--out-dir", type=Path, default=None, help="Where to write (default beside the first JSON).")
+    p.add_argument("--headline", default=None,
+                   help="The headline figure's methods: a NEXUS variant, then the baselines to compare it with, "
+                        "comma-separated (default: the variant 'nexus' and the baselines matched to it).")
     args = p.parse_args(argv)
     try:
         parts = []
@@ -334,6 +337,13 @@ def main(argv: list[str] | None = None) -> int:
                                  "and 'models'); give the .json written by benchmarks/bench_quality.py")
             parts.append(results)
         results = merge_results(parts)
+        if args.headline:
+            names = [n.strip() for n in args.headline.split(",") if n.strip()]
+            unknown = [n for n in names if n not in results["methods"]]
+            if unknown:
+                raise NexusError(f"--headline: {', '.join(unknown)} not in the results; known: "
+                                 f"{', '.join(results['methods'])}")
+            results["headline"] = {"nexus": names[0], "baselines": names[1:]}
         out_dir = args.out_dir or args.results[0].parent
         stem = args.name or args.results[0].stem
         same = len(parts) == 1 and (out_dir / f"{stem}.json").resolve() == args.results[0].resolve()
