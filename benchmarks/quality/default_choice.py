@@ -150,8 +150,11 @@ def markdown(results: dict) -> str:
             for loss in LOSSES:
                 name = next((n for n, cell in c["cells"].items() if (cell["gate"], cell["loss"]) == (gate, loss)), None)
                 s = c["cells"][name]["models"].get(mname) if name else None
-                row.append("–" if s is None else f"{s['domain_mean']:.1f} ± {s['domain_std']:.1f} / "
-                                                 f"{s['forgetting']:.2f}x" + (" ‡" if s["edge"] else ""))
+                if s is None:
+                    row.append("–")
+                    continue
+                spread = f" ± {s['domain_std']:.1f}" if len(s["domain"]) > 1 else " (1 seed)"
+                row.append(f"{s['domain_mean']:.1f}{spread} / {s['forgetting']:.2f}x" + (" ‡" if s["edge"] else ""))
             lines.append(f"| {gate}{'' if gate in FOLDABLE_GATE_MODES else ' †'} | " + " | ".join(row) + " |")
         lines.append("")
     lines.append("‡ best LR on an edge of its grid.")
@@ -164,8 +167,9 @@ def markdown(results: dict) -> str:
         lines += [f"**No default supported**: {c['reason']}.", ""]
         return "\n".join(lines)
     if c["clearly"]:
-        versus = "; ".join(f"{m}: {v['margin']:+.1%} lower domain ppl, p = {_p(v['p'])}" for m, v in c["clearly"].items())
-        lines += [f"- best exportable: `{c['exportable']}`; best non-exportable: `{c['other']}` ({versus})"]
+        versus = "; ".join(f"{m}: domain ppl {-v['margin']:+.1%}, Welch p = {_p(v['p'])}" for m, v in c["clearly"].items())
+        lines += [f"- best exportable: `{c['exportable']}`; best non-exportable: `{c['other']}` (against the "
+                  f"exportable: {versus})"]
     d = c["default"]
     lines += [f"- limit used: general ≤ {c['limit']}x base", f"- **default: gate `{d['gate_mode']}`, loss {d['loss']}** "
               f"(`{c['choice']}`): {c['reason']}.", ""]

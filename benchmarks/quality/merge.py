@@ -21,6 +21,11 @@ ADAPTATION = ("steps", "batch_size", "seq_len", "warmup_frac", "eval_points", "e
               "collect_rows", "nexus_top_k", "vocab_size")
 
 
+def _domain(results: dict) -> str:
+    """The results' domain name; ``python``, the only domain, for results from before the key."""
+    return (results.get("domain") or {}).get("name", "python")
+
+
 def _score(run: dict) -> float:
     v = run["final"]["domain_val"]
     return v if run.get("diverged") is False and np.isfinite(v) else float("inf")
@@ -59,7 +64,7 @@ def merge_results(parts: list[dict]) -> dict:
         for key in SAME:
             if part.get(key) != out.get(key):
                 raise NexusError(f"results {i + 1} differ from the first in {key!r}: not the same experiment")
-        if (part.get("domain") or {}).get("name") != (out.get("domain") or {}).get("name"):
+        if _domain(part) != _domain(out):
             raise NexusError(f"results {i + 1} adapt to another domain: not the same experiment")
         for key in ADAPTATION:
             if part["config"].get(key) != out["config"].get(key):
