@@ -72,11 +72,14 @@ def _legacy_variant(m: dict) -> dict:
 
 def variant_of(results: dict, model: dict, name: str) -> dict:
     """The variant definition of method ``name``: from its runs (``variant``), else the results'
-    ``methods`` entry (older formats converted), else ``{"name": name, "kind": "unknown"}``."""
+    ``methods`` entry (older formats converted), else ``{"name": name, "kind": "unknown"}``. The
+    presentation keys (``about``, ``milestone``, ``curve``) come from the results' ``methods``
+    entry when it has them: a run cached before a variant was retitled keeps the old ones."""
+    m = (results.get("methods") or {}).get(name)
     for run in model.get("methods", {}).get(name, {}).get("runs", []):
         if run.get("variant"):
-            return run["variant"]
-    m = (results.get("methods") or {}).get(name)
+            shown = {k: m[k] for k in ("about", "milestone", "curve") if m and m.get(k) is not None}
+            return {**run["variant"], **shown}
     if m is None:
         return {"name": name, "kind": "unknown"}
     return m if "convert" in m or "train" in m else _legacy_variant(m)
