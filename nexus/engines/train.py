@@ -241,9 +241,7 @@ def setup(config: TrainConfig, accelerator, strategy, run_dir: Path, checkpoint:
     if router_note and accelerator.is_main_process:
         log.warning("router drift and entropy metrics are unavailable: %s", router_note)
     if teacher is not None and config.kd_weight > 0 and not config.kd_data and accelerator.is_main_process:
-        log.info("distilling on the domain batches; --kd-data GENERAL_TEXT distils on general text instead, which "
-                 "in the quality benchmark kept general ability as well at a far smaller domain cost (README, "
-                 "'Quality on real text')")
+        log.info("distilling on the domain batches; --kd-data GENERAL_TEXT costs far less domain quality (README)")
     # With --kd-data a teacher cache belongs to the kd stream, and --data is read as it is.
     data, collate = load_train_data(config, tokenizer, None if config.kd_data else cache)
     kd_data, kd_collate = load_kd_data(config, tokenizer, cache) if config.kd_data else (None, None)
