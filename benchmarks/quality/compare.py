@@ -7,8 +7,10 @@ Welch's t-test (unequal variances; ``scipy.stats.ttest_ind``), and says whether 
 better, worse or indistinguishable from the reference at ``ALPHA``. With 3 seeds a test has
 little power: "within noise" means "not shown to differ", not "equal".
 
-The defaults of ``nexus convert`` are read from these verdicts (see the top-level README): an
-option replaces the current default only if it improves on every base model. Distillation and
+These verdicts read one factor at a time against a CE-only reference: an option is suggested
+only if it improves on every base model. The shipped gate and loss defaults are set instead by
+the serving-first rule of :mod:`benchmarks.quality.default_choice`, which compares gates under
+every loss and prefers an adapter ``nexus export`` can fold. Distillation and
 SFA trade domain perplexity for retained general perplexity by design, so they are judged at
 matched forgetting instead: the best domain perplexity whose general perplexity stayed within
 ``MATCHED_FORGETTING`` x the base's (a read-out of the Pareto front over LRs, seeds and
@@ -197,8 +199,10 @@ def markdown(comparisons: dict[str, list[dict]]) -> str:
         lines += [f"| `{m}` | {dom[m]} | {gen[m]} |" for m in dom]
         lines.append("")
     rec = recommend(comparisons)
-    lines += ["Defaults these results support (a variant replaces `nexus`'s setting only when, on every base model, it "
-              "has lower domain ppl without more forgetting, or the same domain ppl with less forgetting; "
+    lines += ["What these one-factor comparisons alone suggest (the gate and loss defaults follow the serving-first "
+              "rule of `benchmarks/quality/default_choice.py`; a variant replaces `nexus`'s setting only when, "
+              "on every base model, it has lower domain ppl without more forgetting, or the same domain ppl with "
+              "less forgetting; "
               f"{' and '.join(TRADEOFFS)}: when it forgets less at its best LR and has the lower domain ppl at general "
               f"≤ {MATCHED_FORGETTING}x base, or reaches that region where `nexus` does not):", ""]
     lines += [f"- {factor}: **{r['setting']}**" + (f" (`{r['method']}`)" if r["method"] else " (unchanged)")
