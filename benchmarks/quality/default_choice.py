@@ -65,7 +65,8 @@ def _stats(entry: dict, base_general: float) -> dict | None:
     dom, gen = seed_values(entry, "domain_test"), seed_values(entry, "general_test")
     if not dom or not gen:
         return None
-    return {"domain": dom, "domain_mean": float(np.mean(dom)), "domain_std": float(np.std(dom)),
+    std = float(np.std(dom, ddof=1)) if len(dom) > 1 else 0.0
+    return {"domain": dom, "domain_mean": float(np.mean(dom)), "domain_std": std,
             "forgetting": float(np.mean(gen)) / base_general, "lr": entry["best_lr"], "edge": entry.get("edge")}
 
 
@@ -141,7 +142,8 @@ def markdown(results: dict) -> str:
         return ""
     gates = sorted({cell["gate"] for cell in c["cells"].values()}, key=lambda g: (g not in FOLDABLE_GATE_MODES, g))
     lines = ["## Default gate and loss (serving first)", "",
-             "Each cell: domain ppl (mean ± std over seeds at the best LR) / general ppl as a multiple of the base's. "
+             "Each cell: domain ppl (mean ± sample std over the seeds at the best LR, how many in brackets) / "
+             "general ppl as a multiple of the base's. "
              "Gates marked † do not fold into a stock checkpoint (`nexus export` needs `--remote-code`).", ""]
     for mname in results.get("models", {}):
         lines += [f"### {mname}", "", "| gate | " + " | ".join(LOSSES) + " |", "|---|" + "---:|" * len(LOSSES)]
@@ -153,8 +155,10 @@ def markdown(results: dict) -> str:
                 if s is None:
                     row.append("–")
                     continue
-                spread = f" ± {s['domain_std']:.1f}" if len(s["domain"]) > 1 else " (1 seed)"
-                row.append(f"{s['domain_mean']:.1f}{spread} / {s['forgetting']:.2f}x" + (" ‡" if s["edge"] else ""))
+                n = len(s["domain"])
+                spread = f" ± {s['domain_std']:.1f}" if n > 1 else ""
+                row.append(f"{s['domain_mean']:.1f}{spread} ({n} seed{'s' if n > 1 else ''}) / {s['forgetting']:.2f}x"
+                           + (" ‡" if s["edge"] else ""))
             lines.append(f"| {gate}{'' if gate in FOLDABLE_GATE_MODES else ' †'} | " + " | ".join(row) + " |")
         lines.append("")
     lines.append("‡ best LR on an edge of its grid.")

@@ -96,6 +96,17 @@ def _fmt(ms: dict, digits: int = 2) -> str:
     return f"{ms['mean']:.{digits}f}"
 
 
+def grids_and_seeds(results: dict) -> tuple[str, str]:
+    """The LR protocol for the report's header, as (grid, seeds) phrases: the invocation's grid and seed
+    count, or, for results merged from several invocations (:mod:`benchmarks.quality.merge`), pointers
+    to the per-method columns."""
+    cfg = results["config"]
+    if "invocations" in (results.get("arguments") or {}):
+        return "an LR grid per method (*LR grid* column)", "the seeds of the *seeds* column"
+    return (f"LR grid {', '.join(f'{x:g}' for x in cfg['lrs'])} (grown up to {cfg['lr_extensions']} steps past an "
+            f"edge that holds the best LR)", f"{cfg['seeds']} seed(s)")
+
+
 def _at(summary: dict, limit: float) -> str:
     v = summary["domain_at_forgetting"][str(limit)]
     return "–" if v is None else f"{v:.2f}"
@@ -152,9 +163,8 @@ def markdown(results: dict) -> str:
         "",
         f"Every method: {cfg['steps']} steps x {cfg['batch_size']} rows x {cfg['seq_len']} tokens "
         f"= {cfg['steps'] * cfg['batch_size'] * cfg['seq_len']:,} training tokens, AdamW, warmup {cfg['warmup_frac']:.0%} + cosine, "
-        f"LR grid {', '.join(f'{x:g}' for x in cfg['lrs'])} (grown up to {cfg['lr_extensions']} steps past an edge that "
-        f"holds the best LR), best LR by held-out *validation* domain perplexity at seed 0, then {cfg['seeds']} seed(s) "
-        f"at that LR (mean ± std). Perplexities are on held-out *test* documents "
+        f"{grids_and_seeds(results)[0]}, best LR by held-out *validation* domain perplexity at seed 0, then "
+        f"{grids_and_seeds(results)[1]} at that LR (mean ± std). Perplexities are on held-out *test* documents "
         f"({cfg['eval_rows']['domain_test']} domain / {cfg['eval_rows']['general_test']} general rows of {cfg['seq_len']} tokens).",
         "",
     ]
@@ -170,11 +180,11 @@ def markdown(results: dict) -> str:
             f"written by {pre['written_by']}. Held-out general ppl {pre['float_ppl']['general_test']:.2f} in float, "
             f"{pre['stored_ppl']['general_test']:.2f} as stored and reloaded.",
             "",
-            "| method | trainable | best LR | domain ppl ↓ | general ppl ↓ | general vs base | "
+            "| method | trainable | LR grid | best LR | seeds | domain ppl ↓ | general ppl ↓ | general vs base | "
             + " | ".join(f"domain ppl, general ≤ {x:g}x base ↓" for x in TABLE_LIMITS)
             + " | router TV (gen) | top-k changed (gen) | train s | tok/s | peak RSS MB |",
-            "|---|---:|---:|---:|---:|---:|" + "---:|" * len(TABLE_LIMITS) + "---:|---:|---:|---:|---:|",
-            f"| base (no adaptation) | 0 | – | {base['domain_test']:.2f} | {base['general_test']:.2f} | 1.000 | "
+            "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(TABLE_LIMITS) + "---:|---:|---:|---:|---:|",
+            f"| base (no adaptation) | 0 | – | – | – | {base['domain_test']:.2f} | {base['general_test']:.2f} | 1.000 | "
             + " | ".join(f"{base['domain_test']:.2f}" for _ in TABLE_LIMITS) + " | 0 | 0 | – | – | – |",
         ]
         flags = []
@@ -188,7 +198,8 @@ def markdown(results: dict) -> str:
             if s["edge"]:
                 flags.append(f"{mname}: best LR {s['best_lr']:g} is on the {s['edge']} edge of {s['grid']}")
             lines.append(
-                f"| {mname}{mark} | {s['trainable_params']:,} | {s['best_lr']:g} | {_fmt(s['domain_test_ppl'])} | "
+                f"| {mname}{mark} | {s['trainable_params']:,} | {', '.join(f'{x:g}' for x in s['grid'])} | {s['best_lr']:g} | "
+                f"{s['domain_test_ppl']['n']} | {_fmt(s['domain_test_ppl'])} | "
                 f"{_fmt(s['general_test_ppl'])} | {s['general_vs_base']:.3f} | {' | '.join(_at(s, x) for x in TABLE_LIMITS)} | {_fmt(s['router_drift_tv_general'], 3)} | "
                 f"{_fmt(s['topk_changed_general'], 3)} | {_fmt(s['train_seconds'], 1)} | {s['tokens_per_second']['mean']:.0f} | "
                 f"{rss} |"
