@@ -215,6 +215,18 @@ def test_efficiency_figure_follows_curve_labels_and_is_skipped_without(figures):
     assert "efficiency" not in figures(synthetic_results(without))
 
 
+def test_a_variant_taken_off_a_curve_leaves_it_though_its_runs_were_on_it(figures):
+    """Presentation keys come from the results' method entries, a missing ``curve`` included: runs
+    cached while a variant was on a curve do not put it back there."""
+    results = synthetic_results(models=("m1",))
+    results["methods"]["nexus-small"] = {k: v for k, v in results["methods"]["nexus-small"].items() if k != "curve"}
+    results["methods"]["lora-experts-small"] = {**results["methods"]["lora-experts-small"], "curve": "LoRA, renamed"}
+    ax = figures(results)["efficiency"].axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    assert set(lines) == {"NEXUS (shared expert width)", "LoRA on experts", "LoRA, renamed"}
+    assert list(lines["NEXUS (shared expert width)"].get_xdata()) == [4000]
+
+
 def test_lr_and_curve_panels_hold_at_most_eight_series(figures):
     many = VARIANTS + [variant(f"nexus-x{i}", convert={"strategy": f"x{i}"}) for i in range(6)]
     figs = figures(synthetic_results(many, models=("m1",)))

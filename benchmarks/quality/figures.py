@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+from benchmarks.quality.methods import PRESENTATION_KEYS
+
 FORGETTING_LIMIT = 1.5
 MAX_SERIES = 8  # per panel of the LR and training-curve figures
 MAX_LEGEND = 6  # series per factor panel
@@ -74,12 +76,15 @@ def variant_of(results: dict, model: dict, name: str) -> dict:
     """The variant definition of method ``name``: from its runs (``variant``), else the results'
     ``methods`` entry (older formats converted), else ``{"name": name, "kind": "unknown"}``. The
     presentation keys (``about``, ``milestone``, ``curve``) come from the results' ``methods``
-    entry when it has them: a run cached before a variant was retitled keeps the old ones."""
+    entry when there is one, a key it lacks included: a run cached before a variant was retitled,
+    or taken off a curve, is shown as the variant is defined now."""
     m = (results.get("methods") or {}).get(name)
     for run in model.get("methods", {}).get(name, {}).get("runs", []):
         if run.get("variant"):
-            shown = {k: m[k] for k in ("about", "milestone", "curve") if m and m.get(k) is not None}
-            return {**run["variant"], **shown}
+            if m is None:
+                return run["variant"]
+            return {**{k: v for k, v in run["variant"].items() if k not in PRESENTATION_KEYS},
+                    **{k: m[k] for k in PRESENTATION_KEYS if m.get(k) is not None}}
     if m is None:
         return {"name": name, "kind": "unknown"}
     return m if "convert" in m or "train" in m else _legacy_variant(m)
