@@ -217,14 +217,18 @@ def test_efficiency_figure_follows_curve_labels_and_is_skipped_without(figures):
 
 def test_a_variant_taken_off_a_curve_leaves_it_though_its_runs_were_on_it(figures):
     """Presentation keys come from the results' method entries, a missing ``curve`` included: runs
-    cached while a variant was on a curve do not put it back there."""
+    cached while a variant was on a curve do not put it back there. A base model whose curves all
+    have one size gets no panel."""
     results = synthetic_results(models=("m1",))
-    results["methods"]["nexus-small"] = {k: v for k, v in results["methods"]["nexus-small"].items() if k != "curve"}
-    results["methods"]["lora-experts-small"] = {**results["methods"]["lora-experts-small"], "curve": "LoRA, renamed"}
+    methods = results["methods"]
+    methods["nexus-small"] = {k: v for k, v in methods["nexus-small"].items() if k != "curve"}
+    methods["lora-attention"] = {**methods["lora-attention"], "curve": "LoRA on attention"}
     ax = figures(results)["efficiency"].axes[0]
     lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
-    assert set(lines) == {"NEXUS (shared expert width)", "LoRA on experts", "LoRA, renamed"}
+    assert set(lines) == {"NEXUS (shared expert width)", "LoRA on experts", "LoRA on attention"}
     assert list(lines["NEXUS (shared expert width)"].get_xdata()) == [4000]
+    methods["lora-experts-small"] = {k: v for k, v in methods["lora-experts-small"].items() if k != "curve"}
+    assert "efficiency" not in figures(results)
 
 
 def test_lr_and_curve_panels_hold_at_most_eight_series(figures):

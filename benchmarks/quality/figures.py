@@ -363,18 +363,22 @@ def factor_figure(results: dict, mname: str, limit: float = FORGETTING_LIMIT):
 
 def efficiency_figure(results: dict, limit: float = FORGETTING_LIMIT):
     """Best domain ppl at general ppl <= ``limit`` x base against trainable parameters, one line
-    per ``curve`` label; None when no variant carries a ``curve``."""
+    per ``curve`` label, one panel per base model with a curve of two sizes or more; None when
+    no base model has one."""
     import matplotlib.pyplot as plt
 
     from benchmarks.quality.report import domain_at_forgetting
 
-    models = list(results["models"].items())
-    curves = {mname: {} for mname, _ in models}
-    for mname, model in models:
+    curves = {}
+    for mname, model in results["models"].items():
+        labels = {}
         for name, v in _variants(results, model).items():
             if v.get("curve"):
-                curves[mname].setdefault(v["curve"], []).append(name)
-    if not any(curves.values()):
+                labels.setdefault(v["curve"], []).append(name)
+        if any(len(names) > 1 for names in labels.values()):
+            curves[mname] = labels
+    models = [(mname, results["models"][mname]) for mname in curves]
+    if not models:
         return None
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5), squeeze=False)
     domain = corpus_label(results, "domain")
