@@ -51,8 +51,14 @@ def test_an_exportable_gate_wins_unless_a_per_token_gate_is_clearly_better():
     assert all(v["margin"] > 0.06 and v["p"] < 0.05 for v in clear["clearly"].values())
     noisy = choose(_results(_grid([120, 170, 130])))  # 7% lower on average, but not significant
     assert noisy["choice"] == "nexus-kd-general"
-    text = markdown(_results(_grid([148, 147.5, 148.5])))
+    res = _results(_grid([148, 147.5, 148.5]))
+    for model in res["models"].values():
+        model["methods"]["nexus-gate-none-kd-general"]["grid"] = [0.01, 0.03, 0.09]
+    text = markdown(res)
     assert "token †" in text and "default: gate `scalar`, loss KD on general text" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "155.0 ± 1.0 (3 seeds)" in rows["none"] and "§" not in rows["none"]  # sample std
+    assert "§" in rows["token †"]  # a cell of one LR says so
 
 
 def test_the_forgetting_limit_relaxes_only_when_no_cell_meets_it_and_nothing_else_is_a_cell():

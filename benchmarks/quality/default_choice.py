@@ -67,7 +67,8 @@ def _stats(entry: dict, base_general: float) -> dict | None:
         return None
     std = float(np.std(dom, ddof=1)) if len(dom) > 1 else 0.0
     return {"domain": dom, "domain_mean": float(np.mean(dom)), "domain_std": std,
-            "forgetting": float(np.mean(gen)) / base_general, "lr": entry["best_lr"], "edge": entry.get("edge")}
+            "forgetting": float(np.mean(gen)) / base_general, "lr": entry["best_lr"], "edge": entry.get("edge"),
+            "grid": list(entry.get("grid") or [entry["best_lr"]])}
 
 
 def choose(results: dict) -> dict:
@@ -158,10 +159,10 @@ def markdown(results: dict) -> str:
                 n = len(s["domain"])
                 spread = f" ± {s['domain_std']:.1f}" if n > 1 else ""
                 row.append(f"{s['domain_mean']:.1f}{spread} ({n} seed{'s' if n > 1 else ''}) / {s['forgetting']:.2f}x"
-                           + (" ‡" if s["edge"] else ""))
+                           + (" ‡" if s["edge"] else "") + (" §" if len(s["grid"]) < 2 else ""))
             lines.append(f"| {gate}{'' if gate in FOLDABLE_GATE_MODES else ' †'} | " + " | ".join(row) + " |")
         lines.append("")
-    lines.append("‡ best LR on an edge of its grid.")
+    lines.append("‡ best LR on an edge of its grid; § one LR only, no grid.")
     lines.append("")
     lines += [f"Rule (`benchmarks/quality/default_choice.py`): eligible cells keep general ppl within "
               f"{' or '.join(f'{x}x' for x in FORGETTING_LIMITS)} the base's (the first limit any cell meets) on every "
