@@ -149,6 +149,7 @@ def markdown(results: dict) -> str:
     cfg = results["config"]
     domain_name = (results.get("domain") or {}).get("name", "python")
     python_version = f" ({results['environment']['python']})" if domain_name == "python" else ""
+    grid, seeds = grids_and_seeds(results)
     lines = [
         f"# Quality benchmark ({results['preset']})",
         "",
@@ -163,8 +164,8 @@ def markdown(results: dict) -> str:
         "",
         f"Every method: {cfg['steps']} steps x {cfg['batch_size']} rows x {cfg['seq_len']} tokens "
         f"= {cfg['steps'] * cfg['batch_size'] * cfg['seq_len']:,} training tokens, AdamW, warmup {cfg['warmup_frac']:.0%} + cosine, "
-        f"{grids_and_seeds(results)[0]}, best LR by held-out *validation* domain perplexity at seed 0, then "
-        f"{grids_and_seeds(results)[1]} at that LR (mean ± std). Perplexities are on held-out *test* documents "
+        f"{grid}, best LR by held-out *validation* domain perplexity at seed 0, then "
+        f"{seeds} at that LR (mean ± std). Perplexities are on held-out *test* documents "
         f"({cfg['eval_rows']['domain_test']} domain / {cfg['eval_rows']['general_test']} general rows of {cfg['seq_len']} tokens).",
         "",
     ]
