@@ -39,8 +39,8 @@ python benchmarks/bench_quality.py --domain licenses --models gpt_oss --methods 
 python benchmarks/bench_quality.py --domain licenses --models gpt_oss --methods lora-attention-kd-general --lrs 0.001,0.003,0.01 --seeds 3 --lr-extensions 1 --name r3-lic-b --results-dir "$OUT"
 
 H=nexus-gate-none-kd-general,lora-experts-kd-general,lora-attention-kd-general
-python -m benchmarks.quality.report $OUT/r4-{gates-ce,gates-ce-scalar,gates-kd,kd-scalar,eff-lora-attention-w16,qwen-gates,qwen-kdg-scalar,qwen-ce-scalar}.json \
-    $OUT/r3-{gates-kdg,kdg-scalar,lora-experts,lora-attention,eff-nexus,eff-lora-experts,eff-lora-attention-w4,qwen-none,qwen-lora-experts,qwen-lora-attention}.json \
+python -m benchmarks.quality.report $OUT/r3-{gates-kdg,kdg-scalar,lora-experts,lora-attention,eff-nexus,eff-lora-experts,eff-lora-attention-w4,qwen-none,qwen-lora-experts,qwen-lora-attention}.json \
+    $OUT/r4-{gates-ce,gates-ce-scalar,gates-kd,kd-scalar,eff-lora-attention-w16,qwen-gates,qwen-kdg-scalar,qwen-ce-scalar}.json \
     $OUT/q-{gates-ce,gates-kd,gates-kdg,qwen-gates-kdg,qwen-pre,qwen-lora,eff-lora-experts,eff-lora-attention}.json \
     --name quality-round2 --out-dir benchmarks/results --headline $H
 python -m benchmarks.quality.report $OUT/r3-lic-{a,b}.json $OUT/q-lic-{a,b}.json --name quality-licenses --out-dir benchmarks/results --headline $H
