@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import types
 
 import pytest
@@ -72,13 +73,15 @@ def test_sft_trains_only_the_adapter_and_checkpoints_hold_only_it(gpt_oss_base_d
     assert {n for n, p in base.named_parameters() if p.requires_grad} == {n for n in keys}
 
 
-def test_wrapper_habits(gpt_oss_base_dir, tmp_path, capsys):
+def test_wrapper_habits(gpt_oss_base_dir, tmp_path, caplog):
     base, tok = _load(gpt_oss_base_dir)
     reference = base(**fixed_batch(tok)).logits
     model = nexus.get_nexus_model(base, nexus.NexusConfig(gate_mode="token", init_strategy="mean_all"))
     assert model.get_base_model() is base
-    model.print_trainable_parameters()
-    assert "trainable params" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="nexus.trainers.model"):
+        model.print_trainable_parameters()
+    trainable, total = model.get_nb_trainable_parameters()
+    assert f"trainable params: {trainable:,d} || all params: {total:,d}" in caplog.text
     batch = fixed_batch(tok)
     adapted = model(**batch).logits
     assert not torch.allclose(adapted, reference)

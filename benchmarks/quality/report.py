@@ -96,6 +96,10 @@ def _fmt(ms: dict, digits: int = 2) -> str:
     return f"{ms['mean']:.{digits}f}"
 
 
+def _lr_list(lrs: list[float]) -> str:
+    return ", ".join(f"{x:g}" for x in lrs)
+
+
 def grids_and_seeds(results: dict) -> tuple[str, str]:
     """The LR protocol for the report's header, as (grid, seeds) phrases: the invocation's grid and seed
     count, or, for results merged from several invocations (:mod:`benchmarks.quality.merge`), pointers
@@ -103,7 +107,7 @@ def grids_and_seeds(results: dict) -> tuple[str, str]:
     cfg = results["config"]
     if "invocations" in (results.get("arguments") or {}):
         return "an LR grid per method (*LR grid* column)", "the seeds of the *seeds* column"
-    return (f"LR grid {', '.join(f'{x:g}' for x in cfg['lrs'])} (grown up to {cfg['lr_extensions']} steps past an "
+    return (f"LR grid {_lr_list(cfg['lrs'])} (grown up to {cfg['lr_extensions']} steps past an "
             f"edge that holds the best LR)", f"{cfg['seeds']} seed(s)")
 
 
@@ -199,7 +203,7 @@ def markdown(results: dict) -> str:
             if s["edge"]:
                 flags.append(f"{mname}: best LR {s['best_lr']:g} is on the {s['edge']} edge of {s['grid']}")
             lines.append(
-                f"| {mname}{mark} | {s['trainable_params']:,} | {', '.join(f'{x:g}' for x in s['grid'])} | {s['best_lr']:g} | "
+                f"| {mname}{mark} | {s['trainable_params']:,} | {_lr_list(s['grid'])} | {s['best_lr']:g} | "
                 f"{s['domain_test_ppl']['n']} | {_fmt(s['domain_test_ppl'])} | "
                 f"{_fmt(s['general_test_ppl'])} | {s['general_vs_base']:.3f} | {' | '.join(_at(s, x) for x in TABLE_LIMITS)} | {_fmt(s['router_drift_tv_general'], 3)} | "
                 f"{_fmt(s['topk_changed_general'], 3)} | {_fmt(s['train_seconds'], 1)} | {s['tokens_per_second']['mean']:.0f} | "

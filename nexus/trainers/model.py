@@ -173,12 +173,11 @@ class NexusModel(PeftModel):
         return trainable, sum(p.numel() for p in self.parameters()) + packed
 
     def print_trainable_parameters(self) -> None:
-        """Print the trainable and total parameter counts, as PEFT does."""
+        """Log PEFT's line of trainable and total parameter counts at INFO (logger
+        ``nexus.trainers.model``); :meth:`get_nb_trainable_parameters` returns the numbers."""
         trainable, total = self.get_nb_trainable_parameters()
-        # Printing is this method's contract (PEFT's, called from notebooks and scripts); logging
-        # would hide the line at the default level.
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
-              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+        log.info("trainable params: %s || all params: %s || trainable%%: %.4f",
+                 f"{trainable:,d}", f"{total:,d}", 100 * trainable / max(total, 1))
 
     @contextlib.contextmanager
     def disable_adapter(self):
