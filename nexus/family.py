@@ -143,12 +143,19 @@ class Family:
     def read_experts(self, reader, config, layer: int, experts: list[int]) -> ExpertWeights:
         return self._call("nexus_read_experts", reader=reader, config=config, layer=layer, experts=list(experts))
 
-    def pack_experts(self, reader, config, block: MoEBlock) -> bool:
-        """Replace ``block``'s experts by a packed module (``nexus_pack_experts``); False: not packable."""
-        done = self.pm.hook.nexus_pack_experts(
+    def pack_experts(self, reader, config, block: MoEBlock) -> bool | None:
+        """Let a ``nexus_pack_experts`` implementation replace ``block``'s experts by a packed module.
+
+        :return: True once replaced, False when the block cannot stay packed, None when no plugin
+            packs it itself (the loader then packs by :meth:`expert_layout`).
+        """
+        return self.pm.hook.nexus_pack_experts(
             family=self.name, reader=reader, config=config, block=block, activation=self.activation(config)
         )
-        return bool(done)
+
+    def expert_layout(self):
+        """The family's declared on-disk expert layout (:class:`nexus.expert_layout.ExpertLayout`), or None."""
+        return self.pm.hook.nexus_expert_layout(family=self.name)
 
     def build_shared_expert(self, config, block: MoEBlock, intermediate_size: int) -> nn.Module:
         return self._call(

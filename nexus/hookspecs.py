@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
     from nexus.checkpoint import CheckpointReader
+    from nexus.expert_layout import ExpertLayout
     from nexus.spec import ExportSpec
     from nexus.types import ExpertWeights, MoEBlock, RouterCapture
 
@@ -176,6 +177,21 @@ def nexus_read_experts(
 
 
 @hookspec(firstresult=True)
+def nexus_expert_layout(family: str) -> ExpertLayout | None:
+    """Declare where and how the family stores its routed experts on disk.
+
+    Called by the loader (:func:`nexus.quant.packed_loading.load_packed_model`) for a quantised
+    checkpoint, once per MoE block that no ``nexus_pack_experts`` implementation handled: the core
+    then keeps the experts packed as the layout says (its ``packed_formats`` and ``packed_module``).
+    The contract only declares the format; decoding and loading are the core's (:mod:`nexus.quant`).
+
+    :param family: the resolved family name; return ``None`` unless it is yours.
+    :return: a :class:`nexus.expert_layout.ExpertLayout`. First non-None result wins; a family that
+        returns none keeps no experts packed (its quantised checkpoints load dequantised).
+    """
+
+
+@hookspec(firstresult=True)
 def nexus_pack_experts(
     family: str, reader: CheckpointReader, config: PretrainedConfig, block: MoEBlock, activation: Callable
 ) -> bool | None:
@@ -187,6 +203,8 @@ def nexus_pack_experts(
     by :func:`nexus.quant.packed_loading.install_packed_experts`) must compute exactly what the
     family's experts module computes, decoding on the fly; the loader then loads every other
     tensor. Returning ``False`` for any block makes the loader dequantise the whole model instead.
+    Most families implement :func:`nexus_expert_layout` instead and let the core pack by it; this
+    hook is for a family or third party that packs some other way.
 
     :param family: the resolved family name; return ``None`` unless it is yours.
     :param reader: a lazy reader over the checkpoint's safetensors files.

@@ -64,7 +64,7 @@ def load_model(
             fam = resolve_family(config, family)
         except FamilyError:  # not an MoE family (a dense teacher, say): nothing to keep packed
             fam = None
-        model = load_packed_model(path, fam, dtype, device) if fam is not None else None
+        model = load_packed_model(path, config, fam, dtype, device) if fam is not None else None
         if model is not None:
             model.eval()
             model._nexus_source = str(path)

@@ -301,12 +301,10 @@ class SpecFamily:
         return gated_activation(str(config_value(config, self.spec.activation_field)))
 
     @hookimpl
-    def nexus_pack_experts(self, family, reader, config, block, activation):
+    def nexus_expert_layout(self, family):
         if not self._mine(family):
             return None
-        from nexus.quant.packed_loading import install_packed_experts
-
-        return install_packed_experts(reader, self.spec.experts, block, activation)
+        return self.spec.experts
 
     @hookimpl
     def nexus_export_spec(self, family):

@@ -2,13 +2,14 @@
 
 The model is built without weights (``accelerate.init_empty_weights``); every MoE block's experts
 module is replaced by a :class:`nexus.quant.packed_experts.PackedExperts` holding the checkpoint's
-bytes (through the family's ``nexus_pack_experts``); every other tensor is then read one at a
+bytes (as the family's ``nexus_expert_layout`` declares); every other tensor is then read one at a
 time from the safetensors files, renamed as transformers renames it, cast to the parameter's
 dtype and placed on the device. No dequantised copy of a layer's experts is ever made.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -155,9 +156,13 @@ def _refuse_save(*args, **kwargs):
                      "load it with load_model(..., dequantize=True) to save a float copy")
 
 
-def load_packed_model(path: str | Path, family, dtype: torch.dtype, device) -> nn.Module | None:
+def load_packed_model(path: str | Path, config, family, dtype: torch.dtype, device) -> nn.Module | None:
     """Build the model of checkpoint ``path`` with its routed experts packed as stored.
 
+    Each MoE block is packed by a plugin's ``nexus_pack_experts`` when one handles it, else by the
+    family's declared ``nexus_expert_layout``.
+
+    :param config: the checkpoint's config (as :func:`nexus.loading.load_config` reads it).
     :return: the ``*ForCausalLM`` (on ``device``, eval mode), or None when the checkpoint is not
         quantised in a format the family keeps packed (then load it the ordinary way).
     :raises NexusError: a tensor the model needs is missing, or packed tensors are malformed.
@@ -165,19 +170,22 @@ def load_packed_model(path: str | Path, family, dtype: torch.dtype, device) -> n
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from nexus.loading import load_config
-
     reader = CheckpointReader(path)
     method = quant_method(reader.config)
     if method not in PACKED_METHODS:
         return None
-    config = load_config(path)
+    layout = family.expert_layout()
+    activation = family.activation(config)
     if hasattr(config, "quantization_config"):
+        config = copy.deepcopy(config)  # the caller's config keeps it
         del config.quantization_config  # as after transformers' dequantising load: the model holds no quantizer
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for block in family.moe_blocks(model):
-        if not family.pack_experts(reader, config, block):
+        done = family.pack_experts(reader, config, block)
+        if done is None:
+            done = layout is not None and install_packed_experts(reader, layout, block, activation)
+        if not done:
             log.info("%s: family %s does not keep layer %d's %s experts packed; dequantising", path, family.name,
                      block.layer, method)
             return None
