@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from nexus.cli.options import dataclass_options
+from nexus.cli.options import ExpandedPath, dataclass_options
 from nexus.engines.evaluate_config import EvaluateConfig, GenerateConfig
 
 
@@ -55,7 +55,7 @@ def generate(**kwargs):
 
 
 @click.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("run_dir", type=ExpandedPath(exists=True, file_okay=False))
 def plot(run_dir):
     """Draw loss, KL, router drift/entropy, LR and grad-norm curves of RUN_DIR into RUN_DIR/plots/."""
     from nexus.engines.plots import PLOTS_DIR, plot_run

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import click
 
+from nexus.cli.options import ExpandedPath
+
 
 @click.command()
-@click.option("--model", "model_path", required=True, type=click.Path(exists=True, file_okay=False),
+@click.option("--model", "model_path", required=True, type=ExpandedPath(exists=True, file_okay=False),
               help="Base model checkpoint directory the adapter was made for.")
-@click.option("--adapter", required=True, type=click.Path(exists=True, file_okay=False), help="Adapter directory.")
-@click.option("--output", required=True, type=click.Path(), help="Checkpoint directory to write.")
+@click.option("--adapter", required=True, type=ExpandedPath(exists=True, file_okay=False), help="Adapter directory.")
+@click.option("--output", required=True, type=ExpandedPath(), help="Checkpoint directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @click.option("--remote-code", is_flag=True,
               help="Write a trust_remote_code checkpoint (base tensors unchanged + a small modeling file) instead of "

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from nexus.cli.options import ExpandedPath
+
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -62,7 +64,7 @@ def _human(n: float) -> str:
 
 
 @click.command()
-@click.option("--model", "model_path", type=click.Path(), default=None,
+@click.option("--model", "model_path", type=ExpandedPath(), default=None,
               help="Checkpoint directory (default: build the family's tiny demo checkpoint).")
 @click.option("--shared-intermediate-size", type=int, default=None,
               help="Width of each shared expert for the parameter count (default: the expert width).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 
 import click
@@ -29,14 +30,29 @@ class FiniteFloat(click.ParamType):
         return number
 
 
+class ExpandedPath(click.Path):
+    """A ``click.Path`` whose value has a leading ``~`` expanded before it is checked or used.
+
+    The shell expands ``~`` only at the start of a word, so ``--output=~/x`` (and a quoted
+    ``'~/x'``) would otherwise reach the command as a literal ``~``; every path option of every
+    command uses this type, so they all read ``~`` the same way.
+    """
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (str, os.PathLike)):
+            value = os.path.expanduser(value)
+        return super().convert(value, param, ctx)
+
+
 def dataclass_options(cls, skip: tuple[str, ...] = ()):
     """A decorator adding one click option per field of dataclass ``cls``.
 
     Field metadata (see :func:`nexus.config_fields.option`) carries over: ``help``, ``required``
     (a field without a default is required too), ``choices``, ``min`` (an inclusive bound of an int
-    or float), ``exists`` (a path that must exist), ``path`` (a path), ``short``, ``metavar``; ``bool`` fields become
-    flags (``off_flag`` names the negative one); ``X | None`` fields default to None; ``float``
-    fields accept finite numbers only (other range checks are the dataclass's or the stage's).
+    or float), ``exists`` (a path that must exist), ``path`` (a path; both give an :class:`ExpandedPath`),
+    ``short``, ``metavar``; ``bool`` fields become flags (``off_flag`` names the negative one);
+    ``X | None`` fields default to None; ``float`` fields accept finite numbers only (other range
+    checks are the dataclass's or the stage's).
     """
     hints = typing.get_type_hints(cls)
 
@@ -70,7 +86,7 @@ def _option(f: dataclasses.Field, kind):
     elif base is int and meta.get("min") is not None:
         ctype = click.IntRange(min=meta["min"])
     elif meta.get("exists") or meta.get("path"):
-        ctype = click.Path(exists=bool(meta.get("exists")))
+        ctype = ExpandedPath(exists=bool(meta.get("exists")))
     else:
         ctype = base
     required = meta.get("required", False) or (
