@@ -22,7 +22,7 @@ def run(ctx, **kwargs):
 
     \b
     Examples:
-      nexus --family gpt_oss run --output runs/demo          # built-in demo, about a minute
+      nexus --family gpt_oss run --output runs/demo          # built-in demo, about half a minute
       nexus run --model ~/models/gpt-oss-20b --data domain.jsonl --eval-data heldout.jsonl \\
           --output runs/domain --top-k 24 --max-steps 2000 --seq-len 1024
     """
