@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from nexus.constants import GATE_MODES, SHARED_MODULE_NAME, SHARED_SCALE_NAME
+from nexus.constants import DEFAULT_GATE_MODE, GATE_MODES, SHARED_MODULE_NAME, SHARED_SCALE_NAME
 from nexus.errors import NexusError
 from nexus.types import MoEBlock
 
@@ -95,7 +95,7 @@ def attach_shared_experts(
     model: nn.Module,
     family,
     intermediate_size: int | None = None,
-    gate_mode: str = "scalar",
+    gate_mode: str = DEFAULT_GATE_MODE,
     dtype: torch.dtype = torch.float32,
 ) -> list[MoEBlock]:
     """Attach a freshly built shared expert to every MoE block of ``model``.
@@ -103,7 +103,8 @@ def attach_shared_experts(
     :param model: a loaded base model of ``family``.
     :param family: a :class:`nexus.family.Family`.
     :param intermediate_size: width of each shared expert; default the routed expert width.
-    :param gate_mode: one of :data:`nexus.constants.GATE_MODES`.
+    :param gate_mode: one of :data:`nexus.constants.GATE_MODES`; default
+        :data:`nexus.constants.DEFAULT_GATE_MODE`, as ``nexus convert``.
     :param dtype: parameter dtype of the shared experts (fp32 by default, whatever the base's).
     :return: the blocks, each now carrying ``nexus_shared``.
     """

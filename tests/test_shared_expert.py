@@ -35,7 +35,7 @@ def _randomise_shared(model, seed: int = 0) -> None:
 
 
 def test_attach_builds_one_shared_expert_per_moe_block(gpt_oss, gpt_oss_model):
-    blocks = attach_shared_experts(gpt_oss_model, gpt_oss, intermediate_size=32)
+    blocks = attach_shared_experts(gpt_oss_model, gpt_oss, intermediate_size=32, gate_mode="scalar")
     assert [b.layer for b in blocks] == [0, 1, 2]
     for b in blocks:
         shared = getattr(b.module, SHARED_MODULE_NAME)

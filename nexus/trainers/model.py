@@ -448,7 +448,8 @@ def get_nexus_model(model: nn.Module, config: NexusConfig | None = None) -> Nexu
 
     :param model: a transformers MoE causal LM of a registered family (``AutoModelForCausalLM`` or
         :func:`nexus.loading.load_model`).
-    :param config: how to build the adapter; default ``NexusConfig()`` (``zeros`` init, token gate).
+    :param config: how to build the adapter; default ``NexusConfig()`` (``zeros`` init, the default gate
+        :data:`nexus.constants.DEFAULT_GATE_MODE`).
     :return: the wrapped model; ``model`` itself is modified in place (as PEFT does).
     :raises NexusError: not an MoE model, a strategy that needs the checkpoint directory on a
         model built in memory, a selection made for another model.
