@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
+from helpers_conformance import build_checkpoint
 from helpers_export import base_and_adapter, base_logits
 from nexus.engines.export import EXPORT_INFO_NAME, export
 from nexus.errors import AdapterMismatchError, NexusError
@@ -128,6 +129,25 @@ def test_adapter_for_another_base_is_refused_naming_both(tmp_path, gpt_oss_pair)
     message = str(err.value)
     assert read_adapter_config(adapter).base_fingerprint in message
     assert config_fingerprint(load_config(other)) in message
+
+
+def test_adapter_for_other_weights_of_the_same_config_is_refused(tmp_path, gpt_oss_pair):
+    from nexus.adapter import read_adapter_config
+    from nexus.fingerprint import weights_fingerprint
+
+    _, adapter = gpt_oss_pair
+    recorded = read_adapter_config(adapter)
+    assert len(recorded.base_weights_fingerprint) == 16
+    # Same config (the config fingerprint check passes), other random weights.
+    other = build_checkpoint(resolve_family(name="gpt_oss"), tmp_path / "other", seed=1)
+    actual, _ = weights_fingerprint(other, recorded.base_weights_tensors)
+    assert actual != recorded.base_weights_fingerprint
+    with pytest.raises(AdapterMismatchError) as err:
+        export(other, adapter, tmp_path / "out")
+    message = str(err.value)
+    for part in (recorded.base_weights_fingerprint, actual, str(other), str(adapter)):
+        assert part in message
+    assert not (tmp_path / "out").exists()
 
 
 def test_existing_output_needs_overwrite_and_a_crash_leaves_nothing(gpt_oss_pair, tmp_path, monkeypatch):
