@@ -1,4 +1,7 @@
-"""Losses against float64 references written here from the definitions, independently of nexus.losses."""
+"""Losses against float64 references written here from the definitions, independently of nexus.losses.
+
+The vocabulary losses run twice: the full-logit functions of :mod:`nexus.losses` and the chunked ones
+of :mod:`nexus.chunked_losses` (the logits given as hidden states under an identity projection)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,37 @@ import math
 import pytest
 import torch
 
-from nexus import losses
+from nexus import chunked_losses, losses
+
+
+class _Chunked:
+    """:mod:`nexus.chunked_losses` behind the full-logit signatures: the logits ``[N, V]`` are the
+    hidden states, the head's weight the ``[V, V]`` identity (exact), 5 tokens per chunk."""
+
+    CHUNK = 5
+
+    @staticmethod
+    def _head(logits):
+        return chunked_losses.OutputHead(torch.eye(logits.shape[-1]))
+
+    def cross_entropy_sum(self, logits, labels):
+        return chunked_losses.cross_entropy_sum(logits, self._head(logits), labels, self.CHUNK)
+
+    def kl_div_sum(self, teacher, student, mask, temperature=1.0):
+        return chunked_losses.kl_div_sum(teacher, self._head(teacher), student, self._head(student), mask,
+                                         temperature, self.CHUNK)
+
+    def topk_kl_sum(self, lp, ix, student, mask, temperature=1.0):
+        return chunked_losses.topk_kl_sum(lp, ix, student, self._head(student), mask, temperature, self.CHUNK)
+
+    def topk_logprobs(self, logits, k, temperature=1.0):
+        return chunked_losses.topk_logprobs(logits, self._head(logits), k, temperature, self.CHUNK)
+
+
+@pytest.fixture(params=["full", "chunked"])
+def vocab_losses(request):
+    """The vocabulary losses under test: :mod:`nexus.losses` or the chunked ones."""
+    return losses if request.param == "full" else _Chunked()
 
 
 def _ref_ce(logits, labels):
@@ -46,41 +79,41 @@ def logits():
     return torch.randn(n, v, generator=g) * 3, torch.randn(n, v, generator=g) * 3
 
 
-def test_cross_entropy_matches_float64_reference(logits):
+def test_cross_entropy_matches_float64_reference(logits, vocab_losses):
     student, _ = logits
     labels = torch.tensor([3, -100, 0, 16, 5, -100, 7, 7, 1, 2, -100, 9])
-    s, n = losses.cross_entropy_sum(student, labels)
+    s, n = vocab_losses.cross_entropy_sum(student, labels)
     ref, ref_n = _ref_ce(student, labels)
     assert int(n) == ref_n == 9
     assert float(s) == pytest.approx(ref, rel=1e-6)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7])
-def test_kl_matches_float64_reference(logits, temperature):
+def test_kl_matches_float64_reference(logits, vocab_losses, temperature):
     teacher, student = logits
     mask = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1, 1, 1, 1, 0], dtype=torch.bool)
-    got = losses.kl_div_sum(teacher, student, mask, temperature)
+    got = vocab_losses.kl_div_sum(teacher, student, mask, temperature)
     assert float(got) == pytest.approx(_ref_kl(teacher, student, mask, temperature), rel=1e-5)
-    assert float(losses.kl_div_sum(teacher, teacher, mask, temperature)) == pytest.approx(0.0, abs=1e-6)
+    assert float(vocab_losses.kl_div_sum(teacher, teacher, mask, temperature)) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_topk_kl_equals_full_kl_when_k_is_vocab(logits):
+def test_topk_kl_equals_full_kl_when_k_is_vocab(logits, vocab_losses):
     teacher, student = logits
     mask = torch.ones(teacher.shape[0], dtype=torch.bool)
     mask[3] = False
     for t in (1.0, 2.0):
-        lp, ix = losses.topk_logprobs(teacher, teacher.shape[-1], t)
-        got = losses.topk_kl_sum(lp, ix, student, mask, t)
+        lp, ix = vocab_losses.topk_logprobs(teacher, teacher.shape[-1], t)
+        got = vocab_losses.topk_kl_sum(lp, ix, student, mask, t)
         assert float(got) == pytest.approx(_ref_kl(teacher, student, mask, t), rel=1e-5)
 
 
-def test_topk_kl_with_tail_bucket_matches_reference(logits):
+def test_topk_kl_with_tail_bucket_matches_reference(logits, vocab_losses):
     """k < V: the KL between the (k+1)-outcome projections, recomputed by hand in float64."""
     teacher, student = logits
     k = 5
     mask = torch.ones(teacher.shape[0], dtype=torch.bool)
-    lp, ix = losses.topk_logprobs(teacher, k)
-    got = float(losses.topk_kl_sum(lp, ix, student, mask))
+    lp, ix = vocab_losses.topk_logprobs(teacher, k)
+    got = float(vocab_losses.topk_kl_sum(lp, ix, student, mask))
     ref = 0.0
     for tr, sr, idx in zip(teacher.double().tolist(), student.double().tolist(), ix.tolist()):
         p, q = _softmax(tr), _softmax(sr)
@@ -92,11 +125,11 @@ def test_topk_kl_with_tail_bucket_matches_reference(logits):
     assert got <= _ref_kl(teacher, student, mask, 1.0) + 1e-5
 
 
-def test_topk_kl_gradient_is_finite_when_support_holds_all_mass():
+def test_topk_kl_gradient_is_finite_when_support_holds_all_mass(vocab_losses):
     teacher = torch.tensor([[30.0, 0.0, -30.0, -30.0]])
     student = torch.zeros(1, 4, requires_grad=True)
-    lp, ix = losses.topk_logprobs(teacher, 2)
-    losses.topk_kl_sum(lp, ix, student, torch.ones(1, dtype=torch.bool)).backward()
+    lp, ix = vocab_losses.topk_logprobs(teacher, 2)
+    vocab_losses.topk_kl_sum(lp, ix, student, torch.ones(1, dtype=torch.bool)).backward()
     assert torch.isfinite(student.grad).all()
 
 
