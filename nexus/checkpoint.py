@@ -24,6 +24,17 @@ INDEX_FILE = "model.safetensors.index.json"
 _CORRUPT_HINT = "the base checkpoint is damaged: download or save it again"
 
 
+def check_weight_files(path: str | Path) -> None:
+    """Open every safetensors file of the checkpoint directory ``path`` (headers only), so that a
+    truncated or corrupt shard is named before a loader that reports it without its name reads it.
+
+    :raises NexusError: naming the first unreadable file.
+    """
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with open_safetensors(file, _CORRUPT_HINT):
+            pass
+
+
 class CheckpointReader:
     """Read tensors lazily from a checkpoint directory.
 

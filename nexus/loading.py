@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from nexus.errors import NexusError
 
@@ -74,8 +75,12 @@ def load_model(
     silence_dequantization_warnings()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=None)
-    except (ValueError, KeyError, OSError) as exc:
-        raise NexusError(f"cannot load model from {path}: {exc}") from exc
+    except (ValueError, KeyError, OSError, SafetensorError) as exc:
+        from nexus.checkpoint import check_weight_files
+
+        check_weight_files(path)  # transformers' message does not name a damaged shard: find it
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NexusError(f"cannot load model from {path}: {reason}") from exc
     if getattr(config, "quantization_config", None) is not None:
         _cast_unquantised(model, dtype)
     model.to(device)
