@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from nexus.errors import NexusError
+from nexus.quant import check_finite
 from nexus.quant.fp8 import SCALE_SUFFIX, block_size, decode_fp8
 from nexus.quant.mxfp4 import decode_mxfp4
 from nexus.tensor_files import open_safetensors
@@ -158,7 +159,8 @@ class CheckpointReader:
         """The whole weight ``name`` as fp32 values, decoded when stored FP8 with ``name_scale_inv``.
 
         :raises NexusError: the weight is stored in a form this reader does not decode (unknown
-            ``quant_method``, unknown companion tensors, FP8/integer codes without scales).
+            ``quant_method``, unknown companion tensors, FP8/integer codes without scales), or it
+            (or its scales) holds NaN or infinite values, naming the stored tensor.
         """
         self._check_decodable(name)
         w = self.read(name)
@@ -170,6 +172,7 @@ class CheckpointReader:
                 f"checkpoint {self.path} stores {name} as {w.dtype} without the scales needed to decode it; "
                 f"save a dequantised (float) copy and pass that"
             )
+        check_finite(w, f"{self.path}: {name}", "holds")
         return w.float()
 
     def _fp8_block(self) -> tuple[int, int]:
@@ -188,12 +191,13 @@ class CheckpointReader:
         :param transposed: the plain tensor is stored ``(E, in, out)`` (used as ``x @ W``) rather
             than ``(E, out, in)``.
         :return: ``Tensor[k, out, in]``.
+        :raises NexusError: as :meth:`read_weight`.
         """
         self._check_decodable(name)
         if self.is_mxfp4(name):
             blocks = self.read_rows(f"{name}_blocks", experts)
             scales = self.read_rows(f"{name}_scales", experts)
-            return decode_mxfp4(blocks, scales, dtype=torch.float32)
+            return decode_mxfp4(blocks, scales, dtype=torch.float32, name=f"{self.path}: {name}")
         w = self.read_rows(name, experts)
         if f"{name}{SCALE_SUFFIX}" in self:
             scales = self.read_rows(f"{name}{SCALE_SUFFIX}", experts)
@@ -201,5 +205,7 @@ class CheckpointReader:
         elif not w.is_floating_point() or w.element_size() == 1:
             raise NexusError(f"checkpoint {self.path} stores {name} as {w.dtype} without the scales needed to decode "
                              f"it; save a dequantised (float) copy and pass that")
+        else:
+            check_finite(w, f"{self.path}: {name}", "holds")
         w = w.float()
         return w.transpose(1, 2).contiguous() if transposed else w

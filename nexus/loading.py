@@ -83,10 +83,20 @@ def load_model(
         raise NexusError(f"cannot load model from {path}: {reason}") from exc
     if getattr(config, "quantization_config", None) is not None:
         _cast_unquantised(model, dtype)
+        _check_dequantised(model, path)
     model.to(device)
     model.eval()
     model._nexus_source = str(path)
     return model
+
+
+def _check_dequantised(model, path: Path) -> None:
+    """Refuse weights that transformers' dequantising load decoded to NaN or infinite values (a
+    damaged scale), naming the parameter: one ``isfinite`` per tensor."""
+    from nexus.quant import check_finite
+
+    for name, t in model.named_parameters():
+        check_finite(t.detach(), f"{path}: {name} (dequantised)")
 
 
 def _cast_unquantised(model, dtype: torch.dtype) -> None:

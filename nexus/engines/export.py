@@ -199,7 +199,8 @@ def _routed_layer(plan: Plan, reader, layout, block, units, quantized, dequantiz
             if detail == "scales":
                 return lambda: []
             return lambda: [(stem, from_rows(grow(role, decode_mxfp4(reader.read(name), reader.read(f"{stem}_scales"),
-                                                                     dequantize_dtype)), transposed, flat))]
+                                                                     dequantize_dtype, f"{reader.path}: {stem}")),
+                                             transposed, flat))]
         index = 0 if detail == "blocks" else 1
         q = {"gate_up": (quantized.gate, quantized.up), "up": (quantized.up, quantized.up), "down": (quantized.down,)}
         new = [t[index] for t in q[role]]

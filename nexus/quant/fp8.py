@@ -14,6 +14,7 @@ import math
 import torch
 
 from nexus.errors import NexusError
+from nexus.quant import check_finite
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn magnitude
@@ -59,12 +60,22 @@ def check_scales(weight_shape, scale_shape_, block: tuple[int, int], name: str =
         )
 
 
+def check_finite_scales(scale_inv: torch.Tensor, name: str = "weight") -> None:
+    """Refuse a scale grid holding NaN or infinite values (one ``isfinite`` over the small grid).
+
+    :param name: the weight's name; the message names ``{name}_scale_inv``.
+    :raises NexusError: naming the scale tensor.
+    """
+    check_finite(scale_inv, f"FP8 scales {name}{SCALE_SUFFIX}", "hold")
+
+
 def decode_fp8(
     weight: torch.Tensor,
     scale_inv: torch.Tensor,
     block: tuple[int, int] = (128, 128),
     dtype: torch.dtype = torch.float32,
     name: str = "weight",
+    check: bool = True,
 ) -> torch.Tensor:
     """Decode block-scaled FP8 to floats, keeping the layout.
 
@@ -74,17 +85,25 @@ def decode_fp8(
     :param weight: float8_e4m3fn (or its raw uint8 bytes) ``Tensor[..., rows, cols]``.
     :param scale_inv: float32 ``Tensor[..., ceil(rows/b0), ceil(cols/b1)]``.
     :param name: the tensor's name, for the error message.
+    :param check: refuse non-finite scales and a non-finite result (NaN codes, overflow); off only
+        where the scales were checked once at load (:class:`nexus.quant.packed_experts.FP8Matrices`).
     :return: ``Tensor[..., rows, cols]`` of ``dtype``.
-    :raises NexusError: the scale grid does not match the weight.
+    :raises NexusError: the scale grid does not match the weight; with ``check``, NaN or infinite
+        scales (naming ``{name}_scale_inv``) or decoded values (naming ``name``).
     """
     if weight.dtype == torch.uint8:
         weight = weight.view(FP8_DTYPE)
     check_scales(weight.shape, scale_inv.shape, block, name)
+    if check:
+        check_finite_scales(scale_inv, name)
     rows, cols = weight.shape[-2:]
     w = weight.to(torch.float32)
     s = scale_inv.to(torch.float32)
     s = s.repeat_interleave(block[0], dim=-2)[..., :rows, :].repeat_interleave(block[1], dim=-1)[..., :cols]
-    return w.mul_(s).to(dtype)
+    out = w.mul_(s).to(dtype)
+    if check:
+        check_finite(out, f"FP8 tensor {name}")
+    return out
 
 
 def quantize_fp8(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:

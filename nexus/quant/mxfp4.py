@@ -9,20 +9,53 @@ from __future__ import annotations
 
 import torch
 
+from nexus.errors import NexusError
+from nexus.quant import DAMAGED_HINT, check_finite
+
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 BLOCK = 32
 CHUNK_ROWS = 1 << 16
+E8M0_NAN = 0xFF  # the scale byte E8M0 reserves for NaN
+_E8M0_TOP = 0xFE  # 2^127: a value of magnitude 2 or more overflows float32 (and bfloat16)
 
 
-def decode_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def check_mxfp4_scales(blocks: torch.Tensor, scales: torch.Tensor, name: str = "MXFP4 tensor") -> None:
+    """Refuse packed MXFP4 that cannot decode to finite values: a scale byte 0xFF (NaN in E8M0),
+    or a block at scale 2^127 holding a value of magnitude 2 or more (2^128 overflows float32).
+
+    One comparison over the scales; only blocks at the top scale (none in a sane checkpoint) are decoded.
+
+    :param blocks: uint8 ``Tensor[..., G, 16]``; :param scales: uint8 ``Tensor[..., G]``.
+    :param name: the stored stem, for ``{name}_scales`` / ``{name}_blocks`` in the message.
+    :raises NexusError: naming the tensor.
+    """
+    top = scales >= _E8M0_TOP
+    if not bool(top.any()):
+        return
+    nan = int((scales == E8M0_NAN).sum())
+    if nan:
+        raise NexusError(f"MXFP4 scales {name}_scales hold {nan} byte(s) 0xFF, which E8M0 defines as NaN; "
+                         f"{DAMAGED_HINT}")
+    check_finite(decode_mxfp4(blocks[top], scales[top], check=False), f"MXFP4 tensor {name}_blocks")
+
+
+def decode_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32,
+                 name: str = "MXFP4 tensor", check: bool = True) -> torch.Tensor:
     """Decode packed MXFP4 to floats, keeping the row layout.
 
     :param blocks: uint8 ``Tensor[..., G, 16]``.
     :param scales: uint8 ``Tensor[..., G]``.
+    :param name: the stored stem (``{name}_blocks``/``{name}_scales``), for error messages.
+    :param check: refuse scales that do not decode to finite values and a non-finite result
+        (:func:`check_mxfp4_scales`); off only where the scales were checked once at load
+        (:class:`nexus.quant.packed_experts.MXFP4Matrices`).
     :return: ``Tensor[..., G * 32]`` of ``dtype`` (no transpose: rows stay output features).
+    :raises NexusError: with ``check``, a scale byte 0xFF or a value ``dtype`` cannot hold, naming ``name``.
     """
     if blocks.shape[:-1] != scales.shape:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
+    if check:
+        check_mxfp4_scales(blocks, scales, name)
     lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
     rows = blocks.reshape(-1, blocks.shape[-1])
     exps = scales.reshape(-1, 1)
@@ -34,6 +67,8 @@ def decode_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype 
         sub[:, 0::2] = lut[b & 0x0F]
         sub[:, 1::2] = lut[b >> 4]
         torch.ldexp(sub, (exps[r0 : r0 + CHUNK_ROWS].to(torch.int32) - 127).to(dtype), out=sub)
+    if check:
+        check_finite(out, f"MXFP4 tensor {name}_blocks")  # float16 overflows below 2^127
     return out.reshape(*blocks.shape[:-2], -1)
 
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nexus.quant.fp8 import decode_fp8
-from nexus.quant.mxfp4 import decode_mxfp4
+from nexus.quant.fp8 import check_finite_scales, decode_fp8
+from nexus.quant.mxfp4 import check_mxfp4_scales, decode_mxfp4
 
 DEFAULT_DECODE_BYTES = 64 * 2**20  # decoded weights alive at once, per layer (at least one expert)
 
@@ -50,15 +50,20 @@ class PackedMatrices(nn.Module):
 
 
 class MXFP4Matrices(PackedMatrices):
-    """MXFP4: ``blocks`` uint8 ``[E, out, in/32, 16]`` and ``scales`` uint8 ``[E, out, in/32]``."""
+    """MXFP4: ``blocks`` uint8 ``[E, out, in/32, 16]`` and ``scales`` uint8 ``[E, out, in/32]``.
+
+    The scales are checked once here (:func:`nexus.quant.mxfp4.check_mxfp4_scales`, naming
+    ``name``), so the per-step decode skips the check.
+    """
 
     fmt = "mxfp4"
 
-    def __init__(self, blocks: torch.Tensor, scales: torch.Tensor):
+    def __init__(self, blocks: torch.Tensor, scales: torch.Tensor, name: str = "MXFP4 tensor"):
         super().__init__()
         if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape:
             raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} {blocks.dtype} do not match scales "
                              f"{tuple(scales.shape)} {scales.dtype}")
+        check_mxfp4_scales(blocks, scales, name)
         self.register_buffer("blocks", blocks, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
 
@@ -68,19 +73,21 @@ class MXFP4Matrices(PackedMatrices):
         return E, out, groups * 32
 
     def decode(self, experts, dtype):
-        return decode_mxfp4(self.blocks[experts], self.scales[experts], dtype=dtype)
+        return decode_mxfp4(self.blocks[experts], self.scales[experts], dtype=dtype, check=False)
 
 
 class FP8Matrices(PackedMatrices):
     """FP8 e4m3: ``weight`` ``[E, out, in]`` and ``weight_scale_inv`` float32 ``[E, ceil(out/b0), ceil(in/b1)]``.
 
     Both are kept as raw bits (uint8 / int32 views) so dtype casts of the model leave them alone.
+    The scales are checked once here (finite, naming ``name``), so the per-step decode skips the check.
     """
 
     fmt = "fp8"
 
-    def __init__(self, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]):
+    def __init__(self, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], name: str = "weight"):
         super().__init__()
+        check_finite_scales(scale_inv, name)
         if weight.dtype != torch.uint8:
             weight = weight.view(torch.uint8)
         self.block = tuple(block)
@@ -92,7 +99,8 @@ class FP8Matrices(PackedMatrices):
         return tuple(self.weight.shape)
 
     def decode(self, experts, dtype):
-        return decode_fp8(self.weight[experts], self.scale_bits[experts].view(torch.float32), self.block, dtype)
+        return decode_fp8(self.weight[experts], self.scale_bits[experts].view(torch.float32), self.block, dtype,
+                          check=False)
 
 
 class PackedExperts(nn.Module):

@@ -18,7 +18,7 @@ from torch import nn
 
 from nexus.checkpoint import CheckpointReader
 from nexus.errors import NexusError
-from nexus.quant.fp8 import SCALE_SUFFIX, block_size, check_scales, decode_fp8
+from nexus.quant.fp8 import SCALE_SUFFIX, block_size, check_finite_scales, check_scales, decode_fp8
 from nexus.quant.packed_experts import FP8Matrices, MXFP4Matrices, PackedExperts
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def quant_method(config: dict) -> str | None:
 
 
 def _mxfp4(reader: CheckpointReader, name: str) -> MXFP4Matrices:
-    return MXFP4Matrices(reader.read(f"{name}_blocks"), reader.read(f"{name}_scales"))
+    return MXFP4Matrices(reader.read(f"{name}_blocks"), reader.read(f"{name}_scales"), f"{reader.path}: {name}")
 
 
 def _fp8_stacked(reader: CheckpointReader, template: str, layer: int, num_experts: int, block) -> FP8Matrices:
@@ -49,6 +49,7 @@ def _fp8_stacked(reader: CheckpointReader, template: str, layer: int, num_expert
             raise NexusError(f"checkpoint {reader.path}: {name} is {w.dtype} {list(w.shape)}, expected "
                              f"float8_e4m3fn {[rows, cols]} like expert 0")
         check_scales(w.shape, s.shape, block, f"{reader.path}: {name}")
+        check_finite_scales(s, f"{reader.path}: {name}")  # per expert, so the message names it
         if scales is None:
             scales = torch.empty(num_experts, *s.shape, dtype=torch.float32)
         weight[e] = w.view(torch.uint8)
@@ -59,7 +60,7 @@ def _fp8_stacked(reader: CheckpointReader, template: str, layer: int, num_expert
 def _fp8_fused(reader: CheckpointReader, name: str, block) -> FP8Matrices:
     w, s = reader.read(name), reader.read(name + SCALE_SUFFIX)
     check_scales(w.shape, s.shape, block, f"{reader.path}: {name}")
-    return FP8Matrices(w, s, block)
+    return FP8Matrices(w, s, block, f"{reader.path}: {name}")
 
 
 def _names(names, layer: int) -> list[str]:
