@@ -86,6 +86,19 @@ def parse_source(data: str | os.PathLike) -> DataSource:
     return DataSource(spec, name, False, split)
 
 
+def resolved_spec(data: str | os.PathLike) -> str:
+    """``data`` with a local path made absolute (``~`` expanded, ``..`` and links resolved), an
+    ``@train``/``@heldout`` suffix kept; a dataset name unchanged. Every spelling of one file gives
+    one spec (``nexus run`` records these in its stamps).
+
+    :raises NexusError: a path-like argument that does not exist (:func:`parse_source`).
+    """
+    src = parse_source(data)
+    if not src.local:
+        return src.spec
+    return str(src.path.resolve()) + (f"@{src.split}" if src.split else "")
+
+
 def split_specs(data: str) -> tuple[str, str]:
     """``(DATA@train, DATA@heldout)``: the two sides of the held-out split of ``data``."""
     return f"{data}@train", f"{data}@heldout"

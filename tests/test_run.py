@@ -38,8 +38,9 @@ def test_run_demo_end_to_end_then_rerun_skips(tmp_path, monkeypatch):
     assert again.exit_code == 0, again.output
     assert "ran nothing" in again.output and "skipped collect, select, convert, train, evaluate, plot" in again.output
 
-    # Changing a training argument reruns train and what follows, not the stages before it.
-    changed = _run(["--family", "gpt_oss", "run", "--output", str(out), *SMALL[:-2], "--top-k", "2", "--lr", "0.01"])
+    # Changing a training argument (with --overwrite) reruns train and what follows, not the stages before it.
+    changed = _run(["--family", "gpt_oss", "run", "--output", str(out), *SMALL[:-2], "--top-k", "2", "--lr", "0.01",
+                    "--overwrite"])
     assert changed.exit_code == 0, changed.output
     assert "ran train, evaluate, plot" in changed.output
 
@@ -126,10 +127,13 @@ def test_run_holds_out_documents_and_reruns_when_the_data_changes(gpt_oss_float_
     assert held and train and not held & train
     assert len(held) + len(train) == len(_docs_of(data, base))
 
-    # Rows appended: every stage that reads the data runs again.
+    # Rows appended: refused without --overwrite, naming the data's content; with it, every stage that
+    # reads the data runs again.
     with data.open("a") as f:
         f.write(json.dumps({"text": "A new paragraph about the state of the union and its finances."}) + "\n")
-    appended = _run(args)
+    line = _error_line(_run(args))
+    assert "stage collect" in line and "data_fingerprint" in line and "--overwrite" in line
+    appended = _run([*args, "--overwrite"])
     assert appended.exit_code == 0, appended.output
     assert "ran collect, select, convert, train, evaluate, plot" in appended.output
 
@@ -137,7 +141,7 @@ def test_run_holds_out_documents_and_reruns_when_the_data_changes(gpt_oss_float_
     stat, text = data.stat(), data.read_text()
     data.write_text(text.replace("the", "thy", 1))
     os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    edited = _run(args)
+    edited = _run([*args, "--overwrite"])
     assert edited.exit_code == 0, edited.output
     assert "ran collect, select, convert, train, evaluate, plot" in edited.output
     unchanged = _run(args)

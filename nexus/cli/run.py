@@ -14,8 +14,10 @@ from nexus.engines.run import RunConfig
 def run(ctx, **kwargs):
     """Collect router statistics, select experts, convert, train, evaluate and plot.
 
-    Stages whose outputs exist and match their inputs (the data's content included) are skipped,
-    so rerunning the same command resumes an interrupted run. Every argument is checked before
+    Stages whose outputs exist and match their inputs (paths resolved, the data's content
+    included) are skipped, so rerunning the same command resumes an interrupted run. A rerun
+    whose inputs differ from what a stage was made from is refused, naming what differs, unless
+    --overwrite lets it replace that stage and the ones after it. Every argument is checked before
     the first stage starts. Without --eval-data, 10% of the documents of --data (picked by a hash
     of their content) are held out of collect and train and evaluated on. SIGINT/SIGTERM stop
     the run after the interrupted stage has saved its state (exit status 130/143).

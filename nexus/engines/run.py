@@ -10,8 +10,11 @@ Layout of the run directory::
     stages/                one stamp per finished stage; a rerun skips stages whose inputs match
     cache/                 tokenised data shared by the stages (nexus.data.token_cache)
 
-Every argument of every stage is checked before the first stage starts. Stamps cover the data's
-content, so editing or appending to the data reruns the stages that read it. Without
+Every argument of every stage is checked before the first stage starts. Stamps cover the
+arguments with every path resolved (so ``../R``, ``R/`` and an absolute path are one run) and the
+data's content. A rerun whose inputs differ from a stage's stamp (another argument, edited or
+appended data) is refused before anything runs, naming what differs, unless ``--overwrite`` lets
+it replace that stage and the ones after it (:mod:`nexus.engines.run_stages`). Without
 ``--eval-data``, a deterministic 10% of the documents of ``--data`` (by content hash, see
 :mod:`nexus.data`) is held out: collect and train read ``DATA@train``, evaluate reads
 ``DATA@heldout``. Every stage is resumable on its own (collect and train checkpoint as they go):
@@ -34,7 +37,7 @@ from nexus.constants import GATE_MODES, HOLDOUT_FRACTION, INIT_STRATEGIES
 from nexus.engines.collect_config import CollectArgs, CollectConfig
 from nexus.engines.convert_config import ConvertConfig
 from nexus.engines.evaluate_config import EvaluateConfig
-from nexus.engines.run_stages import StageRunner
+from nexus.engines.run_stages import Stage, StageRunner
 from nexus.engines.select_config import SelectConfig
 from nexus.errors import Interrupted, NexusError
 from nexus.training.train_config import TrainConfig, kd_data_errors
@@ -91,7 +94,10 @@ class RunConfig:
     eval_batches: int | None = same_as(EvaluateConfig, "max_batches", "Limit evaluation to this many batches.",
                                        min=None)
     seed: int = same_as(TrainConfig, "seed", "Seed of collect's row order, convert's random picks and training.")
-    force: bool = _f(False, "Rerun every stage even when its artifact is up to date.")
+    force: bool = _f(False, "Rerun every stage even when its artifact is up to date (replacing it).")
+    overwrite: bool = _f(False, "Replace the stages of --output made from other inputs (another argument, changed "
+                                "data) and the stages after them; without it such a rerun is refused, naming what "
+                                "differs.")
     dequantize: bool = same_as(TrainConfig, "dequantize")
 
 
@@ -126,9 +132,10 @@ def validate_run(cfg: RunConfig) -> _Plan:
     from transformers import AutoModelForCausalLM
 
     from nexus.data import check_data, check_seq_len, heldout_counts, load_tokenizer
-    from nexus.data_sources import data_fingerprint, split_specs
+    from nexus.data_sources import data_fingerprint, resolved_spec, split_specs
     from nexus.demo import demo_checkpoint, demo_eval_path, demo_text_path
     from nexus.family import resolve_family
+    from nexus.io import local_data_path, refuse_output_over_inputs
     from nexus.loading import load_config
 
     if cfg.output is None:
@@ -144,7 +151,17 @@ def validate_run(cfg: RunConfig) -> _Plan:
         log.info("no --model: using the %s demo checkpoint %s", family.name, cfg.model)
     if cfg.data is None:
         raise NexusError("give --data (a .jsonl/.parquet/.txt file or directory) with --model")
-    cfg.model = str(Path(cfg.model).expanduser())
+    # Resolved once here, so that every stage and every stamp sees one spelling of each path.
+    cfg.output = str(Path(cfg.output).expanduser().resolve())
+    cfg.model = str(Path(cfg.model).expanduser().resolve())
+    cfg.data = resolved_spec(cfg.data)
+    cfg.eval_data = resolved_spec(cfg.eval_data) if cfg.eval_data is not None else None
+    if cfg.kd_data is not None:
+        with kd_data_errors(cfg.kd_data):
+            cfg.kd_data = resolved_spec(cfg.kd_data)
+    # the stages write inside --output: it must be apart from every input the user gave
+    refuse_output_over_inputs(cfg.output, {"--model": cfg.model, **{flag: local_data_path(value) for flag, value in (
+        ("--data", cfg.data), ("--eval-data", cfg.eval_data), ("--kd-data", cfg.kd_data))}})
     config = load_config(cfg.model)
     family = resolve_family(config, name=cfg.family)
     with torch.device("meta"):
@@ -193,7 +210,7 @@ def validate_run(cfg: RunConfig) -> _Plan:
                             text_column=cfg.text_column, seed=cfg.seed, dequantize=cfg.dequantize)
     select = SelectConfig(stats=collect.output, output=str(out / "expert_selection.json"), top_k=cfg.top_k,
                           diversity=cfg.diversity)
-    convert = ConvertConfig(model=cfg.model, selection=select.output, output=str(out / "adapter_init"),
+    convert = ConvertConfig(model=cfg.model, selection=select.output, output=str(out / "adapter_init"), overwrite=True,
                             strategy=cfg.strategy, gate_mode=cfg.gate_mode,
                             shared_intermediate_size=cfg.shared_intermediate_size, seed=cfg.seed)
     train = TrainConfig(
@@ -234,8 +251,8 @@ def run_pipeline(cfg: RunConfig) -> dict:
     plan = validate_run(cfg)
     family = plan.family
     out = Path(cfg.output)
-    stages = StageRunner(out, force=cfg.force)
-    model_id = {"model": str(Path(cfg.model).resolve()), "family": family.name}
+    stages = StageRunner(out, force=cfg.force, overwrite=cfg.overwrite)
+    model_id = {"model": cfg.model, "family": family.name}
     data_id = {"data": plan.train_data, "data_fingerprint": plan.data_fingerprint, "text_column": cfg.text_column,
                "seq_len": cfg.seq_len}
 
@@ -243,13 +260,13 @@ def run_pipeline(cfg: RunConfig) -> dict:
     train_dir = Path(tcfg.output)
     eval_path = out / "eval.json"
 
-    def _train(resume: bool):
-        result = train(dataclasses.replace(tcfg, resume=resume, overwrite=not resume))
+    def _train(resume: bool, replace: bool):
+        result = train(dataclasses.replace(tcfg, resume=resume, overwrite=replace))
         if result.final is None:
             raise NexusError(f"training stopped at step {result.step} before --max-steps; rerun to continue")
         return result
 
-    def _evaluate():
+    def _evaluate(resume: bool, replace: bool):
         result = evaluate(plan.evaluate)
         result["eval_source"] = plan.eval_source
         write_json(eval_path, result)
@@ -257,27 +274,26 @@ def run_pipeline(cfg: RunConfig) -> dict:
 
     try:
         with token_cache(out / "cache"), _SigtermInterrupts():
-            stages.run(
-                "collect", {**model_id, **data_id, **dataclasses.asdict(plan.collect.args())},
-                Path(plan.collect.output) / "router_stats.json",
-                lambda resume: run_collect(dataclasses.replace(plan.collect, overwrite=not resume), family.name),
-                resumable=True,
-            )
-            stages.run("select", {"top_k": cfg.top_k, "diversity": cfg.diversity}, Path(plan.select.output),
-                       lambda: run_select(plan.select), after=("collect",))
-            stages.run(
-                "convert",
-                {**model_id, "strategy": cfg.strategy, "gate_mode": cfg.gate_mode,
-                 "size": cfg.shared_intermediate_size, "seed": cfg.seed},
-                Path(plan.convert.output),
-                lambda: convert(plan.convert, family.name),
-                after=("select",),
-            )
-            stages.run("train", _train_inputs(plan), train_dir / "final", _train, after=("convert",), resumable=True)
-            stages.run("evaluate", {"eval_data": plan.eval_data, "eval_fingerprint": plan.eval_fingerprint,
-                                    "max_batches": cfg.eval_batches, "eval_source": plan.eval_source},
-                       eval_path, _evaluate, after=("train",))
-            stages.run("plot", {}, train_dir / "plots", lambda: plot_run(train_dir), after=("train",))
+            stages.run_all([
+                Stage("collect", {**model_id, **data_id, **dataclasses.asdict(plan.collect.args())},
+                      Path(plan.collect.output) / "router_stats.json",
+                      lambda resume, replace: run_collect(dataclasses.replace(plan.collect, overwrite=replace),
+                                                          family.name),
+                      resumable=True),
+                Stage("select", {"top_k": cfg.top_k, "diversity": cfg.diversity}, Path(plan.select.output),
+                      lambda resume, replace: run_select(plan.select), after=("collect",)),
+                Stage("convert", {**model_id, "strategy": cfg.strategy, "gate_mode": cfg.gate_mode,
+                                  "size": cfg.shared_intermediate_size, "seed": cfg.seed},
+                      Path(plan.convert.output),
+                      lambda resume, replace: convert(dataclasses.replace(plan.convert, overwrite=replace),
+                                                      family.name),
+                      after=("select",)),
+                Stage("train", _train_inputs(plan), train_dir / "final", _train, after=("convert",), resumable=True),
+                Stage("evaluate", {"eval_data": plan.eval_data, "eval_fingerprint": plan.eval_fingerprint,
+                                   "max_batches": cfg.eval_batches, "eval_source": plan.eval_source},
+                      eval_path, _evaluate, after=("train",)),
+                Stage("plot", {}, train_dir / "plots", lambda resume, replace: plot_run(train_dir), after=("train",)),
+            ])
     except Interrupted as exc:
         raise Interrupted(f"run stopped in stage {stages.current}: {exc}. Rerun the same `nexus run` command to "
                           "continue; the stages after it did not run", exc.signum) from exc
@@ -290,11 +306,12 @@ def run_pipeline(cfg: RunConfig) -> dict:
 
 def _train_inputs(plan: _Plan) -> dict:
     """What the train stage's stamp covers: its arguments and the content of the data it reads.
-    Without ``--kd-data`` the kd options are left out, so the stamps of earlier runs still match."""
+    Its ``output`` and ``adapter`` are the run's own directories, already named by the run, and
+    without ``--kd-data`` the kd options are left out."""
     from nexus.training.train_config import KD_STREAM_FIELDS
 
     inputs = {k: v for k, v in plan.train.to_dict().items()
-              if k not in ("resume", "overwrite") and not (k in KD_STREAM_FIELDS and v is None)}
+              if k not in ("resume", "overwrite", "output", "adapter") and not (k in KD_STREAM_FIELDS and v is None)}
     inputs["data_fingerprint"] = plan.data_fingerprint
     if plan.kd_data_fingerprint is not None:
         inputs["kd_data_fingerprint"] = plan.kd_data_fingerprint
