@@ -2,15 +2,18 @@
 in a process that never imports nexus, gives the logits of base + adapter (fp32, max abs diff <= 1e-5).
 
 Families whose example config admits an exact fold are folded (GPT-OSS with ``--dequantize`` in
-fp32, so the check is exact); the others must be refused, then exported with ``--remote-code``.
+fp32, so the check is exact; and with its MXFP4 blocks kept, equal to base + the adapter with its
+units MXFP4-rounded); the others must be refused, then exported with ``--remote-code``.
 """
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from helpers_conformance import registered_family_names
-from helpers_export import base_and_adapter
+from helpers_export import base_and_adapter, mxfp4_export_error
 from nexus.engines.export import export
 from nexus.errors import NexusError
 from nexus.family import resolve_family
@@ -26,6 +29,11 @@ def _stock(family_name: str) -> bool:
 # Families of installed plugins whose architecture transformers does not ship (the example plugin's
 # toymoe) cannot load in a process without their plugin, which is the point of an export.
 FAMILIES = [f for f in registered_family_names() if _stock(f)]
+
+
+def _quant_method(base) -> str | None:
+    config = json.loads((base / "config.json").read_text())
+    return (config.get("quantization_config") or {}).get("quant_method")
 
 
 def _folds(family_name: str) -> bool:
@@ -48,6 +56,10 @@ def test_export_equals_base_plus_adapter(family_name, tmp_path):
     if _folds(family_name):
         info = export(base, adapter, tmp_path / "out", dequantize=True, dtype="float32", **kw)
         assert info["method"] in ("slot", "routed")
+        if _quant_method(base) == "mxfp4":  # kept packed too: exact up to the MXFP4 rounding of the units
+            packed = export(base, adapter, tmp_path / "packed")
+            assert not packed["dequantized"] and packed["fold"]["padding_units"] == 8
+            assert mxfp4_export_error(base, adapter, tmp_path / "packed", tmp_path / "rounded") <= EXACT
     else:
         with pytest.raises(NexusError, match="no exact fold.*--remote-code"):
             export(base, adapter, tmp_path / "out")
