@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from helpers_conformance import build_checkpoint
 from helpers_export import base_and_adapter, base_logits, mxfp4_export_error
+import nexus
 from nexus.engines.export import EXPORT_INFO_NAME, export
 from nexus.errors import AdapterMismatchError, NexusError
 from nexus.engines.export_check import sample_inputs
@@ -96,6 +97,47 @@ def test_slot_fold_is_exact_in_a_process_without_nexus(tmp_path):
 
     ref, plain = _reference_logits(base, adapter, inputs, None), base_logits(base, inputs)
     assert max(float((ref[n] - plain[n]).abs().max()) for n in inputs) > 1e-3
+
+
+class RoutedDeepSeek:
+    """Overrides one concern of ``deepseek_v3``: its fold. DeepSeek-V3's normalised routing weights are
+    multiplied by ``routed_scaling_factor``, so they sum to that constant ``c`` and the routed fold
+    applies with the shared units' down projection scaled by ``1/c`` (the shared slot, as wide as
+    one routed expert, is padded with zero units)."""
+
+    __name__ = "routed-deepseek"
+
+    @nexus.hookimpl(tryfirst=True)
+    def nexus_export_spec(self, family):
+        if family != "deepseek_v3":
+            return None
+        from families.deepseek_v3 import SPEC
+
+        fold = RoutedFold(width="moe_intermediate_size", normalized_by="norm_topk_prob",
+                          weight_sum="routed_scaling_factor", tied=("shared_experts",))
+        return ExportSpec(fold, layout=SPEC.experts)
+
+
+def test_routed_fold_divides_by_the_routing_weight_sum(tmp_path):
+    from nexus.plugins import get_plugin_manager
+
+    config = resolve_family(name="deepseek_v3").example_config()
+    config.routed_scaling_factor, config.norm_topk_prob = 2.0, True  # every token's weights sum to c = 2
+    pm = get_plugin_manager()
+    plugin = RoutedDeepSeek()
+    pm.register(plugin, name=plugin.__name__)
+    try:
+        base, adapter = base_and_adapter(tmp_path, "deepseek_v3", width=20, config=config)
+        info = export(base, adapter, tmp_path / "out", check=True, check_sequences=2, check_length=16)
+    finally:
+        pm.unregister(plugin)
+    assert info["method"] == "routed" and info["fold"]["weight_sum"] == 2.0
+    assert info["fold"]["moe_intermediate_size"] == [32, 52]
+    assert info["check"]["max_abs_logit_diff"] <= EXACT
+    out = _tensors(tmp_path / "out")
+    # the shared slot keeps its trained units and gains 20 zero units
+    slot = out["model.layers.1.mlp.shared_experts.gate_proj.weight"]
+    assert slot.shape == (52, 64) and not slot[32:].any() and slot[:32].any()
 
 
 def test_unnormalised_routing_is_refused_and_remote_code_is_exact(tmp_path):
