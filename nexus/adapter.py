@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from nexus import __version__
-from nexus.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from nexus.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, GATE_MODES, SHARED_MODULE_NAME, SHARED_SCALE_NAME
 from nexus.errors import AdapterMismatchError, NexusError
 from nexus.fingerprint import check_weights, config_fingerprint, model_weights_fingerprint
 from nexus.io import atomic_dir, write_json, write_safetensors
@@ -167,6 +167,110 @@ def adapter_family(config: AdapterConfig, model: nn.Module, path: str | Path):
     return resolve_family(model.config, name=config.family)
 
 
+_REDO = "convert or train the adapter again"
+
+
+def _gate_of(scale: dict[str, torch.Tensor]) -> str:
+    """The gate mode a block's ``nexus_shared_scale`` tensors (``{"weight": ..., "scale": ...}``) encode."""
+    if not scale:
+        return "none"
+    weight = scale.get("weight")
+    if weight is not None and weight.dim() == 1:
+        return "scalar"
+    return "scalar_token" if "scale" in scale else "token"
+
+
+def _fields_in_file(path: Path) -> set[str]:
+    """The keys ``nexus_config.json`` at ``path`` really holds (defaults fill in the others)."""
+    try:
+        data = json.loads((path / ADAPTER_CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return set()
+    return set(data) if isinstance(data, dict) else set()
+
+
+def check_adapter(path: str | Path, config: AdapterConfig, tensors: dict[str, torch.Tensor],
+                  block_paths: list[str] | None = None) -> None:
+    """Refuse an adapter whose ``nexus_config.json`` disagrees with its tensors, naming the field.
+
+    Every stage that reads an adapter calls it (``load_adapter``: train, evaluate, generate, the
+    trainers wrapper; ``export``, which never attaches it to a model). Checked against the tensors
+    alone: ``shared_intermediate_size`` (the width of every ``gate_proj``/``up_proj``/``down_proj``),
+    ``gate_mode`` (which ``nexus_shared_scale`` tensors there are, and their shapes), ``layers``,
+    ``base_keys``; the types of those fields; and every tensor is floating-point and finite. The
+    base fields (``family``, the fingerprints) are checked against the model by :func:`check_base`
+    and :func:`nexus.fingerprint.check_weights`.
+
+    :param tensors: the adapter's tensors, ``{name: Tensor}`` (a shared expert's ``gate_proj.weight``
+        is ``[N, H]``, ``down_proj.weight`` ``[H, N]``).
+    :param block_paths: the MoE block paths of the base, when known without a model (export): the
+        adapter must hold a shared expert for each, and for no other module.
+    :raises NexusError: naming the adapter, the field and the tensor that disagree.
+    """
+    where = f"adapter {path}: {ADAPTER_CONFIG_NAME}"
+    width, gate = config.shared_intermediate_size, config.gate_mode
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise NexusError(f"{where} has shared_intermediate_size {width!r}, not a positive integer; {_REDO}")
+    if gate not in GATE_MODES:
+        raise NexusError(f"{where} has gate_mode {gate!r}, not one of {', '.join(GATE_MODES)}; {_REDO}")
+    for field_name in ("layers", "base_keys"):
+        value = getattr(config, field_name)
+        kind = int if field_name == "layers" else str
+        if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+            raise NexusError(f"{where} has {field_name} {value!r}, not a list of {kind.__name__}s; {_REDO}")
+    for name, t in tensors.items():
+        if not (t.is_floating_point() and torch.isfinite(t).all()):
+            what = "is not a floating-point tensor" if not t.is_floating_point() else "holds NaN or infinite values"
+            raise NexusError(f"adapter {path}: tensor {name} {what}; {_REDO}")
+    mlp, scales, other = {}, {}, []
+    for name, t in tensors.items():
+        for marker, into in ((f".{SHARED_MODULE_NAME}.", mlp), (f".{SHARED_SCALE_NAME}.", scales)):
+            if marker in f".{name}":
+                block, _, rest = f".{name}".partition(marker)
+                into.setdefault(block[1:], {})[rest] = t
+                break
+        else:
+            other.append(name)
+    if not mlp:
+        raise NexusError(f"adapter {path} holds no shared-expert tensors ({SHARED_MODULE_NAME}.*); {_REDO}")
+    if block_paths is not None and set(mlp) | set(scales) != set(block_paths):
+        extra = sorted((set(mlp) | set(scales)) - set(block_paths))
+        missing = sorted(set(block_paths) - set(mlp))
+        raise NexusError(f"adapter {path} has shared experts for {', '.join(extra[:2]) or 'no other block'} and none "
+                         f"for {', '.join(missing[:2]) or 'no block'} of the model's MoE blocks: it was made for "
+                         f"another model; {_REDO}")
+    for block, parts in mlp.items():
+        for proj, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+            t = parts.get(f"{proj}.weight")
+            name = f"{block}.{SHARED_MODULE_NAME}.{proj}.weight"
+            if t is None or t.dim() != 2:
+                raise NexusError(f"adapter {path}: tensor {name} is {'missing' if t is None else 'not a matrix'}; "
+                                 f"{_REDO}")
+            if t.shape[dim] != width:
+                raise NexusError(f"{where} has shared_intermediate_size {width}, but tensor {name} has width "
+                                 f"{t.shape[dim]} (shape {tuple(t.shape)}): the config and the weights disagree; "
+                                 f"{_REDO}, or set the width the weights have")
+        found = _gate_of(scales.get(block, {}))
+        if found != gate:
+            if "gate_mode" not in _fields_in_file(Path(path)):
+                raise NexusError(f"{where} has no gate_mode field (read as {gate!r}), but the tensors of {block} are "
+                                 f"those of gate {found!r}: add \"gate_mode\": \"{found}\" to it, or {_REDO}")
+            raise NexusError(f"{where} has gate_mode {gate!r}, but the tensors of {block} are those of gate "
+                             f"{found!r} ({SHARED_SCALE_NAME} tensors: {sorted(scales.get(block, {})) or 'none'}); "
+                             f"{_REDO}, or set the gate the weights have")
+    in_tensors = sorted({int(b.split(".layers.")[1].split(".")[0]) for b in mlp if ".layers." in f"{b}."})
+    if config.layers and in_tensors and in_tensors != sorted(config.layers):
+        raise NexusError(f"{where} has layers {config.layers}, but its tensors hold shared experts for layers "
+                         f"{in_tensors}; {_REDO}")
+    unlisted = sorted(set(other) - set(config.base_keys))
+    absent = sorted(set(config.base_keys) - set(other))
+    if unlisted or absent:
+        raise NexusError(f"{where} has base_keys that disagree with its tensors ("
+                         + "; ".join(([f"not listed: {', '.join(unlisted[:2])}"] if unlisted else [])
+                                     + ([f"listed but absent: {', '.join(absent[:2])}"] if absent else []))
+                         + f"); {_REDO}")
+
+
 def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> None:
     missing = [n for n in params if is_shared_parameter(n) and n not in tensors]
     unexpected = [n for n in tensors if n not in params]
@@ -182,9 +286,23 @@ def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], params: dict[st
                 f"{tuple(params[name].shape)}; the weights do not match {ADAPTER_CONFIG_NAME}: "
                 f"convert or train it again"
             )
-        if not (t.is_floating_point() and torch.isfinite(t).all()):
-            what = "is not a floating-point tensor" if not t.is_floating_point() else "holds NaN or infinite values"
-            raise NexusError(f"adapter {path}: tensor {name} {what}; convert or train the adapter again")
+
+
+def read_adapter_tensors(path: str | Path, config: AdapterConfig | None = None,
+                         block_paths: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of the adapter at ``path``, checked against its config by :func:`check_adapter`.
+
+    :param config: its :class:`AdapterConfig` when already read; default read from ``path``.
+    :param block_paths: passed to :func:`check_adapter`.
+    :raises NexusError: no weights file, a damaged one, or tensors that disagree with the config.
+    """
+    config = read_adapter_config(path) if config is None else config
+    weights = Path(path) / ADAPTER_WEIGHTS_NAME
+    if not weights.exists():
+        raise NexusError(f"adapter {path} has no {ADAPTER_WEIGHTS_NAME}; {_REDO}")
+    tensors = load_safetensors(weights, _REDO)
+    check_adapter(path, config, tensors, block_paths)
+    return tensors
 
 
 def load_adapter(model: nn.Module, path: str | Path, family=None) -> nn.Module:
@@ -192,7 +310,8 @@ def load_adapter(model: nn.Module, path: str | Path, family=None) -> nn.Module:
 
     The base is checked first: its config fingerprint, then (when ``model`` was loaded from a
     checkpoint directory by :func:`nexus.loading.load_model`) its weights fingerprint. An adapter
-    whose weights are missing, truncated or mis-shaped is refused with the model left unchanged.
+    whose weights are missing, truncated, mis-shaped or disagree with its ``nexus_config.json``
+    (:func:`check_adapter`) is refused with the model left unchanged.
 
     :param model: the base model the adapter was made for.
     :param path: an adapter directory written by :func:`save_adapter`.
@@ -205,10 +324,7 @@ def load_adapter(model: nn.Module, path: str | Path, family=None) -> nn.Module:
     check_base(config, model.config, what=f"adapter {path}")
     check_weights(config.base_weights_fingerprint, config.base_weights_tensors,
                   getattr(model, "_nexus_source", None), f"adapter {path}")
-    weights = Path(path) / ADAPTER_WEIGHTS_NAME
-    if not weights.exists():
-        raise NexusError(f"adapter {path} has no {ADAPTER_WEIGHTS_NAME}; convert or train the adapter again")
-    tensors = load_safetensors(weights, "convert or train the adapter again")
+    tensors = read_adapter_tensors(path, config)
     attach_shared_experts(model, family, config.shared_intermediate_size, config.gate_mode)
     params = dict(model.named_parameters())
     try:

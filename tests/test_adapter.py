@@ -261,7 +261,7 @@ def _damage(path, how: str):
     ("no weights file", "has no adapter_model.safetensors"),
     ("truncated", "not a readable safetensors file"),
     ("not safetensors", "not a readable safetensors file"),
-    ("missing tensor", r"missing 1 tensors \(e\.g\. model\.layers\.1\.mlp\.nexus_shared\.up_proj\.weight\)"),
+    ("missing tensor", r"tensor model\.layers\.1\.mlp\.nexus_shared\.up_proj\.weight is missing"),
     ("mis-shaped", r"up_proj\.weight has shape \(32, 63\) but the model expects \(32, 64\)"),
     ("nan", "NaN or infinite"),
 ])

@@ -498,14 +498,13 @@ def export(
     """
     import dataclasses
 
-    from nexus.adapter import check_base, read_adapter_config
+    from nexus.adapter import check_base, read_adapter_config, read_adapter_tensors
     from nexus.checkpoint import CheckpointReader
     from nexus.engines.convert import meta_model
     from nexus.engines.export_check import compare, sample_inputs, stock_logits
     from nexus.family import resolve_family
     from nexus.fingerprint import check_weights, config_fingerprint
     from nexus.loading import load_config
-    from nexus.tensor_files import load_safetensors
 
     model_path, adapter, output = (Path(p).expanduser() for p in (model_path, adapter, output))
     if dtype not in ("bfloat16", "float32"):
@@ -528,9 +527,9 @@ def export(
                     "plugin that registers it is installed", raw_config.get("model_type"))
     reader = CheckpointReader(model_path)
     names = set(reader.keys())
-    tensors = load_safetensors(adapter / ADAPTER_WEIGHTS_NAME, "convert or train the adapter again")
     meta = meta_model(config)
     blocks = family.moe_blocks(meta)
+    tensors = read_adapter_tensors(adapter, acfg, [b.path for b in blocks])
     if remote_code:
         plan = _plan_remote(acfg, tensors, config, raw_config, meta, family, blocks, reader, names)
     else:

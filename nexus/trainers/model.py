@@ -29,12 +29,11 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise NexusError("the trainer integration needs peft: pip install 'nexus-moe[trainers]'") from exc
 
-from nexus.adapter import AdapterConfig, adapter_state_dict, check_base, read_adapter_config, save_adapter
-from nexus.constants import ADAPTER_WEIGHTS_NAME
+from nexus.adapter import (AdapterConfig, adapter_state_dict, check_base, read_adapter_config, read_adapter_tensors,
+                           save_adapter)
 from nexus.errors import AdapterMismatchError
 from nexus.fingerprint import config_fingerprint
 from nexus.shared_expert import attach_shared_experts, disable_shared_experts, freeze_base, is_shared_parameter
-from nexus.tensor_files import load_safetensors
 from nexus.trainers.config import NexusConfig
 
 log = logging.getLogger(__name__)
@@ -76,10 +75,7 @@ def _router_parameters(model: nn.Module, family, blocks) -> dict[str, nn.Paramet
 
 def _load_tensors_in_place(model: nn.Module, path: Path, config: AdapterConfig) -> None:
     """Copy the adapter tensors at ``path`` into ``model``'s attached shared experts (and base keys)."""
-    weights = path / ADAPTER_WEIGHTS_NAME
-    if not weights.exists():
-        raise NexusError(f"adapter {path} has no {ADAPTER_WEIGHTS_NAME}; convert or train the adapter again")
-    tensors = load_safetensors(weights, "convert or train the adapter again")
+    tensors = read_adapter_tensors(path, config)
     expected = adapter_state_dict(model, config.base_keys)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
