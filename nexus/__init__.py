@@ -3,6 +3,9 @@
 __version__ = "0.1.0"
 
 from nexus.hookspecs import hookimpl  # noqa: E402
+from nexus.training.deepspeed_import import install as _quiet_deepspeed  # noqa: E402
+
+_quiet_deepspeed()
 
 __all__ = ["__version__", "hookimpl", "load_adapter", "save_adapter", "attach_shared_experts", "disable_shared_experts",
            "export", "get_nexus_model", "NexusConfig", "NexusModel"]
