@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize, _dequantize_fp8_weight
 
+from helpers_fp8 import decode_fp8_reference
 from nexus.checkpoint import CheckpointReader
 from nexus.errors import NexusError
 from nexus.quant.fp8 import FP8_DTYPE, block_size, decode_fp8, quantize_fp8
@@ -33,13 +34,8 @@ def test_decode_is_bit_exact_against_float64_block_recomputation(rows, cols, dty
     w = _random_fp8((3, rows, cols))
     s = _scales((3, -(-rows // 128), -(-cols // 128)))
     ours = decode_fp8(w, s, (128, 128), dtype)
-    ref = torch.empty(3, rows, cols, dtype=torch.float64)
-    w64, s64 = w.to(torch.float64), s.to(torch.float64)
-    for r in range(0, rows, 128):
-        for c in range(0, cols, 128):
-            ref[:, r : r + 128, c : c + 128] = w64[:, r : r + 128, c : c + 128] * s64[:, r // 128, c // 128, None, None]
     # An e4m3 value (4 significant bits) times an fp32 scale is exact in float64; one rounding to fp32.
-    assert torch.equal(ours, ref.float().to(dtype))
+    assert torch.equal(ours, decode_fp8_reference(w, s, (128, 128), dtype))
 
 
 @pytest.mark.parametrize("rows,cols", [(256, 384), (200, 300)])
