@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 
@@ -18,3 +19,18 @@ def progress_bar(total: int | None, desc: str, unit: str, enabled: bool = True, 
 
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not progress_enabled(enabled),
                 dynamic_ncols=True, **kwargs)
+
+
+@contextlib.contextmanager
+def showing(bar):
+    """Show ``bar`` (from :func:`progress_bar`) over a block: log records print on lines of their
+    own above it instead of after it on its line, and the bar is closed (its line ended) when the
+    block ends, an exception included, so that the error reported next starts a line too."""
+    if bar.disable:
+        with bar:
+            yield bar
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with bar, logging_redirect_tqdm(tqdm_class=type(bar)):
+        yield bar

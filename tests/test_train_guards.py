@@ -70,7 +70,7 @@ def test_invalid_settings_are_refused_in_one_line(field, value, message):
                                         ("kd_weight", 2.0), ("router_kl_weight", 0.3), ("temperature", 2.0)])
 def test_resume_with_other_optimiser_or_loss_settings_is_refused_naming_old_and_new(work, tmp_path, field, new):
     from nexus.constants import RUN_CONFIG_NAME
-    from nexus.engines.train import _check_resume
+    from nexus.training.run_record import check_resume as _check_resume
 
     old = _config(work, tmp_path)
     (tmp_path / RUN_CONFIG_NAME).write_text(json.dumps({"config": old.to_dict(), "world_size": 1, "engine": "ddp"}))

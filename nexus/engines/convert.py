@@ -367,12 +367,11 @@ def convert(config: ConvertConfig, family_name: str | None = None, *, progress: 
     weighted, seed = config.weighted, config.seed
     if not model_path:
         raise NexusError("convert needs --model")
-    from tqdm.auto import tqdm
-
     from nexus.checkpoint import CheckpointReader
     from nexus.engines.select import load_selection
     from nexus.family import resolve_family
     from nexus.loading import load_config
+    from nexus.progress import progress_bar, showing
 
     gate_mode = gate_mode or DEFAULT_GATE_MODE
     if gate_mode not in GATE_MODES:
@@ -409,15 +408,14 @@ def convert(config: ConvertConfig, family_name: str | None = None, *, progress: 
     todo = [b for b in blocks if not (work / f"layer-{b.layer}.safetensors").exists()]
     if len(todo) < len(blocks):
         log.info("resuming the conversion: %d of %d layers already done", len(blocks) - len(todo), len(blocks))
-    bar = tqdm(total=sum(max(1, len(plan[b.layer][0])) for b in todo), unit="expert", desc="convert",
-               disable=not progress)
-    for block in todo:
-        ids, weights = plan[block.layer]
-        tensors = layer_tensors(family, reader, config, block, ids, weights, size, gate_mode, seed)
-        write_safetensors(work / f"layer-{block.layer}.safetensors", tensors)
-        del tensors
-        bar.update(max(1, len(ids)))
-    bar.close()
+    bar = progress_bar(sum(max(1, len(plan[b.layer][0])) for b in todo), "convert", "expert", enabled=progress)
+    with showing(bar):
+        for block in todo:
+            ids, weights = plan[block.layer]
+            tensors = layer_tensors(family, reader, config, block, ids, weights, size, gate_mode, seed)
+            write_safetensors(work / f"layer-{block.layer}.safetensors", tensors)
+            del tensors
+            bar.update(max(1, len(ids)))
 
     sources = []
     for block in blocks:

@@ -306,12 +306,14 @@ def run_pipeline(cfg: RunConfig) -> dict:
 
 def _train_inputs(plan: _Plan) -> dict:
     """What the train stage's stamp covers: its arguments and the content of the data it reads.
-    Its ``output`` and ``adapter`` are the run's own directories, already named by the run, and
-    without ``--kd-data`` the kd options are left out."""
+    Its ``output`` and ``adapter`` are the run's own directories, already named by the run, how a
+    rerun continues (``resume``, ``overwrite``, ``allow_data_change``) is no input, and without
+    ``--kd-data`` the kd options are left out."""
     from nexus.training.train_config import KD_STREAM_FIELDS
 
+    not_inputs = ("resume", "overwrite", "allow_data_change", "output", "adapter")
     inputs = {k: v for k, v in plan.train.to_dict().items()
-              if k not in ("resume", "overwrite", "output", "adapter") and not (k in KD_STREAM_FIELDS and v is None)}
+              if k not in not_inputs and not (k in KD_STREAM_FIELDS and v is None)}
     inputs["data_fingerprint"] = plan.data_fingerprint
     if plan.kd_data_fingerprint is not None:
         inputs["kd_data_fingerprint"] = plan.kd_data_fingerprint

@@ -56,11 +56,11 @@ from nexus.training.distributed import make_accelerator
 from nexus.training.sharding import gather_full
 from nexus.training.step_metrics import MetricsWindow, flat_scalars, stack_sums
 from nexus.training.strategies import select_strategy
-from nexus.training.train_config import RESUME_MUST_MATCH, TrainConfig
+from nexus.training.run_record import data_fingerprints, find_resume_checkpoint
+from nexus.training.train_config import TrainConfig
 from nexus.training.train_state import (
     ADAPTER_SUBDIR,
     CHECKPOINTS,
-    latest_checkpoint,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -266,46 +266,7 @@ def _lr_factor(warm: int, total: int, floor: float, schedule: str, step: int) ->
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-# --- resume ------------------------------------------------------------------------------------------------------
-
-
-def find_resume_checkpoint(config: TrainConfig, run_dir: Path, world_size: int, strategy_kind: str) -> Path | None:
-    """The checkpoint to resume from: the latest of ``run_dir`` under ``--resume``, else None.
-
-    :raises NexusError: the run was started with other settings, processes or optimizer-state format.
-    """
-    if not config.resume:
-        return None
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        log.warning("--resume: no checkpoint in %s, starting from the beginning", run_dir)
-        return None
-    _check_resume(run_dir, config, world_size, strategy_kind)
-    return checkpoint
-
-
-def _check_resume(run_dir: Path, config: TrainConfig, world_size: int, engine: str) -> None:
-    """Refuse to resume a run whose settings, number of processes or optimizer-state format differ.
-    (DDP and FSDP2 checkpoints share one format; DeepSpeed's per-process partitions are their own.)"""
-    import json
-
-    path = run_dir / RUN_CONFIG_NAME
-    if not path.exists():
-        return
-    old = json.loads(path.read_text())
-    old_config = old.get("config", {})
-    diff = [f"{k} ({old_config.get(k)!r} vs {getattr(config, k)!r})"
-            for k in RESUME_MUST_MATCH if old_config.get(k) != getattr(config, k)]
-    if old.get("world_size") != world_size:
-        diff.append(f"world_size ({old.get('world_size')} vs {world_size})")
-    old_engine = old.get("engine", "ddp")
-    if "deepspeed" in (old_engine, engine) and old_engine != engine:
-        diff.append(f"engine ({old_engine} vs {engine})")
-    if diff:
-        raise NexusError(
-            f"cannot resume {run_dir}: these settings differ from the original run (old vs new): {', '.join(diff)}; "
-            f"use the same arguments, or a new --output"
-        )
+# --- resume (the checkpoint to resume from, and the checks on it: nexus.training.run_record) -----------------------
 
 
 def resume(run: TrainRun, checkpoint: Path) -> None:
@@ -328,8 +289,9 @@ def resume(run: TrainRun, checkpoint: Path) -> None:
 
 
 def open_records(run: TrainRun) -> None:
-    """Write ``run_config.json`` (main process), open ``metrics.jsonl`` (cut back to the resumed
-    step) and start the experiment trackers of ``--report-to``."""
+    """Write ``run_config.json`` (main process; with the content fingerprints of the data, which a
+    resume checks), open ``metrics.jsonl`` (cut back to the resumed step) and start the experiment
+    trackers of ``--report-to``."""
     from nexus.fingerprint import config_fingerprint
 
     config = run.config
@@ -342,7 +304,7 @@ def open_records(run: TrainRun) -> None:
             "trainable_parameters": sum(p.numel() for p in run.trainable.values()),
             "teacher_kind": getattr(run.teacher, "kind", None), "router_metrics_unavailable": run.router_note,
             "num_rows": len(run.data.rows), "config": config.to_dict(),
-            **({"kd_num_rows": len(run.kd_data.rows)} if run.kd_data is not None else {}),
+            **({"kd_num_rows": len(run.kd_data.rows)} if run.kd_data is not None else {}), **data_fingerprints(config),
         })
     run.metrics = MetricsLog(run.run_dir, enabled=run.main, resume_step=run.step if run.resumed else None)
     if config.report_to:

@@ -58,6 +58,9 @@ class TrainConfig:
     save_every: int = _f(100, "Checkpoint every N steps (0: only at the end).")
     keep_last: int = _f(3, "Checkpoints kept (older ones are deleted; 0 keeps all).")
     resume: bool = _f(False, "Resume from the latest checkpoint in --output.")
+    allow_data_change: bool = _f(False, "With --resume: continue even though the content of --data or --kd-data "
+                                        "changed since the run started (a warning names both fingerprints); "
+                                        "without it such a resume is refused.")
     overwrite: bool = _f(False, "Delete the run already in --output (checkpoints, metrics.jsonl, final/), "
                                 "then start over.")
     stop_after: int | None = _f(None, "Stop after this many steps in this invocation, with a checkpoint (resume later).")
@@ -100,6 +103,9 @@ class TrainConfig:
         self._check_kd_data()
         if self.resume and self.overwrite:
             raise NexusError("--resume continues the run in --output and --overwrite deletes it: give only one")
+        if self.allow_data_change and not self.resume:
+            raise NexusError("--allow-data-change applies to --resume, which is not given; give --resume or drop "
+                             "--allow-data-change")
 
     def _check_kd_data(self) -> None:
         """Refuse --kd-data options that would be silently ignored."""
