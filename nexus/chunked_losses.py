@@ -17,6 +17,7 @@ order. ``chunk`` 0 picks the chunk from :data:`WORKSPACE_BYTES` (:func:`chunk_to
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -57,11 +58,14 @@ class OutputHead:
     ``weight`` ``Tensor[V, H]`` (None: the "hidden states" are already logits, the head is the
     identity), ``bias`` ``Tensor[V]`` or None, ``post``: ``(op, value)`` pairs applied to the
     projected logits in order (``div``, ``mul``, ``softcap``), in the logits' dtype as the model does.
+    ``autocast``: ``(device type, enabled, dtype)`` the model's ``lm_head`` ran under (recorded by
+    :func:`forward_hidden`), so that the projection here rounds as the model's did; None: ambient.
     """
 
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     post: tuple[tuple[str, float], ...] = ()
+    autocast: tuple[str, bool, torch.dtype] | None = None
 
     def postprocess(self, logits: torch.Tensor) -> torch.Tensor:
         """Apply :attr:`post` to ``logits`` ``Tensor[..., V]`` (elementwise)."""
@@ -81,11 +85,19 @@ class OutputHead:
         if weight is None:
             return hidden
         bias = self.bias if bias is None else bias
-        return self.postprocess(F.linear(hidden, _full(weight), None if bias is None else _full(bias)))
+        with _autocast(self.autocast):
+            return self.postprocess(F.linear(hidden, _full(weight), None if bias is None else _full(bias)))
 
 
 IDENTITY = OutputHead()
 """The head of full logits: :meth:`OutputHead.logits` returns its input."""
+
+
+def _autocast(state: tuple[str, bool, torch.dtype] | None):
+    if state is None:
+        return contextlib.nullcontext()
+    device_type, enabled, dtype = state
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -150,12 +162,13 @@ class HiddenStates:
 
 @contextlib.contextmanager
 def _returning_input(module: nn.Module, sink: list):
-    """While active, ``module(x)`` returns ``x`` (and appends it to ``sink``) instead of running."""
+    """While active, ``module(x)`` returns ``x`` (and appends it and the autocast state to ``sink``)
+    instead of running."""
     had = "forward" in module.__dict__
     previous = module.__dict__.get("forward")
 
     def forward(hidden, *args, **kwargs):
-        sink.append(hidden)
+        sink.append((hidden, _autocast_state(hidden.device.type)))
         return hidden
 
     module.forward = forward
@@ -188,7 +201,8 @@ def forward_hidden(model: nn.Module, **inputs) -> HiddenStates:
         _log_fallback(causal_lm(model), f"its forward called the output projection {len(sink)} times")
         full = model(**inputs)
         return HiddenStates(full.logits, IDENTITY, full)
-    hidden = sink[0]
+    hidden, autocast = sink[0]
+    head = dataclasses.replace(head, autocast=autocast)
     got = getattr(out, "logits", None)
     if got is not None and got is not hidden:
         with torch.no_grad():
@@ -228,8 +242,7 @@ class _ChunkedVocabSum(torch.autograd.Function):
         hidden, weight, bias, *rows = ctx.saved_tensors
         need = ctx.needs_input_grad[3:6]
         grads = [torch.zeros_like(t, dtype=torch.float32) if n else None for t, n in zip((hidden, weight, bias), need)]
-        device_type, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        with torch.enable_grad(), _autocast(ctx.autocast):
             for start in range(0, hidden.shape[0], ctx.chunk):
                 stop = start + ctx.chunk
                 h, w, b = (None if t is None else t.detach().requires_grad_(n)

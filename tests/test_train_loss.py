@@ -159,3 +159,29 @@ def test_resume_restores_the_rng_that_the_next_step_draws_from(work, tmp_path, m
     a = load_file(str(straight.final / ADAPTER_WEIGHTS_NAME))
     b = load_file(str(resumed.final / ADAPTER_WEIGHTS_NAME))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loss_chunk_tokens_reaches_the_losses_and_changes_only_rounding(work, tmp_path, monkeypatch):
+    """--loss-chunk-tokens sets the chunk of every vocabulary loss (CE and cached top-k KL); a chunk
+    of 3 tokens gives the loss and gradient of the default chunk (here larger than the batch)."""
+    from nexus import chunked_losses
+    from nexus.errors import NexusError
+
+    seen = []
+    real = chunked_losses.chunk_tokens
+    monkeypatch.setattr(chunked_losses, "chunk_tokens", lambda vocab, chunk=0: seen.append(chunk) or real(vocab, chunk))
+    records = {}
+    for chunk in (0, 3):
+        config = TrainConfig(model=str(work["base"]), adapter=str(work["adapter"]), teacher=str(work["cache"]),
+                             output=str(tmp_path / f"run{chunk}"), seq_len=SEQ, batch_size=len(work["rows"]),
+                             max_steps=1, temperature=T, log_every=1, save_every=0, max_grad_norm=1e9,
+                             loss_chunk_tokens=chunk)
+        train(config)
+        records[chunk] = _first_record(tmp_path / f"run{chunk}")
+    assert seen.count(3) == seen.count(0) >= 2  # CE and KD, in both runs
+    assert real(256) > SEQ * len(work["rows"])  # the default chunk holds the whole batch
+    for key in ("loss", "ce", "kd"):
+        assert records[3][key] == pytest.approx(records[0][key], rel=1e-6)
+    assert records[3]["grad_norm"] == pytest.approx(records[0]["grad_norm"], rel=1e-5)
+    with pytest.raises(NexusError, match="--loss-chunk-tokens must be at least 0, got -1"):
+        TrainConfig(model="m", adapter="a", output="o", loss_chunk_tokens=-1)

@@ -1,7 +1,8 @@
 """``nexus evaluate`` and ``nexus generate``: held-out quality of an adapter against its base.
 
 Perplexity is ``exp(total NLL / predicted tokens)`` over every non-padding next-token target of
-the data (padding masked, each batch weighted by its predicted tokens). With an adapter, the
+the data (padding masked, each batch weighted by its predicted tokens), computed from the final
+hidden states a chunk of tokens at a time (:mod:`nexus.chunked_losses`), as the KL. With an adapter, the
 same model is run twice per batch: adapted, and as the base (:func:`base_view`: shared experts
 off, original routers), so no second copy is loaded. Router health per MoE layer: mean entropy
 of the router probabilities and load, the fraction of (token, top-k slot) assignments each
@@ -81,7 +82,8 @@ def evaluate(config: EvaluateConfig, *, device: str | None = None) -> dict:
     from nexus.family import resolve_family
     from nexus.fingerprint import config_fingerprint
     from nexus.loading import load_model
-    from nexus.losses import cross_entropy_sum, kl_div_sum, l1_drift_sum, shift_for_next_token
+    from nexus.chunked_losses import cross_entropy_sum, forward_hidden, kl_div_sum
+    from nexus.losses import l1_drift_sum, shift_for_next_token
     from nexus.progress import progress_bar
     from nexus.routing import RouterRecorder
 
@@ -121,19 +123,19 @@ def evaluate(config: EvaluateConfig, *, device: str | None = None) -> dict:
         in_mask = mask.reshape(-1).bool()
         with torch.no_grad():
             with base_view(model, originals), RouterRecorder(family, blocks) as rec:
-                base_logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                base_out = forward_hidden(model, input_ids=ids, attention_mask=mask, use_cache=False)
             base_probs = base_tally.add(rec, in_mask)
-            lg, labels = shift_for_next_token(base_logits, batch["labels"].to(device))
-            s, n = cross_entropy_sum(lg, labels)
+            hb, labels = shift_for_next_token(base_out.states, batch["labels"].to(device))
+            s, n = cross_entropy_sum(hb, base_out.head, labels)
             nll["base"] += float(s)
             n_pred += int(n)
             if adapter:
                 with RouterRecorder(family, blocks) as rec:
-                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                    out = forward_hidden(model, input_ids=ids, attention_mask=mask, use_cache=False)
                 probs = adapted_tally.add(rec, in_mask)
-                la, _ = shift_for_next_token(logits, batch["labels"].to(device))
-                nll["adapted"] += float(cross_entropy_sum(la, labels)[0])
-                kl += float(kl_div_sum(lg, la, labels != -100))
+                ha, _ = shift_for_next_token(out.states, batch["labels"].to(device))
+                nll["adapted"] += float(cross_entropy_sum(ha, out.head, labels)[0])
+                kl += float(kl_div_sum(hb, base_out.head, ha, out.head, labels != -100))
                 for layer in drift:
                     drift[layer] += float(l1_drift_sum(base_probs[layer], probs[layer], in_mask))
     bar.close()

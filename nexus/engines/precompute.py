@@ -64,7 +64,7 @@ def _precompute(config: PrecomputeConfig, accelerator) -> Path:
     from nexus.fingerprint import config_fingerprint
     from nexus.interrupts import StopFlag, signal_name
     from nexus.loading import load_model
-    from nexus.losses import topk_logprobs
+    from nexus.chunked_losses import forward_hidden, topk_logprobs
     from nexus.progress import progress_bar
     from nexus.routing import RouterRecorder
 
@@ -139,12 +139,13 @@ def _precompute(config: PrecomputeConfig, accelerator) -> Path:
                 chunk = ids[start : start + config.batch_size]
                 batch = collate([data.rows[i] for i in chunk], data.pad_id)
                 with torch.no_grad(), RouterRecorder(family, blocks, detach=True) as rec, accelerator.autocast():
-                    logits = model(
+                    states = forward_hidden(
+                        model,
                         input_ids=batch["input_ids"].to(accelerator.device),
                         attention_mask=batch["attention_mask"].to(accelerator.device),
                         use_cache=False,
-                    ).logits
-                lp, ix = topk_logprobs(logits[:, :-1], k, t)
+                    )
+                lp, ix = topk_logprobs(states.states[:, :-1], states.head, k, t)  # a chunk of tokens at a time
                 width = batch["input_ids"].shape[1]
                 for j, row in enumerate(chunk):
                     n = len(data.rows[row])

@@ -67,7 +67,7 @@ from nexus.training.train_state import (
     set_rng_state,
 )
 from nexus.training.run_inputs import build_teacher, load_kd_data, load_student, load_train_data
-from nexus.training.train_step import distill_losses, loss_to_backpropagate, micro_batches, token_counts
+from nexus.training.train_step import distill_losses, loss_options, loss_to_backpropagate, micro_batches, token_counts
 
 log = logging.getLogger(__name__)
 
@@ -397,9 +397,9 @@ def optimizer_step(run: TrainRun, window: list[tuple[int, dict]],
         with strategy.accumulating(last=i == len(window) - 1):
             parts = distill_losses(
                 strategy.student, batch, run.teacher, run.accelerator.device,
-                kd=config.kd_weight > 0 and run.teacher is not None, temperature=config.temperature,
-                family=run.family, blocks=run.blocks if run.teacher is not None else [],
-                router_grad=config.router_kl_weight > 0, autocast=run.accelerator.autocast,
+                kd=config.kd_weight > 0 and run.teacher is not None, **loss_options(run),
+                blocks=run.blocks if run.teacher is not None else [],
+                router_grad=config.router_kl_weight > 0,
             )
             # The one loss: back-propagated here, and (through stack_sums) the loss that is logged.
             loss = loss_to_backpropagate(config, parts.ce, parts.kd, parts.router_kl, n_pred, n_in, run.n_layers)
@@ -433,7 +433,7 @@ def _two_stream_pass(run: TrainRun, batch: dict, kd_batch: dict, last: bool, n_p
         back-propagated losses.
     """
     config, strategy, device = run.config, run.strategy, run.accelerator.device
-    common = dict(temperature=config.temperature, family=run.family, autocast=run.accelerator.autocast)
+    common = loss_options(run)
     with strategy.accumulating(last=False):
         parts = distill_losses(strategy.student, batch, None, device, kd=False, blocks=[], **common)
         ce_loss = loss_to_backpropagate(config, parts.ce, 0.0, 0.0, n_pred, 0.0, run.n_layers, kd_tokens=kd_tokens)

@@ -1,8 +1,9 @@
 """Distillation teachers: the base itself (``self``), another model (a path), or a teacher cache.
 
-Every teacher answers :meth:`outputs` for a batch with a :class:`TeacherOutput`: full logits
-(online teachers) or cached top-k log-probabilities, plus router probabilities per MoE layer
-when it can give them (needed by the router KL and the router drift metrics).
+Every teacher answers :meth:`outputs` for a batch with a :class:`TeacherOutput`: final hidden
+states and the output head (online teachers; the vocabulary losses project them a chunk at a time,
+:mod:`nexus.chunked_losses`) or cached top-k log-probabilities, plus router probabilities per MoE
+layer when it can give them (needed by the router KL and the router drift metrics).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nexus.chunked_losses import OutputHead, forward_hidden
 from nexus.errors import NexusError
 from nexus.routing import RouterRecorder, router_probs
 from nexus.shared_expert import base_view
@@ -28,24 +30,27 @@ class TeacherOutput:
     """What a teacher gives for one batch of ``B`` rows of ``S`` tokens.
 
     Attributes:
-        logits: ``Tensor[B, S, V]`` full teacher logits (online teachers), else None.
+        hidden: ``Tensor[B, S, H]`` final hidden states (online teachers), else None.
+        head: the output head turning ``hidden`` into logits (:class:`nexus.chunked_losses.OutputHead`).
+        logits: ``Tensor[B, S, V]`` full teacher logits, for a teacher that gives them instead of ``hidden``.
         topk_logprobs: ``Tensor[B*(S-1), k]`` cached log-probs aligned with shifted positions, else None.
         topk_indices: ``Tensor[B*(S-1), k]`` their vocabulary ids.
         router_probs: per MoE layer ``Tensor[B*S, E]`` teacher router probabilities (may be empty).
     """
 
+    hidden: torch.Tensor | None = None
+    head: OutputHead | None = None
     logits: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
     topk_indices: torch.Tensor | None = None
     router_probs: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def _forward_logits(model, batch, device, autocast) -> torch.Tensor:
+def _forward_hidden(model, batch, device, autocast) -> TeacherOutput:
     with autocast():
-        out = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
-        )
-    return out.logits
+        out = forward_hidden(model, input_ids=batch["input_ids"].to(device),
+                             attention_mask=batch["attention_mask"].to(device), use_cache=False)
+    return TeacherOutput(hidden=out.states, head=out.head)
 
 
 class SelfTeacher:
@@ -62,13 +67,13 @@ class SelfTeacher:
         self.autocast = autocast
 
     def outputs(self, batch: dict, device, want_routers: bool = True) -> TeacherOutput:
-        """Teacher logits ``Tensor[B, S, V]`` and router probabilities for ``batch``."""
+        """Teacher hidden states ``Tensor[B, S, H]`` (and head) and router probabilities for ``batch``."""
         with torch.no_grad(), base_view(self.model, self.base_originals):
             recorder = RouterRecorder(self.family, self.blocks if want_routers else [], detach=True)
             with recorder:
-                logits = _forward_logits(self.model, batch, device, self.autocast)
-            probs = {layer: recorder.probs(layer) for layer in recorder.logits}
-        return TeacherOutput(logits=logits, router_probs=probs)
+                out = _forward_hidden(self.model, batch, device, self.autocast)
+            out.router_probs = {layer: recorder.probs(layer) for layer in recorder.logits}
+        return out
 
 
 class ModelTeacher:
@@ -88,9 +93,9 @@ class ModelTeacher:
         with torch.no_grad():
             recorder = RouterRecorder(self.family, self.blocks if (want_routers and self.family) else [], detach=True)
             with recorder:
-                logits = _forward_logits(self.model, batch, device, self.autocast)
-            probs = {layer: recorder.probs(layer) for layer in recorder.logits}
-        return TeacherOutput(logits=logits, router_probs=probs)
+                out = _forward_hidden(self.model, batch, device, self.autocast)
+            out.router_probs = {layer: recorder.probs(layer) for layer in recorder.logits}
+        return out
 
 
 class CacheTeacher:

@@ -67,6 +67,9 @@ class TrainConfig:
     log_every: int = _f(10, "Write a metrics.jsonl line every N steps.")
     report_to: str | None = _f(None, "Also log to accelerate trackers: tensorboard, wandb, ... or all.")
     gradient_checkpointing: bool = _f(False, "Recompute decoder-layer activations in backward to save memory.")
+    loss_chunk_tokens: int = _f(0, "Tokens per chunk of the vocabulary losses (CE, KL), computed from the final "
+                                "hidden states a chunk at a time so that no [tokens, vocab] logits are kept (0: as "
+                                "many as fit a 1 GiB workspace, 166 at a 201,088-token vocabulary).")
     seed: int = _f(0, "Seed of the data order and of torch.")
     bf16: bool = _f(False, "Base weights in bfloat16 and bf16 autocast (shared experts and optimizer stay fp32).")
     dequantize: bool = _f(False, "Dequantise experts stored quantised (MXFP4, FP8) at load instead of keeping them "
@@ -77,7 +80,8 @@ class TrainConfig:
             if not getattr(self, name):
                 raise NexusError(f"--{name} is required")
         at_least = {"seq_len": 2, "batch_size": 1, "grad_accum": 1, "max_steps": 1, "log_every": 1,
-                    "warmup_steps": 0, "save_every": 0, "keep_last": 0, "sfa_interval": 0}
+                    "warmup_steps": 0, "save_every": 0, "keep_last": 0, "sfa_interval": 0,
+                    "loss_chunk_tokens": 0}
         for name in ("stop_after", "kd_batch_size"):
             if getattr(self, name) is not None:
                 at_least[name] = 1

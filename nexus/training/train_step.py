@@ -11,16 +11,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from nexus.losses import (
-    IGNORE_INDEX,
-    cross_entropy_sum,
-    entropy_sum,
-    kl_div_sum,
-    l1_drift_sum,
-    router_kl_sum,
-    shift_for_next_token,
-    topk_kl_sum,
-)
+from nexus import chunked_losses
+from nexus.losses import IGNORE_INDEX, entropy_sum, l1_drift_sum, router_kl_sum, shift_for_next_token
 from nexus.routing import RouterRecorder, router_probs
 
 
@@ -90,6 +82,7 @@ def distill_losses(
     blocks=(),
     router_grad: bool = False,
     autocast=None,
+    chunk_tokens: int = 0,
 ) -> LossParts:
     """Run the teacher and the student on ``batch`` and return the loss parts as token sums.
 
@@ -101,6 +94,8 @@ def distill_losses(
     :param family, blocks: for recording the student's routers; empty to skip router terms.
     :param router_grad: keep the student's router logits in the graph (router KL weight > 0).
     :param autocast: a context-manager factory for mixed precision (default: none).
+    :param chunk_tokens: tokens per chunk of the vocabulary losses, computed from the final hidden
+        states (:mod:`nexus.chunked_losses`; 0: from its workspace budget).
     """
     import contextlib
 
@@ -111,18 +106,20 @@ def distill_losses(
     recorder = RouterRecorder(family, [b for b in blocks if b.layer in layers], detach=not router_grad)
     ids, mask_in = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     with recorder, autocast():
-        logits = student(input_ids=ids, attention_mask=mask_in, use_cache=False).logits
-    s_logits, labels = shift_for_next_token(logits, batch["labels"].to(device))
-    pred_mask = labels != IGNORE_INDEX
-    ce, n_pred = cross_entropy_sum(s_logits, labels)
+        student_out = chunked_losses.forward_hidden(student, input_ids=ids, attention_mask=mask_in, use_cache=False)
+    s_hidden, labels = shift_for_next_token(student_out.states, batch["labels"].to(device))
+    head, pred_mask = student_out.head, labels != IGNORE_INDEX
+    ce, n_pred = chunked_losses.cross_entropy_sum(s_hidden, head, labels, chunk_tokens)
     zero = ce.new_zeros(())
     kd_sum = zero
-    if kd and tout is not None:
-        if tout.logits is not None:
-            t_logits, _ = shift_for_next_token(tout.logits, batch["labels"])
-            kd_sum = kl_div_sum(t_logits, s_logits, pred_mask, temperature)
-        else:
-            kd_sum = topk_kl_sum(tout.topk_logprobs, tout.topk_indices, s_logits, pred_mask, temperature)
+    if kd and tout is not None and tout.topk_logprobs is None:
+        t_states, t_head = (tout.hidden, tout.head) if tout.hidden is not None else (tout.logits, None)
+        t_states, _ = shift_for_next_token(t_states.to(device), batch["labels"])
+        kd_sum = chunked_losses.kl_div_sum(t_states, t_head or chunked_losses.IDENTITY, s_hidden, head, pred_mask,
+                                           temperature, chunk_tokens)
+    elif kd and tout is not None:
+        kd_sum = chunked_losses.topk_kl_sum(tout.topk_logprobs, tout.topk_indices, s_hidden, head, pred_mask,
+                                            temperature, chunk_tokens)
     in_mask = mask_in.reshape(-1).bool()
     if batch.get("empty"):
         in_mask = torch.zeros_like(in_mask)
@@ -140,6 +137,16 @@ def distill_losses(
         parts.router_kl = rkl
         parts.drift, parts.ent_student, parts.ent_teacher = torch.stack(drift), torch.stack(ent_s), torch.stack(ent_t)
     return parts
+
+
+def loss_options(run) -> dict:
+    """The keyword arguments of :func:`distill_losses` that a training run fixes: ``temperature``,
+    ``family``, ``autocast`` and ``chunk_tokens`` (``--loss-chunk-tokens``).
+
+    :param run: a :class:`nexus.engines.train.TrainRun` (its ``config``, ``family`` and ``accelerator``).
+    """
+    return {"temperature": run.config.temperature, "family": run.family, "autocast": run.accelerator.autocast,
+            "chunk_tokens": run.config.loss_chunk_tokens}
 
 
 def loss_to_backpropagate(config, ce, kd, router_kl, n_pred: float, n_in: float, n_layers: int,
