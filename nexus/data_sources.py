@@ -37,6 +37,11 @@ _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "
 _PATH_SUFFIXES = {*_BUILDERS, ".csv", ".tsv", ".gz", ".zst", ".bz2", ".xz", ".jsonl.gz"}
 SPLITS = ("train", "heldout")
 BATCH_DOCUMENTS = 256  # documents read (and tokenised) per call
+# Characters in one document (one line of JSON lines). Tokenisers hold about 200 bytes per character
+# of a text while encoding it (a 50 MB line took 10 GB and 84 s), and packing cuts documents into
+# --seq-len rows anyway, so a longer document is far more likely a mistake (a corpus on one line)
+# than a need; split into several lines, it trains the same.
+MAX_DOCUMENT_CHARS = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -276,7 +281,8 @@ def iter_documents(src: DataSource, tokenizer, text_column: str | None = None, d
     the split), chat ``messages`` rendered with the tokenizer's chat template. Reads the rows in
     batches, so stopping early reads no further.
 
-    :raises NexusError: a document that is not a string (naming the file and line).
+    :raises NexusError: a document that is not a string, or longer than :data:`MAX_DOCUMENT_CHARS`
+        (naming the file and line).
     """
     ds = load_rows(src, text_column) if ds is None else ds
     col, chat = _text_column(ds, tokenizer, text_column)
@@ -302,5 +308,8 @@ def iter_documents(src: DataSource, tokenizer, text_column: str | None = None, d
             else:
                 raise NexusError(f"{_where(src, start + i)}: {col!r} is not a string but {type(value).__name__} "
                                  f"{str(value)[:40]}; put the document's text in {col!r} as a JSON string")
+            if len(text) > MAX_DOCUMENT_CHARS:
+                raise NexusError(f"{_where(src, start + i)}: a document of {len(text):,} characters, over the limit "
+                                 f"of {MAX_DOCUMENT_CHARS:,} per document; split it into several documents (lines)")
             if text.strip():
                 yield text, is_heldout(value)
