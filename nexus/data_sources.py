@@ -6,7 +6,7 @@ such files, or a dataset name already in the local ``datasets`` cache (looked up
 argument that looks like a path (it starts with ``/``, ``.`` or ``~``, has two or more ``/``, or
 ends in a data suffix) is always local: a missing one fails at once. Rows carry either a text
 column (``text`` by default) or a chat ``messages`` column, rendered with the tokenizer's chat
-template.
+template. A document holds at most :data:`MAX_DOCUMENT_CHARS` characters.
 
 **Held-out split.** ``DATA@train`` and ``DATA@heldout`` name the two sides of a deterministic
 split of ``DATA`` by document (row): a document is held out when the SHA-256 of its content
