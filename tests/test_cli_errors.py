@@ -123,6 +123,62 @@ def _a_file(work: Path) -> Path:
     return work / "file"
 
 
+def _sharded_truncated(fx, dst: Path) -> Path:
+    """A copy of the base split into two shards (with an index), the second cut in half."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(fx["base"], dst)
+    tensors = load_file(dst / "model.safetensors")
+    (dst / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {f"model-0000{i + 1}-of-00002.safetensors": names[i::2] for i in range(2)}
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, dst / file, metadata={"format": "pt"})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        k: file for file, keys in shards.items() for k in keys}}))
+    return _truncated(dst / "model-00002-of-00002.safetensors", dst / "model-00002-of-00002.safetensors").parent
+
+
+def _fp8_base_with_nan_scale(dst: Path) -> Path:
+    """A tiny block-scaled FP8 Qwen3-MoE checkpoint with a NaN in one expert's weight_scale_inv."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from helpers_conformance import build_checkpoint
+    from nexus.family import resolve_family
+
+    from helpers_prepare import model_with_tokenizer
+
+    model_with_tokenizer(build_checkpoint(resolve_family(name="qwen3_moe"), dst.parent / "fp8_src", fmt="fp8"), dst)
+    tensors = load_file(dst / "model.safetensors")
+    key = "model.layers.0.mlp.experts.3.gate_proj.weight_scale_inv"
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def _adapter_config_with(fx, dst: Path, edit) -> Path:
+    """A copy of the shared adapter whose nexus_config.json went through ``edit(dict)``."""
+    shutil.copytree(fx["adapter"], dst)
+    cfg = json.loads((dst / "nexus_config.json").read_text())
+    edit(cfg)
+    (dst / "nexus_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def _resume_on_changed_data(fx, work: Path) -> list:
+    """A run stopped after one step in ``work``, then its --data edited in place: the resume command."""
+    from nexus.engines.train import train
+    from nexus.training.train_config import TrainConfig
+
+    data = _data_file(work, "changing.jsonl", fx["data"].read_bytes())
+    args = _train(fx, work, **{"--data": data, "--max-steps": 2})
+    train(TrainConfig(model=str(fx["base"]), adapter=str(fx["adapter"]), data=str(data), output=str(work / "run"),
+                      seq_len=24, batch_size=2, max_steps=2, stop_after=1))
+    data.write_bytes(data.read_bytes() + b'{"text": "one more document"}\n')
+    return [*args, "--resume"]
+
+
 NOT_WRITABLE = Path("/proc/nexus-not-writable")  # cannot be created, not even by root
 
 CASES = {
@@ -138,6 +194,16 @@ CASES = {
         "--adapter": _adapter_with(fx, w.parent / "a", _misshape)}),
     "adapter truncated (train)": lambda fx, w: _train(fx, w, **{
         "--adapter": _truncated(fx["adapter"], w.parent / "a")}),
+    "base shard truncated (train --dequantize)": lambda fx, w: [*_train(fx, w, **{
+        "--model": _sharded_truncated(fx, w.parent / "b")}), "--dequantize"],
+    "base with a NaN FP8 scale (evaluate)": lambda fx, w: _evaluate(fx, w, **{
+        "--model": _fp8_base_with_nan_scale(w.parent / "fp8"), "--adapter": None}),
+    "adapter width disagrees with its tensors (export)": lambda fx, w: [
+        "export", "--model", fx["base"], "--output", w / "exported", "--adapter",
+        _adapter_config_with(fx, w.parent / "a", lambda c: c.update(shared_intermediate_size=16))],
+    "adapter gate_mode disagrees with its tensors (evaluate)": lambda fx, w: _evaluate(fx, w, **{
+        "--adapter": _adapter_config_with(fx, w.parent / "a", lambda c: c.update(gate_mode="none"))}),
+    "resume on changed data (train)": _resume_on_changed_data,
     "stats truncated": lambda fx, w: ["select", "--stats", _truncated(fx["stats"], w.parent / "stats"),
                                       "--output", w / "selection.json"],
     "select on a file that is not statistics": lambda fx, w: ["select", "--stats", fx["data"],
