@@ -41,6 +41,7 @@ def load_model(
     device: str | torch.device = "cpu",
     dequantize: bool = False,
     family: str | None = None,
+    experts_on: str = "device",
 ):
     """Load a causal LM for NEXUS, base in ``eval()``.
 
@@ -50,10 +51,16 @@ def load_model(
 
     :param dequantize: load through ``from_pretrained``, which dequantises every expert to ``dtype``.
     :param family: the family name (``--family``); default: resolved from the config's ``model_type``.
+    :param experts_on: ``"host"`` keeps the packed routed experts in host memory, streamed to
+        ``device`` one MoE layer at a time (:mod:`nexus.quant.streaming`); ``"device"`` puts
+        everything on ``device``.
     :return: the ``*ForCausalLM`` model.
     """
     from transformers import AutoModelForCausalLM
 
+    from nexus.quant.streaming import check_experts_on, nothing_to_stream, stream_experts
+
+    host = check_experts_on(experts_on, "experts_on") == "host"
     path = Path(path).expanduser()
     config = load_config(path)
     if not dequantize and getattr(config, "quantization_config", None) is not None:
@@ -65,13 +72,18 @@ def load_model(
             fam = resolve_family(config, family)
         except FamilyError:  # not an MoE family (a dense teacher, say): nothing to keep packed
             fam = None
-        model = load_packed_model(path, config, fam, dtype, device) if fam is not None else None
+        model = load_packed_model(path, config, fam, dtype, "cpu" if host else device) if fam is not None else None
         if model is not None:
+            if host:
+                stream_experts(model, str(path))
+                model.to(device)  # all but the packed bytes
             model.eval()
             model._nexus_source = str(path)
             return model
     from nexus.quant.mxfp4 import silence_dequantization_warnings
 
+    if host:
+        raise nothing_to_stream(str(path))
     silence_dequantization_warnings()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=None)

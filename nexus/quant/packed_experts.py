@@ -11,6 +11,7 @@ that uses it, and the autograd graph keeps just the layer's inputs.
 from __future__ import annotations
 
 import collections
+import contextlib
 from typing import Callable
 
 import torch
@@ -30,6 +31,10 @@ class PackedMatrices(nn.Module):
     """
 
     fmt = ""
+    streamed = False  # bytes kept in host memory by nexus.quant.streaming: ``.to(device)`` leaves them
+
+    def _apply(self, fn, recurse=True):
+        return self if self.streamed else super()._apply(fn, recurse)
 
     def decode(self, experts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Decode some experts' matrices.
@@ -123,6 +128,8 @@ class PackedExperts(nn.Module):
     :param decode_bytes: budget of decoded weights alive at once; experts are decoded in chunks under it.
     """
 
+    streamer = None  # a nexus.quant.streaming.ExpertStreamer when the bytes stay in host memory
+
     def __init__(
         self,
         down: PackedMatrices,
@@ -170,7 +177,15 @@ class PackedExperts(nn.Module):
 
         :return: ``Tensor[T, H]`` in ``hidden_states``' dtype.
         """
-        return _PackedExpertsFunction.apply(hidden_states, top_k_weights, top_k_index, self)
+        needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad)
+        with self._bytes_on(hidden_states.device, needs_grad=needs_grad):
+            return _PackedExpertsFunction.apply(hidden_states, top_k_weights, top_k_index, self)
+
+    def _bytes_on(self, device, needs_grad: bool = False, backward: bool = False):
+        """Context in which the packed bytes are on ``device`` (streamed there when kept in host memory)."""
+        if self.streamer is None:
+            return contextlib.nullcontext()
+        return self.streamer.on_device(self, device, needs_grad=needs_grad, backward=backward)
 
     # -- the pieces the autograd function runs --------------------------------
 
@@ -254,19 +269,20 @@ class _PackedExpertsFunction(torch.autograd.Function):
         if not (need_x or need_w):
             return None, None, None, None
         kind, enabled, amp_dtype = ctx.autocast
-        for chunk in module._chunks(module._groups(index), hidden.dtype):
-            gate_up, down = module._decode([g[0] for g in chunk], hidden.dtype, hidden.device)
-            for j, (e, tok, pos) in enumerate(chunk):
-                go = grad_out[tok]
-                w = weights[tok, pos, None]
-                with torch.enable_grad(), torch.autocast(kind, dtype=amp_dtype, enabled=enabled):
-                    x = hidden[tok].detach().requires_grad_(need_x)
-                    y = module._expert(x, e, gate_up[j], down[j])
-                dt = torch.promote_types(y.dtype, weights.dtype)  # the dtype autograd of ``y * w`` works in
-                if need_w:
-                    grad_w[tok, pos] = (go.to(dt) * y.detach().to(dt)).sum(-1).to(grad_w.dtype)
-                if need_x:
-                    (gx,) = torch.autograd.grad(y, x, (go.to(dt) * w.to(dt)).to(y.dtype))
-                    grad_x.index_add_(0, tok, gx.to(grad_x.dtype))
-            del gate_up, down
+        with module._bytes_on(hidden.device, backward=True):
+            for chunk in module._chunks(module._groups(index), hidden.dtype):
+                gate_up, down = module._decode([g[0] for g in chunk], hidden.dtype, hidden.device)
+                for j, (e, tok, pos) in enumerate(chunk):
+                    go = grad_out[tok]
+                    w = weights[tok, pos, None]
+                    with torch.enable_grad(), torch.autocast(kind, dtype=amp_dtype, enabled=enabled):
+                        x = hidden[tok].detach().requires_grad_(need_x)
+                        y = module._expert(x, e, gate_up[j], down[j])
+                    dt = torch.promote_types(y.dtype, weights.dtype)  # the dtype autograd of ``y * w`` works in
+                    if need_w:
+                        grad_w[tok, pos] = (go.to(dt) * y.detach().to(dt)).sum(-1).to(grad_w.dtype)
+                    if need_x:
+                        (gx,) = torch.autograd.grad(y, x, (go.to(dt) * w.to(dt)).to(y.dtype))
+                        grad_x.index_add_(0, tok, gx.to(grad_x.dtype))
+                del gate_up, down
         return grad_x, grad_w, None, None

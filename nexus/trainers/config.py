@@ -24,6 +24,9 @@ class NexusConfig:
         weighted: ``pca`` only: weight the averaged experts by importance.
         seed: for ``random`` and the default initialisation of units not copied from experts.
         family: the family name; default resolved from ``config.model_type``.
+        experts_on: ``device`` (default), or ``host``: the packed routed experts (MXFP4, FP8) stay in
+            host memory, streamed to the compute device one MoE layer at a time
+            (:mod:`nexus.quant.streaming`; as ``load_model(..., experts_on="host")``).
     """
 
     selection: str | None = None
@@ -34,6 +37,7 @@ class NexusConfig:
     weighted: bool = False
     seed: int = 0
     family: str | None = None
+    experts_on: str = "device"
 
     # Read by transformers' Trainer and TRL on ``model.peft_config[name]``.
     is_prompt_learning = False
@@ -48,6 +52,9 @@ class NexusConfig:
         if self.gate_mode not in GATE_MODES:
             raise NexusError(f"NexusConfig: unknown gate_mode {self.gate_mode!r}; "
                              f"choose one of {', '.join(GATE_MODES)}")
+        from nexus.quant.streaming import check_experts_on
+
+        check_experts_on(self.experts_on, "NexusConfig: experts_on")
         if self.shared_intermediate_size is not None and self.shared_intermediate_size < 1:
             raise NexusError(f"NexusConfig: shared_intermediate_size must be positive, "
                              f"got {self.shared_intermediate_size}")

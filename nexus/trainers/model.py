@@ -117,6 +117,10 @@ class NexusModel(PeftModel):
         self._nexus_off = None
         self.peft_type = config.peft_type
         self._set_trainable(is_trainable)
+        if config.experts_on == "host":
+            from nexus.quant.streaming import stream_experts
+
+            stream_experts(model, "NexusConfig(experts_on='host')")
 
     # ----- what PEFT's PeftModel exposes -------------------------------------------------------
 

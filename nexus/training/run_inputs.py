@@ -46,9 +46,12 @@ def load_student(config: TrainConfig, strategy, checkpoint: Path | None) -> Stud
     from nexus.loading import load_model
     from nexus.shared_expert import base_parameters, freeze_base, native_shared_modules, router_parameters
 
+    if config.experts_on == "host" and strategy.kind == "fsdp2":
+        raise NexusError("--experts-on host is not supported under FSDP2, which shards the packed experts across "
+                         "processes itself; drop --experts-on host, or train with DDP")
     adapter_cfg = read_adapter_config(config.adapter)
     model = load_model(config.model, dtype=torch.bfloat16 if config.bf16 else torch.float32,
-                       device=strategy.load_device, dequantize=config.dequantize)
+                       device=strategy.load_device, dequantize=config.dequantize, experts_on=config.experts_on)
     family = adapter_family(adapter_cfg, model, config.adapter)
     blocks = family.moe_blocks(model)
     routers = router_parameters(model, family, blocks)
@@ -118,8 +121,10 @@ def build_teacher(config, model, family, blocks, tokenizer, base_originals, devi
         return CacheTeacher(cache), cache, note
     teacher_config = load_config(config.teacher)
     check_same_vocab(model.config, tokenizer, config.teacher, teacher_config)
+    # A quantised teacher streams its experts too; a float one has none packed to stream.
+    experts_on = config.experts_on if getattr(teacher_config, "quantization_config", None) is not None else "device"
     teacher_model = load_model(config.teacher, dtype=torch.bfloat16 if config.bf16 else torch.float32, device=device,
-                               dequantize=config.dequantize)
+                               dequantize=config.dequantize, experts_on=experts_on)
     teacher_model.requires_grad_(False)
     t_family, t_blocks, note = None, [], None
     try:

@@ -74,6 +74,10 @@ class TrainConfig:
     bf16: bool = _f(False, "Base weights in bfloat16 and bf16 autocast (shared experts and optimizer stay fp32).")
     dequantize: bool = _f(False, "Dequantise experts stored quantised (MXFP4, FP8) at load instead of keeping them "
                           "packed as stored.")
+    experts_on: str = _f("device", "Where packed routed experts (MXFP4, FP8) live: device, or host (host memory, "
+                         "streamed to the device one MoE layer at a time while the previous one computes; the "
+                         "device holds at most two layers' routed experts). Results are identical.",
+                         choices=("device", "host"))
 
     def __post_init__(self):
         for name in ("model", "adapter", "output"):
@@ -105,6 +109,7 @@ class TrainConfig:
         if not (0 <= self.sfa_beta <= 1):
             raise NexusError(f"--sfa-beta must be in [0, 1], got {self.sfa_beta}")
         self._check_kd_data()
+        self._check_experts_on()
         if self.resume and self.overwrite:
             raise NexusError("--resume continues the run in --output and --overwrite deletes it: give only one")
         if self.allow_data_change and not self.resume:
@@ -121,6 +126,13 @@ class TrainConfig:
         elif self.kd_weight == 0 and self.router_kl_weight == 0:
             raise NexusError("--kd-data feeds the distillation terms, but --kd-weight and --router-kl-weight are 0; "
                              "set one of them above 0 or drop --kd-data")
+
+    def _check_experts_on(self) -> None:
+        from nexus.quant.streaming import check_experts_on
+
+        if check_experts_on(self.experts_on) == "host" and self.dequantize:
+            raise NexusError("--experts-on host streams the routed experts kept packed, and --dequantize loads "
+                             "them as floats instead: give only one")
 
     def to_dict(self) -> dict:
         """Every field, as recorded in ``run_config.json`` and the adapter's ``args``."""
