@@ -10,7 +10,9 @@ def option(default, help: str, **meta):
     """A dataclass field with ``metadata={"help": help, ...}``.
 
     Metadata the CLI generator reads: ``required``, ``choices``, ``min`` (inclusive bound of an
-    int or float), ``exists`` (a path that must exist), ``path`` (a path), ``short`` (e.g. ``"-o"``), ``off_flag``
+    int or float), ``exists`` (a path that must exist), ``unless`` (values taken as they are, not as
+    paths: ``("self",)``), ``path`` (a path), ``data`` (a data argument: one that looks like a path
+    must exist, see :func:`nexus.data_sources.parse_source`), ``short`` (e.g. ``"-o"``), ``off_flag``
     (the negative flag of a bool, e.g. ``"--no-plots"``) and ``metavar``.
     """
     return field(default=default, metadata={"help": help, **meta})

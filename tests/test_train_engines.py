@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers_tolerance import bf16_rtol
 from helpers_train import make_adapter, make_base, make_data, torchrun
 from nexus.constants import ADAPTER_WEIGHTS_NAME
 from nexus.training.train_state import latest_checkpoint
@@ -121,11 +122,12 @@ def test_zero2_bf16_saves_fp32_masters_and_tracks_one_process(work, tmp_path):
     da = torch.cat([(a[k] - init[k]).flatten() for k in init])
     db = torch.cat([(b[k] - init[k]).flatten() for k in init])
     # DeepSpeed keeps bf16 weights with fp32 masters where one process keeps fp32 weights under bf16
-    # autocast: the same training up to rounding, not bit for bit.
+    # autocast: the same training up to bf16 rounding, not bit for bit.
     assert torch.nn.functional.cosine_similarity(da, db, dim=0) > 0.99
-    assert float(da.norm()) == pytest.approx(float(db.norm()), rel=1e-2)
-    for x, y in zip(ma, mb):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-3)
+    assert float(da.norm()) == pytest.approx(float(db.norm()), rel=bf16_rtol(steps=len(mb)))
+    assert [x["step"] for x in ma] == [x["step"] for x in mb] == [1, 2, 3, 4]
+    for x, y in zip(ma, mb):  # the loss of step s follows s - 1 updates
+        assert x["loss"] == pytest.approx(y["loss"], rel=bf16_rtol(steps=x["step"] - 1))
 
 
 def test_engines_benchmark_quick_shows_each_engine_partitioning_its_share(tmp_path):

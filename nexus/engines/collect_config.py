@@ -46,7 +46,7 @@ class CollectConfig:
     model: str | None = _f(None, "Base checkpoint directory with its tokenizer (default with --family: the demo "
                                  "checkpoint).", path=True)
     data: str | None = _f(None, "Text data: .jsonl/.json/.parquet/.txt/.arrow file or directory, or a cached "
-                                "dataset name (default with the demo model: the demo text).", path=True)
+                                "dataset name (default with the demo model: the demo text).", data=True)
     output: str = _f(None, "Directory for router_stats.safetensors/.json (and the resume checkpoints).",
                      required=True, short="-o", path=True)
     target_tokens: int | None = same_as(CollectArgs, "target_tokens")

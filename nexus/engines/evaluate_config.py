@@ -18,7 +18,7 @@ class EvaluateConfig:
     model: str = _f(None, "Base model checkpoint directory.", required=True, exists=True)
     adapter: str | None = _f(None, "Adapter directory (omit to evaluate the base alone).", exists=True)
     data: str = _f(None, "Held-out data: .jsonl/.parquet/.txt file, a directory of them, or a cached dataset.",
-                   required=True, path=True)
+                   required=True, data=True)
     output: str | None = _f(None, "Write the results JSON here (default: print it).", path=True)
     seq_len: int = _f(DEFAULT_SEQ_LEN, "Tokens per row.", min=2)
     batch_size: int = _f(4, "Rows per forward pass.", min=1)

@@ -63,10 +63,10 @@ class RunConfig:
     output: str = _f(None, "Run directory.", required=True, path=True)
     model: str | None = _f(None, "Base checkpoint directory (default: the family's demo checkpoint).",
                               path=True)
-    data: str | None = _f(None, "Training data (default with the demo: the shipped text sample).", path=True)
+    data: str | None = _f(None, "Training data (default with the demo: the shipped text sample).", data=True)
     eval_data: str | None = _f(None, f"Held-out data for evaluate (default: {HOLDOUT_FRACTION:.0%} of the documents "
                                      "of --data, picked by content hash and left out of collect and train; with the "
-                                     "demo, its held-out sample).", path=True)
+                                     "demo, its held-out sample).", data=True)
     family: str | None = _f(None, "Family name (default: detected).")
     text_column: str | None = same_as(TrainConfig, "text_column")
     seq_len: int = same_as(TrainConfig, "seq_len")

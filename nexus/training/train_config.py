@@ -21,18 +21,18 @@ class TrainConfig:
     reasons are given).
     """
 
-    model: str = _f(None, "Base model checkpoint directory.", required=True, path=True)
+    model: str = _f(None, "Base model checkpoint directory.", required=True, exists=True)
     adapter: str = _f(None, "Adapter directory to start from (from nexus convert).", required=True,
-                      path=True)
+                      exists=True)
     output: str = _f(None, "Run directory: run_config.json, metrics.jsonl, checkpoints/, final/.", required=True,
                      path=True)
-    teacher: str = _f("self", "Teacher: 'self' (the base, adapter off; no second copy), a model directory with the same tokenizer, or a teacher cache from nexus precompute.", path=True)
-    data: str | None = _f(None, "Training data: .jsonl/.parquet/.txt file, a directory of them, or a cached dataset (optional with a teacher cache).", path=True)
-    tokenizer: str | None = _f(None, "Tokenizer directory (default: the model's).", path=True)
+    teacher: str = _f("self", "Teacher: 'self' (the base, adapter off; no second copy), a model directory with the same tokenizer, or a teacher cache from nexus precompute.", exists=True, unless=("self",))
+    data: str | None = _f(None, "Training data: .jsonl/.parquet/.txt file, a directory of them, or a cached dataset (optional with a teacher cache).", data=True)
+    tokenizer: str | None = _f(None, "Tokenizer directory (default: the model's).", exists=True)
     text_column: str | None = _f(None, "Text column of the data (default: text, or chat messages).")
     kd_data: str | None = _f(None, "General text for distillation: KD (and router KL) on batches of it, CE on --data "
                                    "(default: every term on --data). With a teacher cache: the data the cache was "
-                                   "made from.", path=True)
+                                   "made from.", data=True)
     kd_batch_size: int | None = _f(None, "Rows of --kd-data per micro-batch per process (default: --batch-size).")
     kd_text_column: str | None = _f(None, "Text column of --kd-data (default: text, or chat messages).")
     seq_len: int = _f(DEFAULT_SEQ_LEN, "Tokens per row (documents are packed).")
