@@ -86,7 +86,13 @@ class OutputHead:
             return hidden
         bias = self.bias if bias is None else bias
         with _autocast(self.autocast):
-            return self.postprocess(F.linear(hidden, _full(weight), None if bias is None else _full(bias)))
+            return self.postprocess(F.linear(hidden, weight, bias))
+
+    def gathered(self) -> "OutputHead":
+        """This head with sharded (``DTensor``, FSDP2) tensors gathered whole, once per loss call."""
+        if not any(hasattr(t, "full_tensor") for t in (self.weight, self.bias)):
+            return self
+        return dataclasses.replace(self, weight=_full(self.weight), bias=_full(self.bias))
 
 
 IDENTITY = OutputHead()
@@ -100,8 +106,8 @@ def _autocast(state: tuple[str, bool, torch.dtype] | None):
     return torch.autocast(device_type, dtype=dtype, enabled=enabled)
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A sharded (``DTensor``, FSDP2) weight gathered whole; any other tensor as is."""
+def _full(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A sharded (``DTensor``, FSDP2) tensor gathered whole (differentiably); any other as is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
@@ -194,12 +200,12 @@ def forward_hidden(model: nn.Module, **inputs) -> HiddenStates:
     if lm_head is None:
         out = model(**inputs)
         return HiddenStates(out.logits, IDENTITY, out)
-    sink: list[torch.Tensor] = []
+    sink: list[tuple[torch.Tensor, tuple]] = []
     with _returning_input(lm_head, sink):
         out = model(**inputs)
     if len(sink) != 1:
         _log_fallback(causal_lm(model), f"its forward called the output projection {len(sink)} times")
-        full = model(**inputs)
+        full = model(**inputs) if sink else out  # not called: the logits came another way
         return HiddenStates(full.logits, IDENTITY, full)
     hidden, autocast = sink[0]
     head = dataclasses.replace(head, autocast=autocast)
@@ -260,6 +266,7 @@ class _ChunkedVocabSum(torch.autograd.Function):
 
 
 def _chunked_sum(fn, hidden: torch.Tensor, head: OutputHead, rows, chunk: int) -> torch.Tensor:
+    head = head.gathered()
     vocab = head.weight.shape[0] if head.weight is not None else hidden.shape[-1]
     rows = [r.detach() for r in rows]
     return _ChunkedVocabSum.apply(fn, head, chunk_tokens(vocab, chunk), hidden, head.weight, head.bias, *rows)
@@ -288,6 +295,8 @@ def kl_div_sum(teacher_hidden: torch.Tensor, teacher_head: OutputHead, hidden: t
     :param mask: ``Tensor[N]`` bool.
     :return: scalar fp32 sum over masked tokens of ``KL(p_teacher || p_student)`` at ``temperature``.
     """
+    teacher_head = teacher_head.gathered()
+
     def fn(logits, t_hidden, m):
         with torch.no_grad():
             t_logits = teacher_head.logits(t_hidden)
@@ -318,7 +327,7 @@ def topk_logprobs(hidden: torch.Tensor, head: OutputHead, k: int, temperature: f
     :param hidden: ``Tensor[..., H]``.
     :return: ``(logprobs[..., k] fp32, indices[..., k] long)``, sorted descending.
     """
-    flat = hidden.reshape(-1, hidden.shape[-1])
+    flat, head = hidden.reshape(-1, hidden.shape[-1]), head.gathered()
     vocab = head.weight.shape[0] if head.weight is not None else hidden.shape[-1]
     step = chunk_tokens(vocab, chunk)
     values, indices = [], []
