@@ -35,12 +35,31 @@ class ExpandedPath(click.Path):
 
     The shell expands ``~`` only at the start of a word, so ``--output=~/x`` (and a quoted
     ``'~/x'``) would otherwise reach the command as a literal ``~``; every path option of every
-    command uses this type, so they all read ``~`` the same way.
+    command uses this type, so they all read ``~`` the same way. Inputs are checked here, when
+    the command line is read, so a missing one fails before any model loads.
+
+    :param data: a data argument: when it looks like a path, it must exist (a dataset name may
+        not; :func:`nexus.data_sources.parse_source`).
+    :param unless: values that are not paths (``--teacher self``), taken as they are.
     """
 
+    def __init__(self, *args, data: bool = False, unless: tuple[str, ...] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.data, self.unless = data, tuple(unless)
+
     def convert(self, value, param, ctx):
+        if value in self.unless:
+            return value
         if isinstance(value, (str, os.PathLike)):
             value = os.path.expanduser(value)
+        if self.data:
+            from nexus.data_sources import parse_source
+            from nexus.errors import NexusError
+
+            try:
+                parse_source(value)
+            except NexusError as exc:
+                self.fail(str(exc), param, ctx)
         return super().convert(value, param, ctx)
 
 
@@ -49,7 +68,8 @@ def dataclass_options(cls, skip: tuple[str, ...] = ()):
 
     Field metadata (see :func:`nexus.config_fields.option`) carries over: ``help``, ``required``
     (a field without a default is required too), ``choices``, ``min`` (an inclusive bound of an int
-    or float), ``exists`` (a path that must exist), ``path`` (a path; both give an :class:`ExpandedPath`),
+    or float), ``exists`` (a path that must exist; ``unless`` values excepted), ``path`` (a path),
+    ``data`` (a data argument; these three give an :class:`ExpandedPath`),
     ``short``, ``metavar``; ``bool`` fields become flags (``off_flag`` names the negative one);
     ``X | None`` fields default to None; ``float`` fields accept finite numbers only (other range
     checks are the dataclass's or the stage's).
@@ -85,8 +105,9 @@ def _option(f: dataclasses.Field, kind):
         ctype = FiniteFloat(min=meta.get("min"))
     elif base is int and meta.get("min") is not None:
         ctype = click.IntRange(min=meta["min"])
-    elif meta.get("exists") or meta.get("path"):
-        ctype = ExpandedPath(exists=bool(meta.get("exists")))
+    elif meta.get("exists") or meta.get("path") or meta.get("data"):
+        ctype = ExpandedPath(exists=bool(meta.get("exists")), data=bool(meta.get("data")),
+                             unless=meta.get("unless", ()))
     else:
         ctype = base
     required = meta.get("required", False) or (
