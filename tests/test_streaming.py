@@ -17,7 +17,7 @@ from helpers_train import make_adapter, make_base, make_data
 from nexus.errors import NexusError
 from nexus.family import resolve_family
 from nexus.loading import load_model
-from nexus.quant.packed_experts import PackedExperts, PackedMatrices
+from nexus.quant.packed_experts import PackedMatrices
 from nexus.quant.packed_loading import packed_modules
 from nexus.shared_expert import attach_shared_experts, disable_shared_experts, is_shared_parameter
 
@@ -194,9 +194,9 @@ def test_cli_option(tmp_path):
 
     result = CliRunner().invoke(cli, ["train", "--help"])
     assert "--experts-on [device|host]" in result.output
-    result = CliRunner().invoke(cli, ["train", "--model", "m", "--adapter", "a", "--output", str(tmp_path / "o"),
-                                      "--experts-on", "gpu"])
-    assert result.exit_code != 0 and "gpu" in result.output
+    result = CliRunner().invoke(cli, ["train", "--model", str(tmp_path), "--adapter", str(tmp_path), "--output",
+                                      str(tmp_path / "o"), "--experts-on", "gpu"])
+    assert result.exit_code == 2 and "'--experts-on'" in result.output and "'gpu'" in result.output
 
 
 # -- training ------------------------------------------------------------------------------------
