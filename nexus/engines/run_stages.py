@@ -118,6 +118,11 @@ class StageRunner:
             f"{stage.artifact} exists but no stamp in {self.run_dir / 'stages'} records how it was made")
         return full, h, "replace" if self.overwrite else "refuse", why
 
+    def _refusal(self, stage: Stage, why: str) -> NexusError:
+        return NexusError(f"{self.run_dir}: stage {stage.name} was made from other inputs ({why}); rerunning it "
+                          f"would replace {stage.artifact} and the stages after it. Pass --overwrite to replace "
+                          "them, or choose another --output")
+
     def plan(self, stages: list[Stage]) -> dict[str, str]:
         """Decide every stage before any runs; ``{name: action}``.
 
@@ -128,10 +133,7 @@ class StageRunner:
         for stage in stages:
             _, _, action, why = self._decide(stage)
             if action == "refuse":
-                raise NexusError(
-                    f"{self.run_dir}: stage {stage.name} was made from other inputs ({why}); rerunning it would "
-                    f"replace {stage.artifact} and the stages after it. Pass --overwrite to replace them, or choose "
-                    f"another --output")
+                raise self._refusal(stage, why)
             actions[stage.name] = action
         self.hashes.clear()
         return actions
@@ -154,8 +156,7 @@ class StageRunner:
             self.skipped.append(stage.name)
             return None
         if action == "refuse":
-            raise NexusError(f"{self.run_dir}: stage {stage.name} was made from other inputs ({why}); pass "
-                             "--overwrite to replace it, or choose another --output")
+            raise self._refusal(stage, why)
         if action == "replace":
             log.warning("stage %s: replacing %s (%s)", stage.name, stage.artifact, why)
         log.info("stage %s: %s -> %s", stage.name, "resuming" if action == "resume" else "running", stage.artifact)
