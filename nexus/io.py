@@ -1,4 +1,5 @@
-"""Atomic writes (every artifact appears whole or not at all: temp file + rename) and output locks."""
+"""Atomic writes (every artifact appears whole or not at all: temp file + rename), output locks, and
+the checks that keep an output off the inputs it is made from."""
 
 from __future__ import annotations
 
@@ -215,13 +216,87 @@ def check_writable_output(path: str | os.PathLike, directory: bool, what: str = 
     return path
 
 
-def locks_output(argument: str = "output", subpath: str | None = None):
+INPUT_NAMES = {
+    "--model": "the base model", "--adapter": "the adapter", "--selection": "the selection",
+    "--stats": "the router statistics", "--data": "the data", "--kd-data": "the distillation data",
+    "--eval-data": "the evaluation data", "--teacher": "the teacher", "--tokenizer": "the tokenizer",
+}
+"""What :func:`refuse_output_over_inputs` calls each input flag in its messages."""
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Whether two resolved paths name the same file (also through hard links and bind mounts)."""
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either does not exist
+        return False
+
+
+def refuse_output_over_inputs(output: str | os.PathLike, inputs: dict[str, str | os.PathLike | list | None],
+                              flag: str = "--output") -> None:
+    """Refuse an output that would write over or into what a stage reads, even with ``--overwrite``.
+
+    Paths are compared resolved (``~``, ``..``, symlinks, relative or absolute, hard links). An
+    output is refused when it is an input, contains one (replacing or clearing it would delete the
+    input), or lies inside an input directory (it would change the input). Call it before any
+    work and before anything is deleted.
+
+    :param output: the file or directory the stage writes.
+    :param inputs: how the user named each input (``--model``...) -> its path, or a list of paths
+        (the files of one input); None entries (an input not given, ``self``, a dataset name) are
+        skipped. Flags of :data:`INPUT_NAMES` are named by what they hold; any other key is used as
+        the name as it is.
+    :param flag: how the user named the output, for the message.
+    :raises NexusError: naming the output, the input and its flag.
+    """
+    out = _resolved(output)
+    named = [(name, one) for name, given in inputs.items()
+             for one in (given if isinstance(given, (list, tuple)) else [given]) if one is not None]
+    for name, given in named:
+        path = _resolved(given)
+        if _same(out, path):
+            relation = "is"
+        elif any(_same(out, parent) for parent in path.parents):
+            relation = "contains"
+        elif any(_same(parent, path) for parent in out.parents):
+            relation = "lies inside"
+        else:
+            continue
+        what = f"{INPUT_NAMES[name]} ({name} {given})" if name in INPUT_NAMES else f"{name} ({given})"
+        raise NexusError(f"{flag} {output} {relation} {what}; a stage never writes over or into what it reads, "
+                         f"even with --overwrite: choose another {flag}")
+
+
+def local_data_path(data: str | os.PathLike | None) -> Path | None:
+    """The local file or directory a data argument reads (``DATA``, ``DATA@train``...), for
+    :func:`refuse_output_over_inputs`; None without data or for a dataset name (nothing local)."""
+    if data is None:
+        return None
+    from nexus.data_sources import parse_source
+
+    try:
+        source = parse_source(data)
+    except NexusError:  # a path that does not exist: the stage reports it where it reads the data
+        return None
+    return source.path if source.local else None
+
+
+def locks_output(argument: str = "output", subpath: str | None = None, before=None):
     """Decorator: hold :func:`output_lock` on the function's ``argument`` (joined with ``subpath``)
     while it runs; nothing is locked when that argument is None.
 
     :param argument: the name of the parameter holding the output directory or file, or
         ``parameter.attribute`` (e.g. ``config.output``).
     :param subpath: what the function writes under that path (e.g. ``plots`` under a run directory).
+    :param before: ``check(arguments)``, called before the lock is taken (so that it refuses before
+        anything is written, the lock file included) with the function's arguments as a dict,
+        defaults filled in.
     """
     import functools
     import inspect
@@ -231,8 +306,12 @@ def locks_output(argument: str = "output", subpath: str | None = None):
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
+            bound = signature.bind_partial(*args, **kwargs)
+            if before is not None:
+                bound.apply_defaults()
+                before(dict(bound.arguments))
             name, _, attribute = argument.partition(".")
-            target = signature.bind_partial(*args, **kwargs).arguments.get(name)
+            target = bound.arguments.get(name)
             if attribute and target is not None:
                 target = getattr(target, attribute)
             if target is None:

@@ -91,5 +91,6 @@ def dense_model_dir(tmp_path):
 
     cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
-    return tmp_path
+    # in a directory of its own: outputs of a test go beside it, never into the model
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "dense")
+    return tmp_path / "dense"

@@ -241,14 +241,55 @@ CASES = {
     "evaluate --output under a file": lambda fx, w: _evaluate(fx, w, **{"--output": _a_file(w) / "eval.json"}),
     "evaluate --output not writable": lambda fx, w: _evaluate(fx, w, **{"--output": NOT_WRITABLE / "eval.json"}),
     "plot: plots/ is a file": lambda fx, w: ["plot", _plot_run(fx, w, plots_file=True)],
+    # an output over an input (copied into the work dir, so that it is seen untouched), refused even with --overwrite
+    "convert --output is the base model": lambda fx, w: ["convert", "--model", _copy(fx["base"], w / "base"),
+                                                         "--strategy", "mean_all", "--output", w / "base", "--overwrite"],
+    "convert --output holds the selection": lambda fx, w: ["convert", "--model", fx["base"], "--selection",
+                                                           _selection(fx, w / "selection.json"), "--output", w,
+                                                           "--overwrite"],
+    "convert --output exists, no --overwrite": lambda fx, w: ["convert", "--model", fx["base"], "--strategy", "mean_all",
+                                                              "--output", _copy(fx["adapter"], w / "final")],
+    "export --output holds the adapter": lambda fx, w: ["export", "--model", fx["base"], "--adapter",
+                                                        _copy(fx["adapter"], w / "adapter"), "--output", w, "--overwrite"],
+    "select --output is a file of the statistics": lambda fx, w: ["select", "--stats", _copy(fx["stats"], w / "stats"),
+                                                                  "--output", w / "stats" / "router_stats.json"],
+    "select --output in the base model": lambda fx, w: ["select", "--stats", fx["stats"],
+                                                        "--output", fx["base"] / "config.json"],
+    "evaluate --output in the base model": lambda fx, w: _evaluate(fx, w, **{
+        "--model": _copy(fx["base"], w / "base"), "--output": w / "base" / "config.json"}),
+    "train --output holds the adapter": lambda fx, w: [*_train(fx, w, **{
+        "--adapter": _copy(fx["adapter"], w / "run" / "final"), "--output": w / "run"}), "--overwrite"],
+    "run --output holds the data": lambda fx, w: ["run", "--model", fx["base"], "--data",
+                                                  _copy(fx["data"], w / "data.jsonl"), "--output", w],
+    "collect --output is the base model": lambda fx, w: ["collect", "--model", _copy(fx["base"], w / "base"), "--data",
+                                                         fx["data"], "--output", w / "base", "--overwrite"],
+    "precompute --output in the teacher": lambda fx, w: ["precompute", "--teacher", _copy(fx["base"], w / "base"),
+                                                         "--data", fx["data"], "--output", w / "base" / "cache"],
+    "plot: plots/ links to the run": lambda fx, w: ["plot", _plot_run(fx, w, plots_file=False, plots_link=True)],
 }
 
 
-def _plot_run(fx, work: Path, plots_file: bool) -> Path:
+def _copy(src: Path, dst: Path) -> Path:
+    """A copy of the file or directory ``src`` at ``dst``."""
+    if src.is_dir():
+        return shutil.copytree(src, dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    return shutil.copy(src, dst)
+
+
+def _selection(fx, path: Path) -> Path:
+    result = _invoke("select", "--stats", fx["stats"], "--output", path, "--no-plots")
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def _plot_run(fx, work: Path, plots_file: bool, plots_link: bool = False) -> Path:
     run = work / "run"
     shutil.copytree(fx["run"], run)
     if plots_file:
         (run / "plots").write_text("a file where the plots would go\n")
+    if plots_link:
+        (run / "plots").symlink_to(run, target_is_directory=True)
     return run
 
 

@@ -238,7 +238,7 @@ def test_interrupted_conversion_resumes_at_the_next_layer(gpt_oss_mxfp4_dir, sel
     (tmp_path / ".ad.partial").mkdir()
     (tmp_path / ".ad.partial" / "manifest.json").write_text(json.dumps({"other": 1}))
     done.clear()
-    _convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=selection, progress=False)
+    _convert(gpt_oss_mxfp4_dir, tmp_path / "ad", selection=selection, progress=False, overwrite=True)
     assert done == [0, 1, 2]
 
 

@@ -21,13 +21,13 @@ def evaluate(**kwargs):
     Example:
       nexus evaluate --model base/ --adapter runs/a/final --data heldout.jsonl --output eval.json
     """
+    from nexus.engines.evaluate import check_output
     from nexus.engines.evaluate import evaluate as run_evaluate
-    from nexus.io import check_writable_output, write_json
+    from nexus.io import write_json
 
     config = EvaluateConfig(**kwargs)
     output = config.output
-    if output:
-        check_writable_output(output, directory=False)
+    check_output(config)
     result = run_evaluate(dataclasses.replace(config, output=None))
     if output:
         write_json(output, result)

@@ -285,10 +285,12 @@ def run_collect(config: CollectConfig, family_name: str | None = None, *, progre
     """
     from nexus.data import load_token_data, load_tokenizer
     from nexus.family import resolve_family
+    from nexus.io import local_data_path, refuse_output_over_inputs
     from nexus.loading import load_config, load_model
 
     if not config.model or not config.data:
         raise NexusError("collect needs --model and --data")
+    refuse_output_over_inputs(config.output, {"--model": config.model, "--data": local_data_path(config.data)})
     model_path, output, args = config.model, config.output, config.args()
     dtype = getattr(torch, config.dtype)
     base_config = load_config(model_path)

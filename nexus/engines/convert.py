@@ -66,7 +66,7 @@ from nexus.constants import (
 from nexus.engines.convert_config import ConvertConfig
 from nexus.errors import AdapterMismatchError, NexusError
 from nexus.fingerprint import check_weights, config_fingerprint, fingerprint_tensor_names, weights_fingerprint
-from nexus.io import atomic_dir, atomic_path, locks_output, write_json, write_safetensors
+from nexus.io import atomic_dir, atomic_path, locks_output, refuse_output_over_inputs, write_json, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -344,12 +344,28 @@ def _workdir(output: Path, identity: dict) -> Path:
     return work
 
 
-@locks_output("config.output")
+def _check_output(arguments: dict) -> None:
+    """Refuse, before the lock and any work, an ``--output`` that is or holds an input (even with
+    ``--overwrite``), or one that exists (and is not an empty directory) without ``--overwrite``."""
+    from nexus.engines.select import selection_path
+
+    config = arguments["config"]
+    selection = config.selection.get("_path") if isinstance(config.selection, dict) else config.selection
+    if selection is not None and (Path(selection).is_dir() or Path(selection).suffix != ".json"):
+        selection = selection_path(selection)  # the file read, so that a run directory holding it stays usable
+    refuse_output_over_inputs(config.output, {"--model": config.model, "--selection": selection})
+    output = Path(config.output).expanduser()
+    if output.exists() and not config.overwrite and not (output.is_dir() and not any(output.iterdir())):
+        raise NexusError(f"{output} exists; pass --overwrite to replace it, or choose another --output")
+
+
+@locks_output("config.output", before=_check_output)
 def convert(config: ConvertConfig, family_name: str | None = None, *, progress: bool = True) -> Path:
     """Write an initialised adapter for the checkpoint at ``config.model`` into ``config.output``.
 
     ``config`` fields: ``model``, the base checkpoint directory (config.json + safetensors; MXFP4
-    or float); ``output``, the adapter directory (replaced whole when the conversion succeeds);
+    or float); ``output``, the adapter directory (replaced whole when the conversion succeeds; an
+    existing one only with ``overwrite``, and never one that is or holds the model or the selection);
     ``selection``, an ``expert_selection.json`` (path or loaded document), needed by ``pca`` and
     ``top1``, used by ``random`` for K; ``strategy``, one of :data:`nexus.constants.INIT_STRATEGIES`
     (see the module docstring); ``gate_mode``, ``none``, ``scalar`` or ``token``;
@@ -360,7 +376,8 @@ def convert(config: ConvertConfig, family_name: str | None = None, *, progress: 
     :param family_name: ``--family``; default detected from the config.
     :return: ``config.output``.
     :raises NexusError: dense model, bad arguments, a selection made for another model, an
-        unwritable output (nothing is left half-written).
+        unwritable output, an output that is or holds an input, an existing output without
+        ``overwrite`` (nothing is left half-written).
     """
     model_path, output, selection, strategy = config.model, config.output, config.selection, config.strategy
     gate_mode, shared_intermediate_size = config.gate_mode, config.shared_intermediate_size

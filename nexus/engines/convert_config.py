@@ -19,6 +19,8 @@ class ConvertConfig:
                                  "--family: the demo.", path=True)
     selection: str | None = _f(None, "expert_selection.json from `nexus select` (needed by pca and top1).", path=True)
     output: str = _f(None, "Adapter directory to write.", required=True, short="-o", path=True)
+    overwrite: bool = _f(False, "Replace --output if it exists (never when it is, or holds, the model or the "
+                                "selection).")
     strategy: str = _f(DEFAULT_STRATEGY, "Which experts initialise each shared expert.", choices=INIT_STRATEGIES)
     gate_mode: str = _f(DEFAULT_GATE_MODE, "none: plain add; scalar: learnable per-layer scale from 0; token: "
                                            "sigmoid(w.x) per token; scalar_token: s*2*sigmoid(w.x), s and w from 0. "

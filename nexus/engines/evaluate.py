@@ -17,13 +17,14 @@ number is logged and reported as ``dropped_rows``.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
 from nexus import __version__
 from nexus.engines.evaluate_config import EvaluateConfig, GenerateConfig
 from nexus.errors import NexusError
-from nexus.io import check_writable_output, locks_output, write_json
+from nexus.io import check_writable_output, local_data_path, locks_output, refuse_output_over_inputs, write_json
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,20 @@ class _RouterTally:
         }
 
 
-@locks_output("config.output")
+def check_output(config: EvaluateConfig) -> Path | None:
+    """Refuse, before any work, an ``--output`` that is or lies inside an input (the model, the
+    adapter, the data, the tokenizer) or cannot be written.
+
+    :return: the output path (``~`` expanded), or None without one.
+    """
+    if not config.output:
+        return None
+    refuse_output_over_inputs(config.output, {"--model": config.model, "--adapter": config.adapter,
+                                              "--data": local_data_path(config.data), "--tokenizer": config.tokenizer})
+    return check_writable_output(config.output, directory=False)
+
+
+@locks_output("config.output", before=lambda arguments: check_output(arguments["config"]))
 def evaluate(config: EvaluateConfig, *, device: str | None = None) -> dict:
     """Evaluate the base ``config.model`` (and the adapted model, with ``config.adapter``) on
     ``config.data``, in rows of ``config.seq_len`` tokens; with ``config.output``, also write the
@@ -91,7 +105,7 @@ def evaluate(config: EvaluateConfig, *, device: str | None = None) -> dict:
     batch_size, max_batches, tokenizer, text_column = config.batch_size, config.max_batches, config.tokenizer, \
         config.text_column
     output, bf16, dequantize = config.output, config.bf16, config.dequantize
-    output = check_writable_output(output, directory=False) if output is not None else None
+    output = Path(output).expanduser() if output is not None else None
     adapter_cfg = read_adapter_config(adapter) if adapter else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(model_path, dtype=torch.bfloat16 if bf16 else torch.float32, device=device,

@@ -23,7 +23,7 @@ import torch
 from nexus import __version__
 from nexus.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, FOLDABLE_GATE_MODES, SHARED_MODULE_NAME
 from nexus.errors import NexusError
-from nexus.io import atomic_dir, locks_output, write_json
+from nexus.io import atomic_dir, locks_output, refuse_output_over_inputs, write_json
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +462,13 @@ def _reference_logits(model_path: Path, adapter: Path, inputs: dict, family_name
         return {n: model(input_ids=ids).logits.float() for n, ids in inputs.items()}
 
 
-@locks_output("output")
+def _check_output(arguments: dict) -> None:
+    """Refuse, before the lock and any work, an ``--output`` that is or holds the model or the adapter
+    (even with ``--overwrite``, which would delete it)."""
+    refuse_output_over_inputs(arguments["output"], {"--model": arguments["model_path"], "--adapter": arguments["adapter"]})
+
+
+@locks_output("output", before=_check_output)
 def export(
     model_path: str | Path,
     adapter: str | Path,
@@ -494,7 +500,8 @@ def export(
     :return: what ``export_info.json`` records.
     :raises AdapterMismatchError: the adapter was made for another base (both fingerprints named).
     :raises NexusError: no exact fold (the reason and the options), an existing output without
-        ``overwrite``, a damaged input. Nothing is left half-written.
+        ``overwrite``, an output that is or holds the model or the adapter, a damaged input. Nothing
+        is left half-written.
     """
     import dataclasses
 
@@ -511,9 +518,6 @@ def export(
         raise NexusError(f"--dtype must be bfloat16 or float32, got {dtype!r}")
     if output.exists() and not overwrite:
         raise NexusError(f"{output} exists; pass --overwrite to replace it, or choose another --output")
-    for other, what in ((model_path, "the base model"), (adapter, "the adapter")):
-        if output.resolve() == other.resolve():
-            raise NexusError(f"--output {output} is {what}'s directory; choose another --output")
     config = load_config(model_path)
     acfg = read_adapter_config(adapter)
     check_base(acfg, config, what=f"adapter {adapter}")

@@ -19,9 +19,9 @@ import json
 import logging
 from pathlib import Path
 
-from nexus.constants import RUN_CONFIG_NAME
+from nexus.constants import METRICS_NAME, RUN_CONFIG_NAME
 from nexus.errors import NexusError
-from nexus.io import locks_output
+from nexus.io import locks_output, refuse_output_over_inputs
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,15 @@ def run_figures(records: list[dict], config: dict | None = None) -> dict:
     return {name: fig for name, fig in figures.items() if fig is not None}
 
 
-@locks_output("run_dir", subpath=PLOTS_DIR)
+def _check_plots_dir(arguments: dict) -> None:
+    """Refuse a ``RUN_DIR/plots`` that is (through a link) or holds the run's records."""
+    run_dir = Path(arguments["run_dir"])
+    refuse_output_over_inputs(run_dir / PLOTS_DIR, {"the run's metrics": run_dir / METRICS_NAME,
+                                                    "the run's configuration": run_dir / RUN_CONFIG_NAME},
+                              flag="plot output")
+
+
+@locks_output("run_dir", subpath=PLOTS_DIR, before=_check_plots_dir)
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Draw every plot of ``run_dir`` into ``run_dir/plots``.
 

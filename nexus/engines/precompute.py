@@ -20,7 +20,7 @@ from nexus.constants import CACHE_METADATA_NAME
 from nexus.engines.precompute_config import PrecomputeConfig
 from nexus.errors import Interrupted, NexusError
 from nexus.fingerprint import rows_fingerprint
-from nexus.io import atomic_path, output_lock, write_json
+from nexus.io import atomic_path, local_data_path, output_lock, refuse_output_over_inputs, write_json
 from nexus.teacher_cache import CACHE_VERSION, shard_path, vocab_fingerprint
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,12 @@ def precompute(config: PrecomputeConfig, accelerator=None) -> Path:
     :return: the cache directory.
     :raises Interrupted: SIGINT/SIGTERM stopped it; the shards written so far are kept and the
         same command finishes the cache.
+    :raises NexusError: the output is or holds an input (the teacher, the data, the tokenizer).
     """
     from nexus.training.distributed import make_accelerator
 
+    refuse_output_over_inputs(config.output, {"--teacher": config.teacher, "--data": local_data_path(config.data),
+                                              "--tokenizer": config.tokenizer})
     accelerator = accelerator or make_accelerator(config.bf16)
     with output_lock(config.output, enabled=accelerator.is_main_process):
         return _precompute(config, accelerator)

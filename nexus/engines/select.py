@@ -42,7 +42,7 @@ from nexus import __version__
 from nexus.constants import DEFAULT_DIVERSITY, SELECTION_NAME, default_top_k
 from nexus.errors import NexusError
 from nexus.engines.select_config import SelectConfig
-from nexus.io import output_lock, write_json
+from nexus.io import output_lock, refuse_output_over_inputs, write_json
 
 log = logging.getLogger(__name__)
 
@@ -257,19 +257,44 @@ def load_selection(path: str | Path) -> dict:
     return doc
 
 
+def _base_model(stats_path: str | Path) -> str | None:
+    """The base model directory the statistics were collected on, as they record it (read from the
+    file's header only); None when it is not recorded or no longer exists."""
+    from safetensors import SafetensorError, safe_open
+
+    from nexus.constants import ROUTER_STATS_NAME
+
+    file = Path(stats_path) / ROUTER_STATS_NAME if Path(stats_path).is_dir() else Path(stats_path)
+    try:
+        with safe_open(file, framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("nexus_meta", "{}"))
+        base_model = meta["source"]["base_model"]
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):  # RouterStats.load says what is wrong
+        return None
+    return base_model if isinstance(base_model, str) and Path(base_model).is_dir() else None
+
+
 def run_select(config: SelectConfig) -> tuple[dict, list[Path]]:
     """Load the statistics in ``config.stats``, :func:`select_experts`, :func:`save_selection` to
     ``config.output`` (default: beside the statistics).
 
     :return: ``(selection document, files written)``.
+    :raises NexusError: the selection file would be a file of the statistics, or lie inside the base
+        model they were collected on.
     """
+    from nexus.constants import ROUTER_STATS_META_NAME, ROUTER_STATS_NAME
     from nexus.router_stats import RouterStats
 
     stats_path = config.stats
     output = config.output
+    given_dir = Path(stats_path).is_dir()
+    stats_dir = Path(stats_path) if given_dir else Path(stats_path).parent
     if output is None:
-        base = Path(stats_path)
-        output = str(base if base.is_dir() else base.parent)
+        output = str(stats_dir)
+    # The files of the statistics, not their directory: the selection goes beside them by default.
+    stats_files = [stats_dir / ROUTER_STATS_NAME, stats_dir / ROUTER_STATS_META_NAME] + ([] if given_dir else [stats_path])
+    refuse_output_over_inputs(selection_path(output), {"--stats": stats_files,
+                                                       f"the base model of --stats {stats_path}": _base_model(stats_path)})
     with output_lock(output):
         stats = RouterStats.load(stats_path)
         if not stats.meta.get("complete", False):

@@ -115,6 +115,16 @@ class TrainConfig:
         if self.allow_data_change and not self.resume:
             raise NexusError("--allow-data-change applies to --resume, which is not given; give --resume or drop "
                              "--allow-data-change")
+        self._check_output_apart()
+
+    def _check_output_apart(self) -> None:
+        """Refuse an --output that is, holds or lies inside what the run reads, even with --overwrite
+        (the run's own checkpoints in --output are not inputs)."""
+        from nexus.io import local_data_path, refuse_output_over_inputs
+
+        refuse_output_over_inputs(self.output, {
+            "--model": self.model, "--adapter": self.adapter, "--teacher": None if self.teacher == "self" else self.teacher,
+            "--data": local_data_path(self.data), "--kd-data": local_data_path(self.kd_data), "--tokenizer": self.tokenizer})
 
     def _check_kd_data(self) -> None:
         """Refuse --kd-data options that would be silently ignored."""
