@@ -1,5 +1,8 @@
 """Exceptions with messages meant for users: the CLI prints them as one line, no traceback."""
 
+import errno as _errno
+import os
+
 
 class NexusError(Exception):
     """A problem with the user's input or environment; the message says what to do."""
@@ -28,3 +31,20 @@ class Interrupted(NexusError):
 
 class OutputLockedError(NexusError):
     """Another live process holds the lock of an output directory."""
+
+
+class OutputWriteError(NexusError):
+    """Writing an output found no room: a full disk, a disk quota, or a file-size limit.
+
+    :param path: the file (or directory) that could not be written, under its final name.
+    :param errno: ``ENOSPC``, ``EDQUOT`` or ``EFBIG``.
+    """
+
+    def __init__(self, path, errno: int):
+        hint = {_errno.ENOSPC: "free space on that disk, or choose an output on another one",
+                _errno.EDQUOT: "free space within your disk quota, or choose an output elsewhere",
+                _errno.EFBIG: "raise the file-size limit (ulimit -f), or choose a filesystem that allows larger "
+                              "files"}.get(errno, "free space, or choose an output elsewhere")
+        super().__init__(f"cannot write {path}: {os.strerror(errno)} (errno {errno}); {hint}; outputs written "
+                         f"before are kept")
+        self.path, self.errno = path, errno

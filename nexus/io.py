@@ -1,19 +1,28 @@
 """Atomic writes (every artifact appears whole or not at all: temp file + rename), output locks, and
-the checks that keep an output off the inputs it is made from."""
+the checks that keep an output off the inputs it is made from.
+
+A temporary's name carries its writer's pid and host (``.NAME.XXXX.pid<pid>@<host>.tmp``), so that
+one a killed process left behind is removed by the next write into the same directory on that host.
+A write that fails for lack of room (a full disk, a quota, a file-size limit) raises
+:class:`~nexus.errors.OutputWriteError` naming the file and the errno; the temporary is removed and
+whatever the output held before is kept.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno as errnos
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nexus.errors import NexusError, OutputLockedError
+from nexus.errors import NexusError, OutputLockedError, OutputWriteError
 
 if TYPE_CHECKING:
     import torch
@@ -34,20 +43,122 @@ def current_umask() -> int:
     return mask
 
 
+# --- failed writes -------------------------------------------------------------------------------------------------
+
+NO_ROOM = (errnos.ENOSPC, errnos.EFBIG, errnos.EDQUOT)  # the errnos of a write that found no room
+_ERRNO_IN_TEXT = re.compile(r"(?:os error|errno)\s*(\d+)", re.IGNORECASE)
+
+
+def no_room_errno(exc: BaseException) -> int | None:
+    """The errno of ``exc`` when it is a write that found no room (:data:`NO_ROOM`), else None.
+
+    Looks at ``OSError.errno``, then at the text (safetensors' ``SafetensorError`` says ``(os error
+    27)``, pyarrow ``[errno 27]``), then at the exception's cause and context.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in NO_ROOM:
+            return exc.errno
+        for match in _ERRNO_IN_TEXT.finditer(str(exc)):
+            if int(match.group(1)) in NO_ROOM:
+                return int(match.group(1))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _newest_file(directory: Path) -> Path | None:
+    """The most recently modified file under ``directory`` (the one a failed write was writing)."""
+    files = [p for p in directory.rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def _no_room_error(exc: BaseException, path: Path, tmp: Path) -> OutputWriteError | None:
+    """``exc`` as an :class:`OutputWriteError` about ``path`` (a file or directory being written
+    through the temporary ``tmp``), with temporary names mapped to final ones; None when ``exc``
+    is not a write that found no room."""
+    code = exc.errno if isinstance(exc, OutputWriteError) else no_room_errno(exc)
+    if code is None:
+        return None
+    file = getattr(exc, "path", None) or getattr(exc, "filename", None)
+    if file is None and tmp.is_dir():
+        file = _newest_file(tmp)
+    file = Path(file) if file is not None else tmp
+    try:
+        file = path / file.relative_to(tmp) if file != tmp else path
+    except ValueError:  # a file outside the temporary: name it as it is
+        pass
+    return OutputWriteError(file, code)
+
+
+# --- temporaries ---------------------------------------------------------------------------------------------------
+
+_TEMPORARY = re.compile(r"^\..+\.pid(\d+)@([A-Za-z0-9_-]+)\.tmp$")
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64] or "host"
+
+
+def _temporary_suffix() -> str:
+    return f".pid{os.getpid()}@{_host_tag()}.tmp"
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries in ``directory`` left by processes of this host that no longer run.
+
+    Temporaries of live processes, of other hosts, and of this process are never touched.
+
+    :return: what was removed.
+    """
+    removed = []
+    host, me = _host_tag(), os.getpid()
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if not match or match.group(2) != host or int(match.group(1)) == me or _pid_alive(int(match.group(1))):
+            continue
+        path = Path(entry.path)
+        try:
+            shutil.rmtree(path) if entry.is_dir(follow_symlinks=False) else path.unlink()
+        except FileNotFoundError:
+            continue  # another process removed it first
+        except OSError as exc:
+            log.warning("could not remove %s, left by process %s: %s", path, match.group(1), exc.strerror)
+            continue
+        log.info("removed %s, left behind by process %s, which no longer runs", path, match.group(1))
+        removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    :raises OutputWriteError: the block failed for lack of room (the file and errno named).
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        remove_stale_temporaries(path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_temporary_suffix(), dir=path.parent)
     except OSError as exc:
         raise NexusError(f"cannot write {path}: {exc.strerror}; choose a writable output location") from exc
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; the artifact gets the user's usual mode
     try:
         yield Path(tmp)
+        # mkstemp makes 0600 and some writers (safetensors) replace the file with their own 0600 one:
+        # the artifact gets the user's usual mode
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
+    except Exception as exc:
+        error = _no_room_error(exc, path, Path(tmp))
+        if error is None:
+            raise
+        raise error from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -67,13 +178,49 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
+class _WriteRecorder:
+    """A binary file for ``torch.save`` that keeps the OSError of a failed write (torch reports
+    only "unexpected pos", losing the errno)."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self):
+        return self.file.flush()
+
+
+def save_torch(obj, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)``, atomically; a write that found no room raises :class:`OutputWriteError`."""
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        recorder = _WriteRecorder(file)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError as exc:
+            if recorder.error is not None:
+                raise recorder.error from exc
+            raise
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
-    """Yield a temporary directory beside ``path``; it replaces ``path`` only if the block succeeds."""
+    """Yield a temporary directory beside ``path``; it replaces ``path`` only if the block succeeds.
+
+    :raises OutputWriteError: the block failed for lack of room (the file and errno named).
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        remove_stale_temporaries(path.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=_temporary_suffix(), dir=path.parent))
     except OSError as exc:
         raise NexusError(f"cannot write {path}: {exc.strerror}; choose a writable output location") from exc
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
@@ -87,6 +234,11 @@ def atomic_dir(path: str | os.PathLike):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+    except Exception as exc:
+        error = _no_room_error(exc, path, tmp)
+        if error is None:
+            raise
+        raise error from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

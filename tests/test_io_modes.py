@@ -48,3 +48,14 @@ def test_a_permissive_umask_gives_group_and_other_read(tmp_path):
     finally:
         os.umask(old)
     assert _mode(tmp_path / "a.json") == 0o644 and _mode(tmp_path / "d") == 0o755
+
+
+def test_safetensors_get_the_umask_like_json(tmp_path, umask_027):
+    """safetensors writes its file with its own 0600 mode; the artifact still gets the user's usual one."""
+    import torch
+
+    from nexus.io import save_torch, write_safetensors
+
+    write_safetensors(tmp_path / "w.safetensors", {"x": torch.zeros(2)})
+    save_torch({"x": 1}, tmp_path / "state.pt")
+    assert _mode(tmp_path / "w.safetensors") == _mode(tmp_path / "state.pt") == 0o640

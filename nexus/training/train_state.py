@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nexus.io import atomic_dir, write_json
+from nexus.io import atomic_dir, save_torch, write_json
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def save_checkpoint(run_dir: str | Path, step: int, write_files, trainer_state: 
     path = Path(run_dir) / CHECKPOINTS / f"step-{step}"
     with atomic_dir(path) as tmp:
         write_files(tmp)
-        torch.save(trainer_state, tmp / TRAINER_STATE)
+        save_torch(trainer_state, tmp / TRAINER_STATE)
         write_json(tmp / STATE_JSON, state)
     if keep_last > 0:
         for old in checkpoint_dirs(run_dir)[:-keep_last]:
