@@ -228,23 +228,27 @@ def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
         return device_type, False, torch.float32
 
 
-class _ChunkedVocabSum(torch.autograd.Function):
-    """``sum over chunks of fn(head.logits(hidden[chunk]), *rows[chunk])`` with the logits recomputed
-    in backward; saves only ``hidden``, the head's tensors and ``rows``."""
+class _ChunkedVocabSums(torch.autograd.Function):
+    """``sum over chunks of fn(head.logits(hidden[chunk]), *rows[chunk])`` for the tuple of scalars
+    ``fn`` returns, each chunk's logits computed once for all of them and recomputed in backward;
+    saves only ``hidden``, the head's tensors and ``rows``."""
 
     @staticmethod
     def forward(ctx, fn, head, chunk, hidden, weight, bias, *rows):
-        total = hidden.new_zeros((), dtype=torch.float32)
+        totals = None
         for start in range(0, hidden.shape[0], chunk):
             stop = start + chunk
-            total = total + fn(head.logits(hidden[start:stop], weight, bias), *(r[start:stop] for r in rows))
+            sums = fn(head.logits(hidden[start:stop], weight, bias), *(r[start:stop] for r in rows))
+            totals = list(sums) if totals is None else [t + x for t, x in zip(totals, sums)]
+        if totals is None:  # no tokens
+            totals = [hidden.new_zeros((), dtype=torch.float32) for _ in fn(head.logits(hidden, weight, bias), *rows)]
         ctx.fn, ctx.head, ctx.chunk = fn, head, chunk
         ctx.autocast = _autocast_state(hidden.device.type)
         ctx.save_for_backward(hidden, weight, bias, *rows)
-        return total
+        return tuple(totals)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grad):
         hidden, weight, bias, *rows = ctx.saved_tensors
         need = ctx.needs_input_grad[3:6]
         grads = [torch.zeros_like(t, dtype=torch.float32) if n else None for t, n in zip((hidden, weight, bias), need)]
@@ -253,9 +257,9 @@ class _ChunkedVocabSum(torch.autograd.Function):
                 stop = start + ctx.chunk
                 h, w, b = (None if t is None else t.detach().requires_grad_(n)
                            for t, n in zip((hidden[start:stop], weight, bias), need))
-                loss = ctx.fn(ctx.head.logits(h, w, b), *(r[start:stop] for r in rows))
+                sums = ctx.fn(ctx.head.logits(h, w, b), *(r[start:stop] for r in rows))
                 wrt = [t for t, n in zip((h, w, b), need) if n]
-                got = iter(torch.autograd.grad(loss, wrt, grad_outputs=grad)) if wrt else iter(())
+                got = iter(torch.autograd.grad(sums, wrt, grad_outputs=grad)) if wrt else iter(())
                 if need[0]:
                     grads[0][start:stop] = next(got)
                 for i in (1, 2):
@@ -265,11 +269,50 @@ class _ChunkedVocabSum(torch.autograd.Function):
         return (None, None, None, *out, *(None for _ in rows))
 
 
-def _chunked_sum(fn, hidden: torch.Tensor, head: OutputHead, rows, chunk: int) -> torch.Tensor:
+def _chunked_sums(fn, hidden: torch.Tensor, head: OutputHead, rows, chunk: int) -> tuple[torch.Tensor, ...]:
     head = head.gathered()
     vocab = head.weight.shape[0] if head.weight is not None else hidden.shape[-1]
     rows = [r.detach() for r in rows]
-    return _ChunkedVocabSum.apply(fn, head, chunk_tokens(vocab, chunk), hidden, head.weight, head.bias, *rows)
+    return _ChunkedVocabSums.apply(fn, head, chunk_tokens(vocab, chunk), hidden, head.weight, head.bias, *rows)
+
+
+def _kl_fn(temperature: float, teacher_head: OutputHead | None):
+    """``fn(logits, mask, *teacher rows) -> KL sum``: from teacher hidden states under
+    ``teacher_head``, or (``teacher_head`` None) from cached top-k log-probs and ids."""
+    if teacher_head is None:
+        return lambda logits, m, lp, ix: losses.topk_kl_sum(lp, ix, logits, m, temperature)
+
+    def kl(logits, m, t_hidden):
+        with torch.no_grad():
+            t_logits = teacher_head.logits(t_hidden)
+        return losses.kl_div_sum(t_logits, logits, m, temperature)
+
+    return kl
+
+
+def ce_and_kl_sums(hidden: torch.Tensor, head: OutputHead, labels: torch.Tensor, *, teacher=None,
+                   teacher_topk=None, temperature: float = 1.0,
+                   chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CE and the distillation KL of the student's logits together, each chunk projected once
+    (forward and backward) for both: :func:`cross_entropy_sum` plus :func:`kl_div_sum` (``teacher``)
+    or :func:`topk_kl_sum` (``teacher_topk``), the KL over the labelled tokens.
+
+    :param hidden: ``Tensor[N, H]`` student hidden states, shifted as ``labels`` ``Tensor[N]``.
+    :param teacher: ``(teacher hidden states Tensor[N, H_t], teacher head)``.
+    :param teacher_topk: ``(log-probs Tensor[N, k], ids Tensor[N, k])`` from a teacher cache.
+    :return: ``(ce_sum, count, kl_sum)``, scalars (fp32 sums, long count).
+    """
+    if (teacher is None) == (teacher_topk is None):
+        raise NexusError("ce_and_kl_sums needs exactly one of teacher (hidden states, head) and teacher_topk "
+                         "(log-probs, ids)")
+    kl = _kl_fn(temperature, teacher[1].gathered() if teacher is not None else None)
+    rows = [labels, labels != losses.IGNORE_INDEX, *([teacher[0]] if teacher is not None else teacher_topk)]
+
+    def fn(logits, y, m, *t_rows):
+        return losses.cross_entropy_sum(logits, y)[0], kl(logits, m, *t_rows)
+
+    ce, kd = _chunked_sums(fn, hidden, head, rows, chunk)
+    return ce, (labels != losses.IGNORE_INDEX).sum(), kd
 
 
 def cross_entropy_sum(hidden: torch.Tensor, head: OutputHead, labels: torch.Tensor,
@@ -281,7 +324,8 @@ def cross_entropy_sum(hidden: torch.Tensor, head: OutputHead, labels: torch.Tens
     :param chunk: tokens per chunk (0: :func:`chunk_tokens`).
     :return: ``(loss_sum, count)``: scalar fp32 sum and the number of labelled tokens.
     """
-    total = _chunked_sum(lambda logits, y: losses.cross_entropy_sum(logits, y)[0], hidden, head, [labels], chunk)
+    (total,) = _chunked_sums(lambda logits, y: (losses.cross_entropy_sum(logits, y)[0],), hidden, head, [labels],
+                             chunk)
     return total, (labels != losses.IGNORE_INDEX).sum()
 
 
@@ -295,14 +339,10 @@ def kl_div_sum(teacher_hidden: torch.Tensor, teacher_head: OutputHead, hidden: t
     :param mask: ``Tensor[N]`` bool.
     :return: scalar fp32 sum over masked tokens of ``KL(p_teacher || p_student)`` at ``temperature``.
     """
-    teacher_head = teacher_head.gathered()
-
-    def fn(logits, t_hidden, m):
-        with torch.no_grad():
-            t_logits = teacher_head.logits(t_hidden)
-        return losses.kl_div_sum(t_logits, logits, m, temperature)
-
-    return _chunked_sum(fn, hidden, head, [teacher_hidden, mask], chunk)
+    kl = _kl_fn(temperature, teacher_head.gathered())
+    (total,) = _chunked_sums(lambda logits, m, t_hidden: (kl(logits, m, t_hidden),), hidden, head,
+                             [mask, teacher_hidden], chunk)
+    return total
 
 
 def topk_kl_sum(teacher_logprobs: torch.Tensor, teacher_indices: torch.Tensor, hidden: torch.Tensor,
@@ -314,10 +354,10 @@ def topk_kl_sum(teacher_logprobs: torch.Tensor, teacher_indices: torch.Tensor, h
     :param hidden: ``Tensor[N, H]`` student hidden states.
     :param mask: ``Tensor[N]`` bool.
     """
-    def fn(logits, lp, ix, m):
-        return losses.topk_kl_sum(lp, ix, logits, m, temperature)
-
-    return _chunked_sum(fn, hidden, head, [teacher_logprobs, teacher_indices, mask], chunk)
+    kl = _kl_fn(temperature, None)
+    (total,) = _chunked_sums(lambda logits, m, lp, ix: (kl(logits, m, lp, ix),), hidden, head,
+                             [mask, teacher_logprobs, teacher_indices], chunk)
+    return total
 
 
 def topk_logprobs(hidden: torch.Tensor, head: OutputHead, k: int, temperature: float = 1.0,

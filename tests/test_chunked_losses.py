@@ -81,6 +81,32 @@ def test_topk_kl_and_topk_logprobs_equal_full_logits(vocab, chunk, temperature):
     _close(_grad(got, hidden), _grad(ref, hidden))
 
 
+@pytest.mark.parametrize("teacher_kind", ["model", "cache"])
+@pytest.mark.parametrize("vocab,chunk", [(40, 5), (3, 7)])
+def test_ce_and_kl_together_equal_the_separate_full_logit_losses(teacher_kind, vocab, chunk):
+    """One projection per chunk for both terms; each term's gradient is its own (a weighted sum of
+    the two, or either alone, back-propagates as with the full-logit functions)."""
+    hidden, head, labels, t_hidden, t_head = _setup(vocab)
+    mask = labels != losses.IGNORE_INDEX
+    logits = head.logits(hidden)
+    ce_ref = losses.cross_entropy_sum(logits, labels)[0]
+    if teacher_kind == "model":
+        kd_ref = losses.kl_div_sum(t_head.logits(t_hidden), logits, mask, 2.0)
+        ce, n, kd = cl.ce_and_kl_sums(hidden, head, labels, teacher=(t_hidden, t_head), temperature=2.0, chunk=chunk)
+    else:
+        lp, ix = losses.topk_logprobs(t_head.logits(t_hidden), max(1, vocab // 3), 2.0)
+        kd_ref = losses.topk_kl_sum(lp, ix, logits, mask, 2.0)
+        ce, n, kd = cl.ce_and_kl_sums(hidden, head, labels, teacher_topk=(lp, ix), temperature=2.0, chunk=chunk)
+    assert int(n) == N - 4
+    _close(ce, ce_ref)
+    _close(kd, kd_ref)
+    for want, got in ((0.7 * ce_ref + 5.2 * kd_ref, 0.7 * ce + 5.2 * kd), (ce_ref, ce), (kd_ref, kd)):
+        _close(torch.autograd.grad(got, hidden, retain_graph=True)[0],
+               torch.autograd.grad(want, hidden, retain_graph=True)[0])
+    with pytest.raises(NexusError, match="exactly one of teacher"):
+        cl.ce_and_kl_sums(hidden, head, labels)
+
+
 def test_trainable_head_gets_the_full_logit_gradient():
     hidden, head, labels, t_hidden, t_head = _setup(40)
     weight, bias = head.weight.clone().requires_grad_(True), head.bias.clone().requires_grad_(True)
@@ -129,7 +155,8 @@ def test_backward_saves_no_tensor_of_tokens_times_vocab():
 
     chunked = [lambda: cl.cross_entropy_sum(hidden, head, labels, chunk)[0],
                lambda: cl.kl_div_sum(t_hidden, t_head, hidden, head, mask, 2.0, chunk),
-               lambda: cl.topk_kl_sum(lp, ix, hidden, head, mask, 2.0, chunk)]
+               lambda: cl.topk_kl_sum(lp, ix, hidden, head, mask, 2.0, chunk),
+               lambda: sum(cl.ce_and_kl_sums(hidden, head, labels, teacher=(t_hidden, t_head), chunk=chunk)[::2])]
     for compute in chunked:
         assert largest_saved(compute) <= max(chunk * vocab, vocab * H, N * H) < N * vocab
     assert largest_saved(lambda: losses.cross_entropy_sum(head.logits(hidden), labels)[0]) >= N * vocab

@@ -19,7 +19,7 @@ from transformers import Trainer
 
 from nexus import chunked_losses
 from nexus.errors import NexusError
-from nexus.losses import IGNORE_INDEX, shift_for_next_token
+from nexus.losses import shift_for_next_token
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -55,12 +55,13 @@ def nexus_kd_loss(model, inputs: dict, *, ce_weight: float = 1.0, kd_weight: flo
             teacher = chunked_losses.forward_hidden(model, **feed, use_cache=False)
     student = chunked_losses.forward_hidden(model, **feed, use_cache=False)
     s_hidden, labels = shift_for_next_token(student.states, inputs["labels"])
-    ce, n = chunked_losses.cross_entropy_sum(s_hidden, student.head, labels, chunk_tokens)
-    kd = ce.new_zeros(())
     if kd_weight:
         t_hidden, _ = shift_for_next_token(teacher.states, inputs["labels"])
-        kd = chunked_losses.kl_div_sum(t_hidden, teacher.head, s_hidden, student.head, labels != IGNORE_INDEX,
-                                       temperature, chunk_tokens)
+        ce, n, kd = chunked_losses.ce_and_kl_sums(s_hidden, student.head, labels, teacher=(t_hidden, teacher.head),
+                                                  temperature=temperature, chunk=chunk_tokens)
+    else:
+        ce, n = chunked_losses.cross_entropy_sum(s_hidden, student.head, labels, chunk_tokens)
+        kd = ce.new_zeros(())
     denom = n if num_items_in_batch is None else num_items_in_batch
     denom = torch.as_tensor(denom, device=ce.device, dtype=torch.float32).clamp_min(1.0)
     loss = (ce_weight * ce + kd_weight * float(temperature) ** 2 * kd) / denom

@@ -108,18 +108,21 @@ def distill_losses(
     with recorder, autocast():
         student_out = chunked_losses.forward_hidden(student, input_ids=ids, attention_mask=mask_in, use_cache=False)
     s_hidden, labels = shift_for_next_token(student_out.states, batch["labels"].to(device))
-    head, pred_mask = student_out.head, labels != IGNORE_INDEX
-    ce, n_pred = chunked_losses.cross_entropy_sum(s_hidden, head, labels, chunk_tokens)
-    zero = ce.new_zeros(())
-    kd_sum = zero
+    head = student_out.head
     if kd and tout is not None and tout.topk_logprobs is None:
         t_states, t_head = (tout.hidden, tout.head) if tout.hidden is not None else (tout.logits, None)
         t_states, _ = shift_for_next_token(t_states.to(device), batch["labels"])
-        kd_sum = chunked_losses.kl_div_sum(t_states, t_head or chunked_losses.IDENTITY, s_hidden, head, pred_mask,
-                                           temperature, chunk_tokens)
+        ce, n_pred, kd_sum = chunked_losses.ce_and_kl_sums(
+            s_hidden, head, labels, teacher=(t_states, t_head or chunked_losses.IDENTITY), temperature=temperature,
+            chunk=chunk_tokens)
     elif kd and tout is not None:
-        kd_sum = chunked_losses.topk_kl_sum(tout.topk_logprobs, tout.topk_indices, s_hidden, head, pred_mask,
-                                            temperature, chunk_tokens)
+        ce, n_pred, kd_sum = chunked_losses.ce_and_kl_sums(
+            s_hidden, head, labels, teacher_topk=(tout.topk_logprobs, tout.topk_indices), temperature=temperature,
+            chunk=chunk_tokens)
+    else:
+        ce, n_pred = chunked_losses.cross_entropy_sum(s_hidden, head, labels, chunk_tokens)
+        kd_sum = ce.new_zeros(())
+    zero = ce.new_zeros(())
     in_mask = mask_in.reshape(-1).bool()
     if batch.get("empty"):
         in_mask = torch.zeros_like(in_mask)
