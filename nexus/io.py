@@ -390,7 +390,7 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def refuse_output_over_inputs(output: str | os.PathLike, inputs: dict[str, str | os.PathLike | list | None],
+def refuse_output_over_inputs(output: str | os.PathLike | None, inputs: dict[str, str | os.PathLike | list | None],
                               flag: str = "--output") -> None:
     """Refuse an output that would write over or into what a stage reads, even with ``--overwrite``.
 
@@ -399,7 +399,7 @@ def refuse_output_over_inputs(output: str | os.PathLike, inputs: dict[str, str |
     input), or lies inside an input directory (it would change the input). Call it before any
     work and before anything is deleted.
 
-    :param output: the file or directory the stage writes.
+    :param output: the file or directory the stage writes (None: nothing to check).
     :param inputs: how the user named each input (``--model``...) -> its path, or a list of paths
         (the files of one input); None entries (an input not given, ``self``, a dataset name) are
         skipped. Flags of :data:`INPUT_NAMES` are named by what they hold; any other key is used as
@@ -407,6 +407,8 @@ def refuse_output_over_inputs(output: str | os.PathLike, inputs: dict[str, str |
     :param flag: how the user named the output, for the message.
     :raises NexusError: naming the output, the input and its flag.
     """
+    if output is None:
+        return
     out = _resolved(output)
     named = [(name, one) for name, given in inputs.items()
              for one in (given if isinstance(given, (list, tuple)) else [given]) if one is not None]

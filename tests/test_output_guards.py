@@ -105,6 +105,7 @@ def test_outputs_apart_from_the_inputs_pass(tree):
     (root / "models" / "m2").mkdir()
     for output in (root / "models" / "m2", root / "models" / "m-out", root / "models" / "mm" / "x", root / "other"):
         refuse_output_over_inputs(output, {"--model": model, "--adapter": None, "--data": [None, root / "d.jsonl"]})
+    refuse_output_over_inputs(None, {"--model": model})  # no output (evaluate printing its result)
 
 
 def test_the_files_of_an_input_and_other_names(tree):
