@@ -132,17 +132,29 @@ def test_ledger_two_layers_on_device_and_one_fetch_per_layer_per_pass(host_model
     assert ledger.peak_layers == 2 and ledger.on_device == {}
 
 
-def test_checkpointing_recompute_and_backward_share_one_fetch(host_model, gpt_oss_mxfp4_dir, gpt_oss):
-    from nexus.training.run_inputs import enable_checkpointing
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_checkpointing_recompute_and_backward_share_one_fetch(host_model, gpt_oss_mxfp4_dir, gpt_oss, reentrant):
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
     reference = _forward_backward(_with_adapter(gpt_oss, load_model(gpt_oss_mxfp4_dir, device=DEVICE)),
                                   input_ids(host_model.config, batch=2, seq=9).to(DEVICE))
-    enable_checkpointing(host_model)
+    # As nexus.training.run_inputs.enable_checkpointing, in both of torch's checkpointing modes.
+    host_model.activation_checkpointing_enable({"use_reentrant": reentrant})
+    for module in host_model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.training = True
     streamer, calls = host_model._nexus_streamer, _calls(host_model)
     logits, grad, shared = _forward_backward(host_model, input_ids(host_model.config, batch=2, seq=9).to(DEVICE))
     assert calls == [2, 2, 2]  # each layer's forward ran again in backward
     every = {i: 1 for i in range(3)}
     assert streamer.ledger.fetches["forward"] == every and streamer.ledger.fetches["backward"] == every
+    assert streamer.ledger.peak_layers == 2 and streamer.ledger.on_device == {}
+    # Backward alone: the previous layer arrives while one recomputes and differentiates.
+    emb = host_model.get_input_embeddings()(input_ids(host_model.config, batch=2, seq=9).to(DEVICE))
+    loss = host_model(inputs_embeds=emb.detach().requires_grad_()).logits.float().square().mean()
+    streamer.ledger.reset()
+    loss.backward()
+    assert streamer.ledger.fetches["backward"] == every and not streamer.ledger.fetches["forward"]
     assert streamer.ledger.peak_layers == 2 and streamer.ledger.on_device == {}
     assert torch.equal(logits, reference[0]) and torch.equal(grad, reference[1])
     assert all(torch.equal(shared[k], reference[2][k]) for k in reference[2])

@@ -98,7 +98,8 @@ class ExpertStreamer:
         self.resident: dict[int, _Copy] = {}
         self.expects_backward = [False] * len(self.modules)
         self._stream = None  # the side stream of CUDA copies, made on first use
-        self._cleanup_task = None
+        self._cleanup_task = None  # the backward pass whose end drops what is left
+        self._recomputing = False  # this backward pass recomputes forwards (gradient checkpointing)
 
     @staticmethod
     def _to_host(module: PackedExperts) -> dict:
@@ -131,8 +132,10 @@ class ExpertStreamer:
         in_backward = backward or _in_backward()
         if not in_backward:
             self.expects_backward[i] |= needs_grad
+            self._cleanup_task = None  # a backward that failed before its end left it set
         else:
             self._cleanup_after_backward()
+            self._recomputing |= not backward
         self._acquire(i, device, in_backward)
         try:
             yield
@@ -143,9 +146,12 @@ class ExpertStreamer:
 
     def _next(self, i: int, in_backward: bool) -> int | None:
         """The layer to prefetch after ``i``: the next one in forward; in backward, the previous one
+        (under gradient checkpointing every checkpointed layer is recomputed), else the previous one
         whose forward recorded a graph."""
         if not in_backward:
             return i + 1 if i + 1 < len(self.modules) else None
+        if self._recomputing:
+            return i - 1 if i > 0 else None
         return next((j for j in range(i - 1, -1, -1) if self.expects_backward[j]), None)
 
     def _acquire(self, i: int, device: torch.device, in_backward: bool) -> None:
@@ -203,15 +209,14 @@ class ExpertStreamer:
     def _cleanup_after_backward(self) -> None:
         """Once per backward pass: drop what is left on the device when it ends (a prefetched layer
         whose backward did not run), and forget which forwards recorded a graph."""
-        task = torch._C._current_graph_task_id()
-        if task == self._cleanup_task:
+        if self._cleanup_task is not None:  # queued already, in this pass or the one enclosing it (reentrant)
             return
-        self._cleanup_task = task
+        self._cleanup_task = torch._C._current_graph_task_id()
 
         def done():
             self.free_all()
             self.expects_backward = [False] * len(self.modules)
-            self._cleanup_task = None
+            self._cleanup_task, self._recomputing = None, False
 
         torch.autograd.Variable._execution_engine.queue_callback(done)
 
