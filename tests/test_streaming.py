@@ -279,7 +279,8 @@ def test_trainer_wrapper_streams_host_experts(gpt_oss_mxfp4_dir):
 
     with pytest.raises(NexusError, match="NexusConfig: experts_on must be one of device, host"):
         NexusConfig(experts_on="disk")
-    resident = get_nexus_model(load_model(gpt_oss_mxfp4_dir, device=DEVICE), NexusConfig(seed=1, init_strategy="random"))
+    resident = get_nexus_model(load_model(gpt_oss_mxfp4_dir, device=DEVICE),
+                               NexusConfig(seed=1, init_strategy="random"))
     host = get_nexus_model(load_model(gpt_oss_mxfp4_dir, device=DEVICE),
                            NexusConfig(seed=1, init_strategy="random", experts_on="host"))
     streamer = host.get_base_model()._nexus_streamer
@@ -311,6 +312,29 @@ def test_ddp_processes_each_stream_their_own_copy(work, tmp_path):
     torchrun(nexus, *common, "--output", str(tmp_path / "resident"), no_python=True)
     run = torchrun(nexus, *common, "--experts-on", "host", "--output", str(tmp_path / "host"), no_python=True)
     assert "keep their packed experts in host memory" in run.stdout + run.stderr
+    results = [types.SimpleNamespace(run_dir=tmp_path / name, final=tmp_path / name / "final")
+               for name in ("resident", "host")]
+    (m_r, a_r), (m_h, a_h) = (_outcome(r) for r in results)
+    assert len(m_h) == 3 and m_h == m_r
+    assert a_h.keys() == a_r.keys() and all(torch.equal(a_h[k], a_r[k]) for k in a_r)
+
+
+@pytest.mark.slow
+def test_zero2_with_host_experts_equals_resident(work, tmp_path):
+    from pathlib import Path
+
+    from helpers_train import torchrun
+
+    script = str(Path(__file__).with_name("engine_train.py"))
+    settings = dict(model=str(work["base"]), adapter=str(work["adapter"]), data=str(work["data"]), seq_len=32,
+                    batch_size=1, max_steps=3, lr=3e-3, log_every=1, save_every=0, seed=4, train_routers=True)
+    for name, extra in (("resident", {}), ("host", {"experts_on": "host"})):
+        cfg = tmp_path / f"{name}.json"
+        cfg.write_text(json.dumps({**settings, "output": str(tmp_path / name), **extra}))
+        torchrun(script, "zero2", str(cfg), str(tmp_path / f"{name}-result.json"), timeout=400)
+        assert json.loads((tmp_path / f"{name}-result.json").read_text())["frozen_identical"]
+        recorded = json.loads((tmp_path / name / "run_config.json").read_text())["config"]
+        assert recorded["experts_on"] == extra.get("experts_on", "device")
     results = [types.SimpleNamespace(run_dir=tmp_path / name, final=tmp_path / name / "final")
                for name in ("resident", "host")]
     (m_r, a_r), (m_h, a_h) = (_outcome(r) for r in results)
