@@ -1,5 +1,9 @@
 """Distillation losses, computed from logits (never a model's own ``loss``).
 
+These are the definitions and the reference: ``train``, ``evaluate``, ``precompute`` and the
+Trainer KD loss apply them a chunk of tokens at a time to logits projected from the final hidden
+states (:mod:`nexus.chunked_losses`), so that no ``[tokens, vocab]`` tensor is held.
+
 Every function returns a **sum over tokens** plus nothing else; the caller divides by the
 token count of the whole accumulation window across all processes, so that gradient
 accumulation and data parallelism give the same gradient as one big batch.

@@ -1,5 +1,5 @@
 """Distillation in transformers' ``Trainer`` API: NEXUS's KD term against the same model with the
-adapter disabled (no second copy), computed by :mod:`nexus.losses` exactly as ``nexus train`` does.
+adapter disabled (no second copy), computed by :mod:`nexus.chunked_losses` exactly as ``nexus train`` does.
 
 Loss of a micro-batch, as ``nexus train``'s (``nexus.training.train_step.loss_to_backpropagate``)::
 
