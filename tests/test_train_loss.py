@@ -169,7 +169,8 @@ def test_loss_chunk_tokens_reaches_the_losses_and_changes_only_rounding(work, tm
 
     seen = []
     real = chunked_losses.chunk_tokens
-    monkeypatch.setattr(chunked_losses, "chunk_tokens", lambda vocab, chunk=0: seen.append(chunk) or real(vocab, chunk))
+    monkeypatch.setattr(chunked_losses, "chunk_tokens",
+                        lambda vocab, chunk=0: seen.append(chunk) or real(vocab, chunk))
     records = {}
     for chunk in (0, 3):
         config = TrainConfig(model=str(work["base"]), adapter=str(work["adapter"]), teacher=str(work["cache"]),
