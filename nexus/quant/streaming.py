@@ -9,8 +9,9 @@ to the device its hidden states are on just before it needs them, and dropped af
   overlaps layer ``i``'s compute; layer ``i``'s bytes are dropped when its forward returns;
 - backward (the packed autograd function decodes again): the same in reverse order; only layers
   whose forward recorded a graph (inputs needing grad) are prefetched;
-- gradient checkpointing: the forward recomputed in backward keeps its bytes for the layer's
-  backward that follows, so the recompute and the backward share one copy.
+- gradient checkpointing (reentrant or not): the forward recomputed in backward keeps its bytes
+  for the layer's backward that follows, so the recompute and the backward share one copy, and
+  every layer below is prefetched (each is recomputed).
 
 The device then holds at most two layers' packed experts (the one in use, the one arriving). The
 biases of routed experts are small and stay resident. On a CPU the copy is a no-op; the
