@@ -210,6 +210,19 @@ def save_torch(obj, path: str | os.PathLike) -> None:
             raise
 
 
+def _restore_interrupted_replacement(path: Path, old: Path) -> None:
+    """Put back ``path`` from ``old`` when a process was killed between moving the previous output
+    aside and moving the new one in (the new one was never complete as far as anyone knew); drop a
+    leftover ``old`` whose replacement finished."""
+    if not old.exists():
+        return
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(old, path)
+        log.warning("restored %s, which an interrupted replacement had moved aside to %s", path, old)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
     """Yield a temporary directory beside ``path``; it replaces ``path`` only if the block succeeds.
@@ -217,9 +230,11 @@ def atomic_dir(path: str | os.PathLike):
     :raises OutputWriteError: the block failed for lack of room (the file and errno named).
     """
     path = Path(path)
+    old = path.with_name(f".{path.name}.old")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(path.parent)
+        _restore_interrupted_replacement(path, old)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=_temporary_suffix(), dir=path.parent))
     except OSError as exc:
         raise NexusError(f"cannot write {path}: {exc.strerror}; choose a writable output location") from exc
@@ -227,7 +242,6 @@ def atomic_dir(path: str | os.PathLike):
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)

@@ -133,3 +133,19 @@ def test_only_this_host_dead_pids_are_stale(tmp_path, monkeypatch, pid_alive):
     monkeypatch.setattr(io, "_pid_alive", lambda pid: pid_alive)
     removed = remove_stale_temporaries(tmp_path)
     assert (removed == []) == pid_alive and (tmp_path / name).exists() == pid_alive
+
+
+def test_an_output_moved_aside_by_a_killed_replacement_is_restored(tmp_path):
+    """Killed between moving the previous output aside and moving the new one in: the next write
+    puts the previous output back (it never deletes it), whether or not the new write succeeds."""
+    out = tmp_path / "adapter"
+    aside = tmp_path / ".adapter.old"
+    aside.mkdir()
+    (aside / "weights").write_text("previous")
+    with pytest.raises(RuntimeError), atomic_dir(out):
+        raise RuntimeError("the new write fails")
+    assert (out / "weights").read_text() == "previous" and not aside.exists()
+    os.replace(out, aside)  # killed again at the same point
+    with atomic_dir(out) as tmp:
+        (tmp / "weights").write_text("new")
+    assert (out / "weights").read_text() == "new" and not aside.exists()
