@@ -84,6 +84,8 @@ def load_model(
 
     if host:
         raise nothing_to_stream(str(path))
+    if getattr(config, "quantization_config", None) is not None:
+        _refuse_partial_fp8_blocks(path, dequantize)
     silence_dequantization_warnings()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=None)
@@ -100,6 +102,30 @@ def load_model(
     model.eval()
     model._nexus_source = str(path)
     return model
+
+
+def _refuse_partial_fp8_blocks(path: Path, dequantize: bool) -> None:
+    """Refuse a dequantising load (transformers') of an FP8 checkpoint holding a matrix that is not a
+    whole number of scale blocks: transformers infers the block size from the scale grid's shape
+    (rows / grid rows), which is wrong when the last block is partial, and silently mis-decodes it."""
+    from nexus.checkpoint import CheckpointReader
+    from nexus.quant.fp8 import SCALE_SUFFIX, block_size
+    from nexus.quant.packed_loading import quant_method
+
+    reader = CheckpointReader(path)
+    if quant_method(reader.config) != "fp8":
+        return
+    block = block_size(reader.config.get("quantization_config"), str(path / "config.json"))
+    for key in reader.keys():
+        if not key.endswith(SCALE_SUFFIX) or key[: -len(SCALE_SUFFIX)] not in reader:
+            continue
+        shape = reader.shape(key[: -len(SCALE_SUFFIX)])
+        if shape[-2] % block[0] or shape[-1] % block[1]:
+            how = ("load it without --dequantize: NEXUS then decodes every FP8 tensor itself" if dequantize else
+                   "its family does not keep these experts packed, so it cannot be loaded exactly")
+            raise NexusError(
+                f"checkpoint {path}: FP8 tensor {key[: -len(SCALE_SUFFIX)]} {list(shape)} is not a whole number of "
+                f"{block[0]}x{block[1]} scale blocks, which transformers' dequantising load decodes wrongly; {how}")
 
 
 def _check_dequantised(model, path: Path) -> None:

@@ -123,3 +123,21 @@ def test_reader_refuses_what_it_does_not_decode(tmp_path, case):
     reader = _checkpoint(tmp_path, tensors, qc)
     with pytest.raises(NexusError, match=match):
         reader.read_weight(NAME)
+
+
+def test_dequantising_load_of_partial_fp8_blocks_is_refused(tmp_path):
+    """transformers' dequantising load infers the block size from the scale grid and mis-decodes a
+    partial last block (an attention o_proj [200, 64] by ~5e-3 here): refused, naming the tensor;
+    the packed load decodes it exactly."""
+    from helpers_conformance import build_checkpoint
+    from nexus.family import resolve_family
+    from nexus.loading import load_model
+
+    family = resolve_family(name="qwen3_moe")
+    config = family.example_config()
+    config.hidden_size, config.moe_intermediate_size = 200, 300
+    path = build_checkpoint(family, tmp_path / "fp8", config=config, fmt="fp8")
+    with pytest.raises(NexusError, match=r"FP8 tensor model\.layers\.\d+\.\S+ \[\d+, \d+\] is not a whole number of "
+                                         r"128x128 scale blocks.*without --dequantize"):
+        load_model(path, dequantize=True)
+    assert load_model(path) is not None
