@@ -105,9 +105,9 @@ def load_model(
 
 
 def _refuse_partial_fp8_blocks(path: Path, dequantize: bool) -> None:
-    """Refuse a dequantising load (transformers') of an FP8 checkpoint holding a matrix that is not a
-    whole number of scale blocks: transformers infers the block size from the scale grid's shape
-    (rows / grid rows), which is wrong when the last block is partial, and silently mis-decodes it."""
+    """Refuse a dequantising load (transformers') of an FP8 checkpoint holding a matrix of several
+    scale blocks whose last is partial: transformers infers the block size from the scale grid's
+    shape (rows / grid rows), which is then wrong, and silently mis-decodes the matrix."""
     from nexus.checkpoint import CheckpointReader
     from nexus.quant.fp8 import SCALE_SUFFIX, block_size
     from nexus.quant.packed_loading import quant_method
@@ -120,12 +120,13 @@ def _refuse_partial_fp8_blocks(path: Path, dequantize: bool) -> None:
         if not key.endswith(SCALE_SUFFIX) or key[: -len(SCALE_SUFFIX)] not in reader:
             continue
         shape = reader.shape(key[: -len(SCALE_SUFFIX)])
-        if shape[-2] % block[0] or shape[-1] % block[1]:
+        # one partial block per dimension decodes right (the inferred size is the dimension itself)
+        if any(n % b and n > b for n, b in zip(shape[-2:], block)):
             how = ("load it without --dequantize: NEXUS then decodes every FP8 tensor itself" if dequantize else
                    "its family does not keep these experts packed, so it cannot be loaded exactly")
             raise NexusError(
-                f"checkpoint {path}: FP8 tensor {key[: -len(SCALE_SUFFIX)]} {list(shape)} is not a whole number of "
-                f"{block[0]}x{block[1]} scale blocks, which transformers' dequantising load decodes wrongly; {how}")
+                f"checkpoint {path}: FP8 tensor {key[: -len(SCALE_SUFFIX)]} {list(shape)} spans several "
+                f"{block[0]}x{block[1]} scale blocks, the last one partial, which transformers' dequantising load decodes wrongly; {how}")
 
 
 def _check_dequantised(model, path: Path) -> None:
