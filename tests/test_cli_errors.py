@@ -20,7 +20,7 @@ from nexus.cli import cli
 
 
 @pytest.fixture(scope="module")
-def fx(gpt_oss_mxfp4_dir, tmp_path_factory):
+def fx(gpt_oss_mxfp4_dir, gpt_oss_float_dir, tmp_path_factory):
     """Shared inputs, built once: a model with a tokenizer, data, statistics, an adapter, an
     adapter of another family, a run directory with metrics."""
     from nexus.demo import build_checkpoint
@@ -41,6 +41,7 @@ def fx(gpt_oss_mxfp4_dir, tmp_path_factory):
                                                + "\n" for s in (1, 2, 3)))
     return {
         "root": root, "base": base, "data": data, "stats": root / "stats", "run": run,
+        "float_base": model_with_tokenizer(gpt_oss_float_dir, root / "float_base"),
         "adapter": make_adapter(base, root / "adapter"),
         "other_adapter": make_adapter(other, root / "other_adapter", intermediate_size=16),
     }
@@ -121,6 +122,25 @@ def _train(fx, work, **kw):
 def _a_file(work: Path) -> Path:
     (work / "file").write_text("not a directory\n")
     return work / "file"
+
+
+def _fp8_base_with_partial_blocks(dst: Path) -> Path:
+    """A tiny block-scaled FP8 Qwen3-MoE checkpoint (H = 200, I = 300) whose matrices span several
+    128x128 blocks, the last partial."""
+    from helpers_conformance import build_checkpoint
+    from helpers_prepare import model_with_tokenizer
+    from nexus.family import resolve_family
+
+    family = resolve_family(name="qwen3_moe")
+    config = family.example_config()
+    config.hidden_size, config.moe_intermediate_size = 200, 300
+    return model_with_tokenizer(build_checkpoint(family, dst.parent / "fp8_src", config=config, fmt="fp8"), dst)
+
+
+def _long_document(work: Path) -> Path:
+    from nexus.data_sources import MAX_DOCUMENT_CHARS
+
+    return _data_file(work, "long.jsonl", b'{"text": "' + b"a" * (MAX_DOCUMENT_CHARS + 1) + b'"}\n')
 
 
 def _sharded_truncated(fx, dst: Path) -> Path:
@@ -221,9 +241,20 @@ CASES = {
         w, "bad.jsonl", b'{"text": "fine"}\n{"text": "cut\n')}),
     "data: path does not exist": lambda fx, w: _evaluate(fx, w, **{"--data": w.parent / "missing" / "data.jsonl"}),
     "data: path does not exist (train)": lambda fx, w: _train(fx, w, **{"--data": w.parent / "missing.jsonl"}),
+    "kd-data: path does not exist (train)": lambda fx, w: _train(fx, w, **{"--kd-data": w.parent / "missing.jsonl"}),
+    "adapter: path does not exist (evaluate)": lambda fx, w: _evaluate(fx, w, **{"--adapter": w.parent / "none"}),
+    "data: a document over the size limit": lambda fx, w: _evaluate(fx, w, **{"--data": _long_document(w)}),
+    "data: a document over the size limit (train)": lambda fx, w: _train(fx, w, **{"--data": _long_document(w)}),
+    "FP8 base of partial blocks, --dequantize (evaluate)": lambda fx, w: [*_evaluate(fx, w, **{
+        "--model": _fp8_base_with_partial_blocks(w.parent / "fp8"), "--adapter": None}), "--dequantize"],
     # arguments
     "train --lr negative": lambda fx, w: _train(fx, w, **{"--lr": "-1e-3"}),
     "train --lr nan": lambda fx, w: _train(fx, w, **{"--lr": "nan"}),
+    "train --allow-data-change without --resume": lambda fx, w: [*_train(fx, w), "--allow-data-change"],
+    "train --experts-on host with --dequantize": lambda fx, w: [*_train(fx, w), "--experts-on", "host",
+                                                                "--dequantize"],
+    "train --experts-on host on a float base": lambda fx, w: [*_train(fx, w, **{"--model": fx["float_base"]}),
+                                                              "--experts-on", "host"],
     "generate --max-new-tokens 0": lambda fx, w: ["generate", "--model", fx["base"], "--prompt", "Hello",
                                                   "--max-new-tokens", "0"],
     "generate --temperature negative": lambda fx, w: ["generate", "--model", fx["base"], "--prompt", "Hello",
