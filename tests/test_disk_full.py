@@ -103,7 +103,7 @@ def test_export_over_a_checkpoint_with_no_room_keeps_the_old_one(tmp_path):
     before = _snapshot(out)
     r = _nexus("export", "--model", base, "--adapter", adapter, "--output", out, "--overwrite",
                limit=(out / "model.safetensors").stat().st_size // 2)
-    line = _one_error_line(r, out / "model.safetensors.body")  # the file being written when room ran out
+    line = _one_error_line(r, out / "model.safetensors")  # the file being written when room ran out
     assert ".tmp" not in line
     assert _snapshot(out) == before
     assert _leftovers(tmp_path) == []

@@ -96,7 +96,7 @@ class StreamingWriter:
                 chunk = src.read(min(left, _COPY_CHUNK))
                 if not chunk:
                     raise NexusError(f"{raw.file} is truncated (tensor {name}); the base checkpoint is damaged")
-                self._body.write(chunk)
+                self._write(chunk)
                 left -= len(chunk)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -106,7 +106,13 @@ class StreamingWriter:
             raise NexusError(f"cannot write tensor {name} of dtype {t.dtype}")
         data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         self._entry(name, _ST_DTYPES[t.dtype], t.shape, len(data))
-        self._body.write(data)
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self._body.write(data)
+        except OSError as exc:  # named as the file being written, not its body part
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
 
     @property
     def nbytes(self) -> int:
