@@ -42,6 +42,7 @@ def load_model(
     dequantize: bool = False,
     family: str | None = None,
     experts_on: str = "device",
+    embeddings_on: str = "device",
 ):
     """Load a causal LM for NEXUS, base in ``eval()``.
 
@@ -54,13 +55,18 @@ def load_model(
     :param experts_on: ``"host"`` keeps the packed routed experts in host memory, streamed to
         ``device`` one MoE layer at a time (:mod:`nexus.quant.streaming`); ``"device"`` puts
         everything on ``device``.
+    :param embeddings_on: ``"host"`` keeps the input embedding table in host memory, the lookup
+        there (:mod:`nexus.host_embedding`).
     :return: the ``*ForCausalLM`` model.
     """
     from transformers import AutoModelForCausalLM
 
     from nexus.quant.streaming import check_experts_on, nothing_to_stream, stream_experts
 
+    from nexus.host_embedding import check_embeddings_on, keep_embeddings_on_host
+
     host = check_experts_on(experts_on, "experts_on") == "host"
+    host_embeddings = check_embeddings_on(embeddings_on, "embeddings_on") == "host"
     path = Path(path).expanduser()
     config = load_config(path)
     if not dequantize and getattr(config, "quantization_config", None) is not None:
@@ -72,11 +78,15 @@ def load_model(
             fam = resolve_family(config, family)
         except FamilyError:  # not an MoE family (a dense teacher, say): nothing to keep packed
             fam = None
-        model = load_packed_model(path, config, fam, dtype, "cpu" if host else device) if fam is not None else None
+        on_host = host or host_embeddings
+        model = load_packed_model(path, config, fam, dtype, "cpu" if on_host else device) if fam is not None else None
         if model is not None:
             if host:
                 stream_experts(model, str(path))
-                model.to(device)  # all but the packed bytes
+            if host_embeddings:
+                keep_embeddings_on_host(model, str(path))
+            if on_host:
+                model.to(device)  # all but what stays in host memory
             model.eval()
             model._nexus_source = str(path)
             return model
@@ -98,6 +108,8 @@ def load_model(
     if getattr(config, "quantization_config", None) is not None:
         _cast_unquantised(model, dtype)
         _check_dequantised(model, path)
+    if host_embeddings:
+        keep_embeddings_on_host(model, str(path))
     model.to(device)
     model.eval()
     model._nexus_source = str(path)

@@ -27,6 +27,9 @@ class NexusConfig:
         experts_on: ``device`` (default), or ``host``: the packed routed experts (MXFP4, FP8) stay in
             host memory, streamed to the compute device one MoE layer at a time
             (:mod:`nexus.quant.streaming`; as ``load_model(..., experts_on="host")``).
+        embeddings_on: ``device`` (default), or ``host``: the input embedding table stays in host
+            memory, the lookup there, only the looked-up rows sent to the compute device
+            (:mod:`nexus.host_embedding`; as ``load_model(..., embeddings_on="host")``).
     """
 
     selection: str | None = None
@@ -38,6 +41,7 @@ class NexusConfig:
     seed: int = 0
     family: str | None = None
     experts_on: str = "device"
+    embeddings_on: str = "device"
 
     # Read by transformers' Trainer and TRL on ``model.peft_config[name]``.
     is_prompt_learning = False
@@ -55,6 +59,9 @@ class NexusConfig:
         from nexus.quant.streaming import check_experts_on
 
         check_experts_on(self.experts_on, "NexusConfig: experts_on")
+        from nexus.host_embedding import check_embeddings_on
+
+        check_embeddings_on(self.embeddings_on, "NexusConfig: embeddings_on")
         if self.shared_intermediate_size is not None and self.shared_intermediate_size < 1:
             raise NexusError(f"NexusConfig: shared_intermediate_size must be positive, "
                              f"got {self.shared_intermediate_size}")

@@ -121,6 +121,10 @@ class NexusModel(PeftModel):
             from nexus.quant.streaming import stream_experts
 
             stream_experts(model, "NexusConfig(experts_on='host')")
+        if config.embeddings_on == "host":
+            from nexus.host_embedding import keep_embeddings_on_host
+
+            keep_embeddings_on_host(model, "NexusConfig(embeddings_on='host')")
 
     # ----- what PEFT's PeftModel exposes -------------------------------------------------------
 
