@@ -4,8 +4,10 @@ __version__ = "0.1.0"
 
 from nexus.hookspecs import hookimpl  # noqa: E402
 from nexus.training.deepspeed_import import install as _quiet_deepspeed  # noqa: E402
+from nexus.training.optimizers import quiet_bitsandbytes as _quiet_bitsandbytes  # noqa: E402
 
 _quiet_deepspeed()
+_quiet_bitsandbytes()
 
 __all__ = ["__version__", "hookimpl", "load_adapter", "save_adapter", "attach_shared_experts", "disable_shared_experts",
            "export", "get_nexus_model", "NexusConfig", "NexusModel"]

@@ -1,4 +1,4 @@
-"""What a training run starts from: the student (base + adapter, trainable parameters, AdamW),
+"""What a training run starts from: the student (base + adapter, trainable parameters, optimizer),
 the teacher, and the token data of ``--data`` and ``--kd-data``; :mod:`nexus.engines.train` runs them."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 
 from nexus.adapter import adapter_family, load_adapter, read_adapter_config
 from nexus.errors import NexusError
+from nexus.training.optimizers import build_optimizer
 from nexus.training.train_config import TrainConfig
 from nexus.training.train_state import ADAPTER_SUBDIR
 
@@ -41,17 +42,19 @@ class Student:
 
 def load_student(config: TrainConfig, strategy, checkpoint: Path | None) -> Student:
     """Load the base on ``strategy.load_device``, the adapter (or the checkpoint's), freeze the base
-    except routers / native shared experts when trained, and build AdamW over the trainable
-    parameters (routers in their own group, at ``--router-lr``)."""
+    except routers / native shared experts when trained, and build the optimizer (``--optim``) over
+    the trainable parameters (routers in their own group, at ``--router-lr``)."""
     from nexus.loading import load_model
     from nexus.shared_expert import base_parameters, freeze_base, native_shared_modules, router_parameters
 
     if config.experts_on == "host" and strategy.kind == "fsdp2":
         raise NexusError("--experts-on host is not supported under FSDP2, which shards the packed experts across "
                          "processes itself; drop --experts-on host, or train with DDP")
+    check_strategy_options(config, strategy.kind)
     adapter_cfg = read_adapter_config(config.adapter)
     model = load_model(config.model, dtype=torch.bfloat16 if config.bf16 else torch.float32,
-                       device=strategy.load_device, dequantize=config.dequantize, experts_on=config.experts_on)
+                       device=strategy.load_device, dequantize=config.dequantize, experts_on=config.experts_on,
+                       embeddings_on=config.embeddings_on)
     family = adapter_family(adapter_cfg, model, config.adapter)
     blocks = family.moe_blocks(model)
     routers = router_parameters(model, family, blocks)
@@ -79,8 +82,29 @@ def load_student(config: TrainConfig, strategy, checkpoint: Path | None) -> Stud
     if router_names:
         groups.append({"params": [named[n] for n in router_names], "lr": config.router_lr or config.lr,
                        "name": "routers"})
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(config.optim, groups, config.lr, config.weight_decay)
     return Student(model, family, blocks, optimizer, base_originals, adapter_cfg, router_names + native_names)
+
+
+def check_strategy_options(config: TrainConfig, kind: str) -> None:
+    """Refuse ``--optim adamw8bit`` and ``--embeddings-on host`` under the engines they do not run
+    with (``kind``: the strategy's, ``ddp``, ``fsdp2`` or ``deepspeed``), before the model loads.
+
+    :raises NexusError: naming the option and the engine.
+    """
+    if config.optim != "adamw" and kind in ("deepspeed", "fsdp2"):
+        why = ("partitions the optimizer state across processes itself" if kind == "deepspeed" else
+               "shards the trainable parameters into DTensors, which bitsandbytes' 8-bit state does not take")
+        raise NexusError(f"--optim {config.optim} is not supported under {_ENGINE_NAMES[kind]}, which {why}; "
+                         f"train with --optim adamw, or under DDP")
+    if config.embeddings_on == "host" and kind in ("deepspeed", "fsdp2"):
+        why = ("shards every parameter, the embedding table included, across processes" if kind == "fsdp2" else
+               "broadcasts every parameter from the compute device")
+        raise NexusError(f"--embeddings-on host is not supported under {_ENGINE_NAMES[kind]}, which {why}; "
+                         f"drop --embeddings-on host, or train with DDP")
+
+
+_ENGINE_NAMES = {"deepspeed": "DeepSpeed ZeRO", "fsdp2": "FSDP2"}
 
 
 def enable_checkpointing(model) -> None:

@@ -9,6 +9,7 @@ changes them even though the path, and so every recorded setting, stays the same
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -62,8 +63,11 @@ def check_resume(run_dir: Path, config: TrainConfig, world_size: int, engine: st
         return
     old = json.loads(path.read_text())
     old_config = old.get("config", {})
-    diff = [f"{k} ({old_config.get(k)!r} vs {getattr(config, k)!r})"
-            for k in RESUME_MUST_MATCH if old_config.get(k) != getattr(config, k)]
+    # A setting added since the run started was recorded as nothing: the run had its default.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    recorded = {k: old_config.get(k, defaults[k]) for k in RESUME_MUST_MATCH}
+    diff = [f"{k} ({recorded[k]!r} vs {getattr(config, k)!r})"
+            for k in RESUME_MUST_MATCH if recorded[k] != getattr(config, k)]
     if old.get("world_size") != world_size:
         diff.append(f"world_size ({old.get('world_size')} vs {world_size})")
     old_engine = old.get("engine", "ddp")

@@ -48,6 +48,9 @@ class TrainConfig:
     min_lr_ratio: float = _f(0.0, "Cosine floor as a fraction of the peak learning rate.")
     max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0: no clipping).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
+    optim: str = _f("adamw", "Optimizer of the trainable parameters: adamw (fp32 state, 8 bytes per parameter) or "
+                    "adamw8bit (bitsandbytes' 8-bit AdamW, about 2 bytes per parameter; the optim8bit extra).",
+                    choices=("adamw", "adamw8bit"))
     ce_weight: float = _f(1.0, "Weight of the cross-entropy on the data.")
     kd_weight: float = _f(1.0, "Weight of the distillation KL(teacher || student), multiplied by T^2.")
     temperature: float = _f(1.0, "Distillation temperature T.")
@@ -78,6 +81,9 @@ class TrainConfig:
                          "streamed to the device one MoE layer at a time while the previous one computes; the "
                          "device holds at most two layers' routed experts). Results are identical.",
                          choices=("device", "host"))
+    embeddings_on: str = _f("device", "Where the input embedding table lives: device, or host (host memory; the "
+                            "lookup runs there and only the looked-up rows move to the device). Not for models whose "
+                            "output head shares the table. Results are identical.", choices=("device", "host"))
 
     def __post_init__(self):
         for name in ("model", "adapter", "output"):
@@ -110,6 +116,11 @@ class TrainConfig:
             raise NexusError(f"--sfa-beta must be in [0, 1], got {self.sfa_beta}")
         self._check_kd_data()
         self._check_experts_on()
+        from nexus.host_embedding import check_embeddings_on
+        from nexus.training.optimizers import check_optim
+
+        check_optim(self.optim)
+        check_embeddings_on(self.embeddings_on)
         if self.resume and self.overwrite:
             raise NexusError("--resume continues the run in --output and --overwrite deletes it: give only one")
         if self.allow_data_change and not self.resume:
@@ -158,7 +169,7 @@ def _flag(name: str) -> str:
 RESUME_MUST_MATCH = ("model", "adapter", "teacher", "data", "seq_len", "batch_size", "grad_accum", "seed",
                      "train_routers", "train_native_shared", "sfa_interval", "sfa_anchor", "text_column", "tokenizer",
                      "lr", "router_lr", "weight_decay", "ce_weight", "kd_weight", "router_kl_weight", "temperature",
-                     "kd_data", "kd_batch_size", "kd_text_column")
+                     "kd_data", "kd_batch_size", "kd_text_column", "optim")
 
 KD_STREAM_FIELDS = ("kd_data", "kd_batch_size", "kd_text_column")
 """The options of the separate distillation stream (all None without ``--kd-data``)."""
