@@ -184,3 +184,35 @@ def test_kernel_warning_goes_to_debug(caplog):
     assert levels["something else"] == logging.WARNING
     assert levels["bitsandbytes: Failed to load CPU gemm_4bit_forward from kernels-community: no kernels."] == \
         logging.DEBUG
+
+
+@pytest.mark.slow
+def test_ddp_with_8bit_state_and_host_embeddings_matches_one_process(work, tmp_path):
+    from pathlib import Path
+
+    from helpers_train import torchrun
+
+    nexus = str(Path(sys.executable).parent / "nexus")
+    options = dict(seq_len=32, max_steps=3, lr=3e-3, log_every=1, save_every=0, seed=5, train_routers=True,
+                   router_lr=1e-3, weight_decay=0.01, optim="adamw8bit", embeddings_on="host")
+    args = [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    args = [a for a in args if a != "True"]  # a flag takes no value
+    run = torchrun(nexus, "train", "--model", str(work["base"]), "--adapter", str(work["adapter"]), "--data",
+                   str(work["data"]), "--batch-size", "1", "--output", str(tmp_path / "ddp"), *args, no_python=True)
+    assert "stays in host memory" in run.stdout + run.stderr
+    single = train(TrainConfig(model=str(work["base"]), adapter=str(work["adapter"]), data=str(work["data"]),
+                               output=str(tmp_path / "one"), batch_size=2, **options))
+    a = load_file(str(tmp_path / "ddp" / "final" / ADAPTER_WEIGHTS_NAME))
+    b = load_file(str(single.final / ADAPTER_WEIGHTS_NAME))
+    init = load_file(str(work["adapter"] / ADAPTER_WEIGHTS_NAME))
+    assert a.keys() == b.keys()
+    for k in init:
+        assert not torch.equal(b[k], init[k]), k
+        # the 8-bit moments may round a last-bit difference of the summed gradients to another code
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+    ma, mb = _metrics(tmp_path / "ddp"), _metrics(tmp_path / "one")
+    assert len(ma) == len(mb) == 3
+    for x, y in zip(ma, mb):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["tokens"] == y["tokens"]
+    recorded = json.loads((tmp_path / "ddp" / RUN_CONFIG_NAME).read_text())
+    assert recorded["world_size"] == 2 and recorded["config"]["optim"] == "adamw8bit"
