@@ -17,8 +17,8 @@ The distributed engine is accelerate's: run under ``accelerate launch`` or ``tor
 DDP, ``accelerate launch`` with an FSDP2 config (``fsdp_version: 2``) to shard the frozen
 base across devices when one device cannot hold it, or with a DeepSpeed ZeRO-1/2 config to
 partition the adapter's optimizer state (:mod:`nexus.training.strategies`). Only the trainable
-parameters (shared experts, optionally routers) are optimised, by AdamW; the base stays frozen
-and in ``eval()``. Adapters and the adapter in every checkpoint hold whole tensors, gathered
+parameters (shared experts, optionally routers) are optimised, by AdamW (``--optim``: fp32 or
+8-bit state); the base stays frozen and in ``eval()``. Adapters and the adapter in every checkpoint hold whole tensors, gathered
 from shards or partitions, so a run saved under one layout is an ordinary adapter for any other.
 
 :func:`train` reads as the recipe: :func:`setup` (seed, student, strategy, teacher, data),
@@ -87,7 +87,7 @@ class TrainResult:
         checkpoint: the last checkpoint written, or None.
         interrupted: stopped by SIGINT/SIGTERM or ``stop_after``.
         model: the trained (unwrapped) model, for in-process callers.
-        optimizer: its AdamW (under DeepSpeed, over DeepSpeed's fp32 partitions), for inspection.
+        optimizer: its optimizer (under DeepSpeed, AdamW over DeepSpeed's fp32 partitions), for inspection.
     """
 
     run_dir: Path
