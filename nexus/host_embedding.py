@@ -116,6 +116,13 @@ def keep_embeddings_on_host(model: nn.Module, what: str = "model") -> HostEmbedd
     return emb
 
 
+def compute_device(model: nn.Module) -> torch.device:
+    """Where ``model`` computes: where a host embedding sends its rows, else its first parameter's
+    device (transformers' ``model.device`` reads the first parameter, which is the host table)."""
+    emb = next((m for m in model.modules() if isinstance(m, HostEmbedding)), None)
+    return emb.compute_device if emb is not None else next(model.parameters()).device
+
+
 def check_embeddings_on(value: str, flag: str = "--embeddings-on") -> str:
     """``value`` if it is one of :data:`EMBEDDINGS_ON`.
 

@@ -110,8 +110,10 @@ def attach_shared_experts(
     """
     if gate_mode not in GATE_MODES:
         raise NexusError(f"unknown gate mode {gate_mode!r}; choose one of {', '.join(GATE_MODES)}")
+    from nexus.host_embedding import compute_device
+
     blocks = family.moe_blocks(model)
-    device = next(model.parameters()).device
+    device = compute_device(model)
     for block in blocks:
         if hasattr(block.module, SHARED_MODULE_NAME):
             raise NexusError(f"{block.path} already has a shared expert; detach it first or load the base model again")

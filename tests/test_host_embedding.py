@@ -88,6 +88,14 @@ def test_to_device_leaves_the_table_on_the_host_and_sends_only_the_rows(work):
     assert loaded.get_input_embeddings().weight.device.type == "cpu"
     assert {p.device.type for n, p in loaded.named_parameters() if n != EMBED} == {"meta"}
     assert EMBED in loaded._ddp_params_and_buffers_to_ignore
+    # Shared experts attached afterwards go where the model computes, not where its first parameter is.
+    from nexus.family import resolve_family
+    from nexus.host_embedding import compute_device
+    from nexus.shared_expert import attach_shared_experts
+
+    assert loaded.device.type == "cpu" and compute_device(loaded).type == "meta"
+    attach_shared_experts(loaded, resolve_family(loaded.config), 16, "scalar")
+    assert {p.device.type for n, p in loaded.named_parameters() if is_shared_parameter(n)} == {"meta"}
 
 
 @pytest.mark.parametrize("options", [

@@ -309,6 +309,7 @@ class NexusModel(PeftModel):
         from transformers import AutoModelForCausalLM
 
         from nexus.engines.export import export
+        from nexus.host_embedding import compute_device
 
         base = self.get_base_model()
         source = source_checkpoint(base)
@@ -322,7 +323,7 @@ class NexusModel(PeftModel):
             out = Path(tmp) / "merged"
             export(source, adapter, out, dtype=dtype, dequantize=True, family_name=self.family.name)
             merged = AutoModelForCausalLM.from_pretrained(out, dtype=next(base.parameters()).dtype, device_map=None)
-            merged.to(next(base.parameters()).device)
+            merged.to(compute_device(base))
         return merged.eval()
 
     def unload(self) -> nn.Module:
