@@ -55,6 +55,20 @@ def test_decode_every_byte_value_by_hand():
         assert _bits(out[2 * byte + 1 : 2 * byte + 2]).item() == _bits(torch.tensor([hi])).item()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_every_byte_pair_under_every_scale_is_ldexp(dtype):
+    """Every byte in both halves of a 16-bit pair (the decode reads two bytes at once) under every
+    scale byte, sub- and overflowing ones included, decodes to the bits of ``ldexp(value, scale - 127)``."""
+    pairs = torch.arange(256, dtype=torch.uint8).reshape(16, 16)
+    rows = torch.cat([pairs, pairs.flip(-1)])  # each byte once low and once high in its pair
+    blocks = rows.expand(256, -1, -1).reshape(256, 32, 1, 16).contiguous()
+    scales = torch.arange(256, dtype=torch.uint8)[:, None, None].expand(256, 32, 1).contiguous()
+    out = decode_mxfp4(blocks, scales, dtype=dtype, check=False)
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], -1).reshape(256, 32, 32).long()
+    ref = torch.ldexp(torch.tensor(FP4_VALUES, dtype=dtype)[codes], (scales.to(torch.int32) - 127).to(dtype))
+    assert torch.equal(_bits(out), _bits(ref))
+
+
 def test_decode_rejects_mismatched_shapes():
     blocks, scales = _random_packed(1, 4, 2)
     with pytest.raises(ValueError, match="do not match"):

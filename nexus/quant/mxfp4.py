@@ -8,6 +8,7 @@ element) and ``scales`` uint8 ``[..., rows, cols/32]`` (exponent with bias 127).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from nexus.errors import NexusError
 from nexus.quant import DAMAGED_HINT, check_finite
@@ -56,20 +57,36 @@ def decode_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype 
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
     if check:
         check_mxfp4_scales(blocks, scales, name)
-    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
-    rows = blocks.reshape(-1, blocks.shape[-1])
-    exps = scales.reshape(-1, 1)
-    out = torch.empty(rows.shape[0], rows.shape[1] * 2, dtype=dtype, device=blocks.device)
-    # Row chunks bound the int64 index temporaries (8 bytes per packed byte) to a few MB.
+    pairs, powers = _decode_tables(dtype, blocks.device)
+    # Two packed bytes (four values) per table row: one gather per 16 bits, then one multiply by
+    # the block's power of two (what torch.ldexp computes, so the values are ldexp's to the bit).
+    rows = blocks.contiguous().view(torch.uint16).reshape(-1, blocks.shape[-1] // 2)
+    exps = scales.reshape(-1)
+    out = torch.empty(rows.shape[0], rows.shape[1] * 4, dtype=dtype, device=blocks.device)
+    # Row chunks bound the int32 index temporaries (2 bytes per packed byte) to a few MB.
     for r0 in range(0, rows.shape[0], CHUNK_ROWS):
-        b = rows[r0 : r0 + CHUNK_ROWS].to(torch.int64)
         sub = out[r0 : r0 + CHUNK_ROWS]
-        sub[:, 0::2] = lut[b & 0x0F]
-        sub[:, 1::2] = lut[b >> 4]
-        torch.ldexp(sub, (exps[r0 : r0 + CHUNK_ROWS].to(torch.int32) - 127).to(dtype), out=sub)
+        idx = rows[r0 : r0 + CHUNK_ROWS].to(torch.int32)
+        torch.mul(F.embedding(idx, pairs).view(sub.shape), powers[exps[r0 : r0 + CHUNK_ROWS].long(), None], out=sub)
     if check:
         check_finite(out, f"MXFP4 tensor {name}_blocks")  # float16 overflows below 2^127
     return out.reshape(*blocks.shape[:-2], -1)
+
+
+_TABLES: dict = {}
+
+
+def _decode_tables(dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pairs [65536, 4], powers [256])`` of ``dtype`` on ``device``, built once: the four values of
+    two packed bytes read as one little-endian uint16, and ``2 ** (scale byte - 127)``."""
+    key = (dtype, torch.device(device))
+    if key not in _TABLES:
+        lut = torch.tensor(FP4_VALUES, dtype=dtype, device=device)
+        code = torch.arange(65536, device=device)
+        pairs = torch.stack([lut[(code >> shift) & 0x0F] for shift in (0, 4, 8, 12)], dim=1)
+        powers = torch.pow(2.0, (torch.arange(256, device=device) - 127).to(dtype))
+        _TABLES[key] = pairs, powers
+    return _TABLES[key]
 
 
 def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
