@@ -94,3 +94,12 @@ def dense_model_dir(tmp_path):
     # in a directory of its own: outputs of a test go beside it, never into the model
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "dense")
     return tmp_path / "dense"
+
+
+@pytest.fixture
+def exact_packed_layout(monkeypatch):
+    """Packed experts copy their decoded weights into the family's own layout (GPT-OSS's transpose),
+    so that results are bit-identical to the dequantised model's (``PackedExperts.exact_layout``)."""
+    from nexus.quant.packed_experts import PackedExperts
+
+    monkeypatch.setattr(PackedExperts, "exact_layout", True)

@@ -40,7 +40,8 @@ def _adapted(gpt_oss, model, seed=0, gate_mode="scalar", size=32):
                          shared_intermediate_size=size, gate_mode=gate_mode, model_type=model.config.model_type)
 
 
-def test_round_trip_gives_identical_logits(gpt_oss, gpt_oss_model, gpt_oss_mxfp4_dir, gpt_oss_float_dir, tmp_path, input_ids):
+def test_round_trip_gives_identical_logits(gpt_oss, gpt_oss_model, gpt_oss_mxfp4_dir, gpt_oss_float_dir, exact_packed_layout,
+                                          tmp_path, input_ids):
     base = _logits(gpt_oss_model, input_ids)
     config = _adapted(gpt_oss, gpt_oss_model, gate_mode="token")
     adapted = _logits(gpt_oss_model, input_ids)

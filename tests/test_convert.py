@@ -130,7 +130,7 @@ def test_adapter_has_save_adapter_keys_and_loads(gpt_oss, gpt_oss_mxfp4_dir, sel
     assert not (tmp_path / ".ad.partial").exists()
 
 
-def test_zeros_outputs_zero_but_can_learn(gpt_oss_mxfp4_dir, base, tmp_path):
+def test_zeros_outputs_zero_but_can_learn(gpt_oss_mxfp4_dir, base, exact_packed_layout, tmp_path):
     out = _convert(gpt_oss_mxfp4_dir, tmp_path / "z", strategy="zeros", gate_mode="none", progress=False)
     model = load_adapter(load_model(gpt_oss_mxfp4_dir), out)
     assert torch.equal(logits_of(model), logits_of(base))

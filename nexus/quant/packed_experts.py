@@ -5,23 +5,65 @@
 the checkpoint's bytes as buffers and, per forward, decodes only the experts that received
 tokens, a chunk of experts at a time, in the compute dtype. Backward re-decodes and returns
 gradients for the hidden states and the routing weights only: nothing decoded outlives the chunk
-that uses it, and the autograd graph keeps just the layer's inputs.
+that uses it, and the autograd graph keeps just the layer's inputs. A decode budget shared by the
+model's layers (:func:`set_reuse_bytes`, ``--packed-cache-bytes``) lets a forward that records a
+graph keep its layer's decoded experts for the backward instead, when they fit.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nexus.errors import NexusError
 from nexus.quant.fp8 import check_finite_scales, decode_fp8
 from nexus.quant.mxfp4 import check_mxfp4_scales, decode_mxfp4
 
 DEFAULT_DECODE_BYTES = 64 * 2**20  # decoded weights alive at once, per layer (at least one expert)
+
+
+@dataclasses.dataclass
+class ReuseBudget:
+    """Bytes of decoded experts that forwards may keep for their backward, shared by a model's layers.
+
+    :ivar limit: the budget; 0 keeps nothing (every backward decodes again).
+    :ivar held: bytes kept now (reserved by a forward, released when its backward or graph is done).
+    :ivar peak: most bytes kept at once.
+    """
+
+    limit: int = 0
+    held: int = 0
+    peak: int = 0
+
+    def reserve(self, nbytes: int) -> bool:
+        """Take ``nbytes`` from the budget if they fit."""
+        if nbytes <= 0 or self.held + nbytes > self.limit:
+            return False
+        self.held += nbytes
+        self.peak = max(self.peak, self.held)
+        return True
+
+
+class _Kept:
+    """A layer's decoded chunks kept from forward to backward; gives its bytes back to the budget once
+    dropped (after the backward, or with an autograd graph whose backward never runs)."""
+
+    def __init__(self, budget: ReuseBudget, nbytes: int):
+        self.budget, self.nbytes, self.chunks = budget, nbytes, []
+
+    def release(self) -> None:
+        self.chunks = []
+        self.budget.held -= self.nbytes
+        self.nbytes = 0
+
+    def __del__(self):
+        self.release()
 
 
 class PackedMatrices(nn.Module):
@@ -121,14 +163,16 @@ class PackedExperts(nn.Module):
     :param transposed: the family's own module computes ``x @ W + b`` with ``W`` laid out
         ``(in, out)`` (GPT-OSS).
     :param exact_layout: with ``transposed``, copy decoded weights into that layout so that results
-        are bit-identical to the dequantised model's. The copy is a strided transpose, slow on CPU
-        (GPT-OSS layout, H = I = 1024, 32 experts, 2 layers, 256 tokens, one thread: forward and
-        backward 4.8 s with it, 2.3 s without); False multiplies by the transposed view instead
-        (fp32 results then differ from the dequantised model's by ~4e-7 relative).
+        are bit-identical to the dequantised model's. The copy is a strided transpose that costs
+        about as much as the decode on CPU, so by default (None: the class attribute, False) the
+        experts multiply by the transposed view instead; results then differ from the dequantised
+        model's by fp32 rounding (~4e-7 relative in fp32).
     :param decode_bytes: budget of decoded weights alive at once; experts are decoded in chunks under it.
     """
 
     streamer = None  # a nexus.quant.streaming.ExpertStreamer when the bytes stay in host memory
+    exact_layout = False
+    reuse = ReuseBudget()  # replaced by a model's own budget by set_reuse_bytes; this one keeps nothing
 
     def __init__(
         self,
@@ -141,7 +185,7 @@ class PackedExperts(nn.Module):
         down_bias: torch.Tensor | None = None,
         interleaved: bool = False,
         transposed: bool = False,
-        exact_layout: bool = True,
+        exact_layout: bool | None = None,
         decode_bytes: int = DEFAULT_DECODE_BYTES,
     ):
         super().__init__()
@@ -149,7 +193,9 @@ class PackedExperts(nn.Module):
             raise ValueError("PackedExperts needs either gate_up or both gate and up")
         self.gate_up, self.gate, self.up, self.down = gate_up, gate, up, down
         self.activation = activation
-        self.interleaved, self.transposed, self.exact_layout = interleaved, transposed, exact_layout
+        self.interleaved, self.transposed = interleaved, transposed
+        if exact_layout is not None:
+            self.exact_layout = exact_layout
         self.decode_bytes = decode_bytes
         self.num_experts, self.hidden_size, self.intermediate_size = down.shape
         if gate_up_bias is not None:
@@ -179,7 +225,7 @@ class PackedExperts(nn.Module):
         """
         needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad)
         with self._bytes_on(hidden_states.device, needs_grad=needs_grad):
-            return _PackedExpertsFunction.apply(hidden_states, top_k_weights, top_k_index, self)
+            return _PackedExpertsFunction.apply(hidden_states, top_k_weights, top_k_index, self, needs_grad)
 
     def _bytes_on(self, device, needs_grad: bool = False, backward: bool = False):
         """Context in which the packed bytes are on ``device`` (streamed there when kept in host memory)."""
@@ -203,10 +249,13 @@ class PackedExperts(nn.Module):
             start += n
         return groups
 
+    def _expert_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of one expert's decoded matrices in ``dtype``."""
+        return 3 * self.hidden_size * self.intermediate_size * torch.finfo(dtype).bits // 8
+
     def _chunks(self, groups, dtype: torch.dtype):
         """``groups`` split so that each chunk's decoded weights fit :attr:`decode_bytes`."""
-        per_expert = 3 * self.hidden_size * self.intermediate_size * torch.finfo(dtype).bits // 8
-        n = max(1, self.decode_bytes // max(per_expert, 1))
+        n = max(1, self.decode_bytes // max(self._expert_bytes(dtype), 1))
         return [groups[i : i + n] for i in range(0, len(groups), n)]
 
     def _decode(self, experts: list[int], dtype: torch.dtype, device):
@@ -241,21 +290,29 @@ class PackedExperts(nn.Module):
 
 
 class _PackedExpertsFunction(torch.autograd.Function):
-    """Forward and backward of :class:`PackedExperts`; saves only its inputs, re-decodes in backward."""
+    """Forward and backward of :class:`PackedExperts`; saves only its inputs and re-decodes in backward,
+    unless the module's :class:`ReuseBudget` lets a forward that records a graph keep its decoded chunks."""
 
     @staticmethod
-    def forward(ctx, hidden, weights, index, module: PackedExperts):
+    def forward(ctx, hidden, weights, index, module: PackedExperts, needs_grad: bool):
         kind = hidden.device.type
         # Backward recomputes under the same autocast state as this forward.
         ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         out = torch.zeros_like(hidden)
         groups = module._groups(index)
+        kept = None
+        if needs_grad:  # a no-grad pass (a teacher) has no backward to keep anything for
+            nbytes = len(groups) * module._expert_bytes(hidden.dtype)
+            if module.reuse.reserve(nbytes):
+                kept = _Kept(module.reuse, nbytes)
         for chunk in module._chunks(groups, hidden.dtype):
             gate_up, down = module._decode([g[0] for g in chunk], hidden.dtype, hidden.device)
+            if kept is not None:
+                kept.chunks.append((gate_up, down))
             for j, (e, tok, pos) in enumerate(chunk):
                 y = module._expert(hidden[tok], e, gate_up[j], down[j])
                 out.index_add_(0, tok, (y * weights[tok, pos, None]).to(hidden.dtype))
-        ctx.module = module
+        ctx.module, ctx.kept = module, kept
         ctx.save_for_backward(hidden, weights, index)
         return out
 
@@ -266,12 +323,17 @@ class _PackedExpertsFunction(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = torch.zeros_like(hidden) if need_x else None
         grad_w = torch.zeros_like(weights) if need_w else None
+        kept, ctx.kept = ctx.kept, None  # a second backward (retain_graph) decodes again
         if not (need_x or need_w):
-            return None, None, None, None
+            return None, None, None, None, None
         kind, enabled, amp_dtype = ctx.autocast
         with module._bytes_on(hidden.device, backward=True):
-            for chunk in module._chunks(module._groups(index), hidden.dtype):
-                gate_up, down = module._decode([g[0] for g in chunk], hidden.dtype, hidden.device)
+            for c, chunk in enumerate(module._chunks(module._groups(index), hidden.dtype)):
+                if kept is not None:
+                    gate_up, down = kept.chunks[c]
+                    kept.chunks[c] = None  # each chunk freed once its gradients are computed
+                else:
+                    gate_up, down = module._decode([g[0] for g in chunk], hidden.dtype, hidden.device)
                 for j, (e, tok, pos) in enumerate(chunk):
                     go = grad_out[tok]
                     w = weights[tok, pos, None]
@@ -285,4 +347,28 @@ class _PackedExpertsFunction(torch.autograd.Function):
                         (gx,) = torch.autograd.grad(y, x, (go.to(dt) * w.to(dt)).to(y.dtype))
                         grad_x.index_add_(0, tok, gx.to(grad_x.dtype))
                 del gate_up, down
-        return grad_x, grad_w, None, None
+        if kept is not None:
+            kept.release()
+        return grad_x, grad_w, None, None, None
+
+
+def set_reuse_bytes(model: nn.Module, nbytes: int) -> ReuseBudget | None:
+    """Let the packed experts of ``model`` keep up to ``nbytes`` of decoded weights from a forward that
+    records a graph to its backward (``--packed-cache-bytes``), so that backward does not decode again.
+
+    The budget is shared by the model's layers: a layer keeps all of its decoded experts (the hit ones,
+    ``3 * H * I`` values each in the compute dtype) if they fit what earlier layers left, else none
+    (it decodes again in backward, chunk by chunk, as with 0). Results are bit-identical either way.
+
+    :return: the model's budget, or None when ``model`` holds no packed experts.
+    :raises NexusError: a negative ``nbytes``.
+    """
+    if nbytes < 0:
+        raise NexusError(f"packed_cache_bytes (--packed-cache-bytes) must be 0 or more, got {nbytes}")
+    modules = [m for m in model.modules() if isinstance(m, PackedExperts)]
+    if not modules:
+        return None
+    budget = ReuseBudget(limit=int(nbytes))
+    for m in modules:
+        m.reuse = budget
+    return budget
