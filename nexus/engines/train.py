@@ -18,8 +18,9 @@ DDP, ``accelerate launch`` with an FSDP2 config (``fsdp_version: 2``) to shard t
 base across devices when one device cannot hold it, or with a DeepSpeed ZeRO-1/2 config to
 partition the adapter's optimizer state (:mod:`nexus.training.strategies`). Only the trainable
 parameters (shared experts, optionally routers) are optimised, by AdamW (``--optim``: fp32 or
-8-bit state); the base stays frozen and in ``eval()``. Adapters and the adapter in every checkpoint hold whole tensors, gathered
-from shards or partitions, so a run saved under one layout is an ordinary adapter for any other.
+8-bit state); the base stays frozen and in ``eval()``. Adapters and the adapter in every
+checkpoint hold whole tensors, gathered from shards or partitions, so a run saved under one
+layout is an ordinary adapter for any other.
 
 :func:`train` reads as the recipe: :func:`setup` (seed, student, strategy, teacher, data),
 :func:`resume` (optimizer, scheduler, SFA, RNG and data position of the latest checkpoint),
