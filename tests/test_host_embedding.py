@@ -28,7 +28,8 @@ EMBED = "model.embed_tokens.weight"
 def work(gpt_oss_mxfp4_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("host_embedding")
     base = make_base(gpt_oss_mxfp4_dir, root / "base")
-    return {"base": base, "adapter": make_adapter(base, root / "adapter"), "data": make_data(root / "data.jsonl", n=12)}
+    return {"base": base, "adapter": make_adapter(base, root / "adapter"),
+            "data": make_data(root / "data.jsonl", n=12)}
 
 
 def _student(work, **kw):
