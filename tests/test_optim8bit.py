@@ -143,8 +143,10 @@ def test_unknown_optimizer_is_refused(work, tmp_path):
         _config(work, tmp_path / "run", optim="sgd")
 
 
-def test_missing_bitsandbytes_names_the_extra(monkeypatch):
+def test_missing_bitsandbytes_names_the_extra(work, tmp_path, monkeypatch):
     import builtins
+
+    import nexus.loading
 
     real_import = builtins.__import__
 
@@ -157,6 +159,13 @@ def test_missing_bitsandbytes_names_the_extra(monkeypatch):
     p = torch.nn.Parameter(torch.zeros(4))
     with pytest.raises(NexusError, match=r"needs bitsandbytes.*pip install 'nexus-moe\[optim8bit\]'"):
         build_optimizer("adamw8bit", [{"params": [p]}], 1e-3, 0.0)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before bitsandbytes was looked for")
+
+    monkeypatch.setattr(nexus.loading, "load_model", no_load)
+    with pytest.raises(NexusError, match=r"needs bitsandbytes.*or train with --optim adamw"):
+        train(_config(work, tmp_path / "run"))
 
 
 @pytest.mark.parametrize("code", [

@@ -13,7 +13,7 @@ import torch
 
 from nexus.adapter import adapter_family, load_adapter, read_adapter_config
 from nexus.errors import NexusError
-from nexus.training.optimizers import build_optimizer
+from nexus.training.optimizers import build_optimizer, import_bitsandbytes
 from nexus.training.train_config import TrainConfig
 from nexus.training.train_state import ADAPTER_SUBDIR
 
@@ -88,15 +88,18 @@ def load_student(config: TrainConfig, strategy, checkpoint: Path | None) -> Stud
 
 def check_strategy_options(config: TrainConfig, kind: str) -> None:
     """Refuse ``--optim adamw8bit`` and ``--embeddings-on host`` under the engines they do not run
-    with (``kind``: the strategy's, ``ddp``, ``fsdp2`` or ``deepspeed``), before the model loads.
+    with (``kind``: the strategy's, ``ddp``, ``fsdp2`` or ``deepspeed``), and ``--optim adamw8bit``
+    without bitsandbytes, before the model loads.
 
-    :raises NexusError: naming the option and the engine.
+    :raises NexusError: naming the option and the engine, or the extra to install.
     """
     if config.optim != "adamw" and kind in ("deepspeed", "fsdp2"):
         why = ("partitions the optimizer state across processes itself" if kind == "deepspeed" else
                "shards the trainable parameters into DTensors, which bitsandbytes' 8-bit state does not take")
         raise NexusError(f"--optim {config.optim} is not supported under {_ENGINE_NAMES[kind]}, which {why}; "
                          f"train with --optim adamw, or under DDP")
+    if config.optim == "adamw8bit":
+        import_bitsandbytes()
     if config.embeddings_on == "host" and kind in ("deepspeed", "fsdp2"):
         why = ("shards every parameter, the embedding table included, across processes" if kind == "fsdp2" else
                "broadcasts every parameter from the compute device")
