@@ -72,9 +72,10 @@ def _tensor_bytes(tensors) -> int:
 
 
 def measure_step(path: str, dequantize: bool, bf16: bool, batch: int, seq: int, steps: int, threads: int,
-                 shared_size: int | None) -> dict:
+                 shared_size: int | None, cache_bytes: int = 0) -> dict:
     """Child process: load ``path`` (packed or dequantised), attach shared experts, run 1 warm-up
     and ``steps`` timed self-distillation train steps on a fixed random batch ``[batch, seq]``.
+    ``cache_bytes``: the packed experts' decode budget (:func:`nexus.quant.packed_experts.set_reuse_bytes`).
 
     :return: bytes of the experts / the rest of the base / the adapter, RSS after imports, after
         loading and peak (MiB), load seconds, tokens/s of the median step, losses, and the bytes
@@ -89,6 +90,7 @@ def measure_step(path: str, dequantize: bool, bf16: bool, batch: int, seq: int, 
     from benchmarks.common import peak_rss_mb
     from nexus.family import resolve_family
     from nexus.loading import load_model
+    from nexus.quant.packed_experts import set_reuse_bytes
     from nexus.quant.packed_loading import packed_modules
     from nexus.shared_expert import attach_shared_experts, freeze_base
     from nexus.training.teachers import SelfTeacher
@@ -105,6 +107,7 @@ def measure_step(path: str, dequantize: bool, bf16: bool, batch: int, seq: int, 
     # safetensors tensors are private file mappings: bytes never written stay file-backed (page cache)
     rss_split = {"rss_anon_loaded_mb": _status_mb("RssAnon"), "rss_file_loaded_mb": _status_mb("RssFile")}
     packed = packed_modules(model)
+    budget = set_reuse_bytes(model, cache_bytes)
     if packed:  # the stored bytes (blocks + scales); the experts' biases count with the rest, as below
         expert_bytes = sum(m.stored_bytes() for m in packed.values())
     else:
@@ -158,6 +161,7 @@ def measure_step(path: str, dequantize: bool, bf16: bool, batch: int, seq: int, 
         "tokens_per_s": batch * seq / statistics.median(times), "losses": losses,
         "saved_bytes": saved["total"], "saved_vocab_bytes": saved["vocab"], "saved_tensors": saved["count"],
         "tokens": batch * seq, "layers": model.config.num_hidden_layers, "vocab": vocab,
+        "cache_bytes": cache_bytes, "cache_peak_bytes": budget.peak if budget is not None else 0,
     }
 
 
@@ -168,12 +172,14 @@ print(json.dumps(measure_step(**{kwargs!r})))
 """
 
 
-def run_variants(path: Path, variants: list[tuple[str, bool, bool]], args, env: dict) -> dict:
-    """Measure each ``(name, dequantize, bf16)`` variant of ``path`` in its own process."""
+def run_variants(path: Path, variants: list[tuple], args, env: dict) -> dict:
+    """Measure each ``(name, dequantize, bf16[, cache bytes])`` variant of ``path`` in its own process
+    (packed ones without a cache bytes under ``--packed-cache-bytes``)."""
     out = {}
-    for name, dequantize, bf16 in variants:
+    for name, dequantize, bf16, *cache in variants:
+        cache_bytes = cache[0] if cache else (0 if dequantize else args.packed_cache_bytes)
         kwargs = dict(path=str(path), dequantize=dequantize, bf16=bf16, batch=args.batch, seq=args.seq,
-                      steps=args.steps, threads=args.threads, shared_size=args.shared_size)
+                      steps=args.steps, threads=args.threads, shared_size=args.shared_size, cache_bytes=cache_bytes)
         r = run_child(STEP_CHILD.format(kwargs=kwargs), env=env)
         out[name] = r
         print(f"  {name:<18} experts {r['expert_bytes'] / MIB:>9.1f} MiB  rest {r['rest_bytes'] / MIB:>8.1f} MiB  "
@@ -211,9 +217,14 @@ def part_real(work: Path, args, env) -> dict:
           f"batch {args.batch} x {args.seq}", flush=True)
     variants = [("packed_bf16", False, True), ("dequantised_bf16", True, True),
                 ("packed_fp32", False, False), ("dequantised_fp32", True, False)]
+    if args.packed_cache_bytes:  # the packed step without the cache too, for comparison
+        variants[2:2] = [("packed_bf16_cache0", False, True, 0)]
+        variants.append(("packed_fp32_cache0", False, False, 0))
     res = run_variants(ckpt, variants, args, env)
     ratios = {"bf16": compare(res, "packed_bf16", "dequantised_bf16"),
               "fp32": compare(res, "packed_fp32", "dequantised_fp32")}
+    if args.packed_cache_bytes:
+        ratios.update({f"{d}_cache0": compare(res, f"packed_{d}_cache0", f"dequantised_{d}") for d in ("bf16", "fp32")})
     for k, r in ratios.items():
         print(f"  {k}: experts {r['experts_memory']:.2f}x smaller packed, peak RSS {r['peak_rss']:.2f}x, "
               f"speed packed/dequantised {r['speed_packed_over_dequantised']:.2f}x")
@@ -445,6 +456,9 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=1, help="Rows per train step.")
     p.add_argument("--seq", type=int, default=None, help="Tokens per row (default 512; --quick 32).")
     p.add_argument("--steps", type=int, default=2, help="Timed train steps after one warm-up.")
+    p.add_argument("--packed-cache-bytes", type=int, default=0,
+                   help="Decoded expert bytes a packed forward may keep for its backward (0: none); when set, "
+                        "the real part also measures the packed steps without it.")
     p.add_argument("--shared-size", type=int, default=None, help="Shared expert width (default: the expert width).")
     p.add_argument("--full-path", type=Path, default=None,
                    help="Where the 20B layout is, written there if absent (default: in the work directory).")

@@ -135,3 +135,19 @@ def test_bench_packed_quick_end_to_end(tmp_path):
     assert set(saved["full"]["stages"]) == {"inspect", "collect", "select", "convert", "train"}
     assert len(saved["full"]["stages"]["train"]["metrics"]) == 2
     assert saved["projection"]["models"]["gpt-oss-20b"]["dequantised_bf16_gib"] > 38
+
+
+def test_measure_step_with_a_decode_cache_trains_identically(tmp_path):
+    """The packed step under ``--packed-cache-bytes`` keeps decoded experts for backward (its peak is
+    reported) and gives the same losses as without."""
+    from benchmarks import bench_packed
+
+    layouts.write_gpt_oss(tmp_path, layouts.gpt_oss_config(**TINY_OSS))
+    threads = torch.get_num_threads()
+    try:
+        runs = [bench_packed.measure_step(str(tmp_path), dequantize=False, bf16=False, batch=1, seq=8, steps=1,
+                                          threads=1, shared_size=None, cache_bytes=cache) for cache in (0, 2**30)]
+    finally:
+        torch.set_num_threads(threads)
+    assert runs[0]["cache_peak_bytes"] == 0 < runs[1]["cache_peak_bytes"] <= 2**30
+    assert runs[1]["cache_bytes"] == 2**30 and runs[0]["losses"] == runs[1]["losses"]
