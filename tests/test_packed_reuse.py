@@ -4,6 +4,8 @@ bit-identical to decoding again; no-grad passes and a budget of 0 keep nothing."
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -111,3 +113,28 @@ def test_a_negative_budget_is_refused_by_name(gpt_oss_mxfp4_dir):
     with pytest.raises(NexusError, match=r"--packed-cache-bytes.*got -1"):
         set_reuse_bytes(model, -1)
     assert set_reuse_bytes(torch.nn.Linear(2, 2), 10) is None  # nothing packed, nothing to budget
+
+
+def test_train_with_packed_cache_bytes_trains_the_same_adapter_decoding_less(gpt_oss_mxfp4_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from helpers_train import make_adapter, make_base, make_data
+    from nexus.constants import ADAPTER_WEIGHTS_NAME
+    from nexus.engines.train import train
+    from nexus.training.train_config import TrainConfig
+
+    base = make_base(gpt_oss_mxfp4_dir, tmp_path / "base")
+    args = dict(model=str(base), adapter=str(make_adapter(base, tmp_path / "adapter")),
+                data=str(make_data(tmp_path / "data.jsonl", n=8)), seq_len=32, batch_size=2, max_steps=2, lr=3e-3,
+                log_every=1, save_every=0, seed=3)
+    runs = [train(TrainConfig(**args, output=str(tmp_path / f"out{cache}"), packed_cache_bytes=cache))
+            for cache in (0, EVERYTHING)]
+    losses = [[json.loads(line)["loss"] for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+              for r in runs]
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
+    a, b = (load_file(str(r.final / ADAPTER_WEIGHTS_NAME)) for r in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    decodes = [sum(sum(m.decoded.values()) for m in packed_modules(r.model).values()) for r in runs]
+    assert decodes[1] < decodes[0]  # the student's backward decoded nothing again
+    with pytest.raises(NexusError, match="--packed-cache-bytes must be at least 0, got -1"):
+        TrainConfig(**args, output=str(tmp_path / "bad"), packed_cache_bytes=-1)

@@ -45,6 +45,7 @@ def load_student(config: TrainConfig, strategy, checkpoint: Path | None) -> Stud
     except routers / native shared experts when trained, and build the optimizer (``--optim``) over
     the trainable parameters (routers in their own group, at ``--router-lr``)."""
     from nexus.loading import load_model
+    from nexus.quant.packed_experts import set_reuse_bytes
     from nexus.shared_expert import base_parameters, freeze_base, native_shared_modules, router_parameters
 
     if config.experts_on == "host" and strategy.kind == "fsdp2":
@@ -55,6 +56,7 @@ def load_student(config: TrainConfig, strategy, checkpoint: Path | None) -> Stud
     model = load_model(config.model, dtype=torch.bfloat16 if config.bf16 else torch.float32,
                        device=strategy.load_device, dequantize=config.dequantize, experts_on=config.experts_on,
                        embeddings_on=config.embeddings_on)
+    set_reuse_bytes(model, config.packed_cache_bytes)
     family = adapter_family(adapter_cfg, model, config.adapter)
     blocks = family.moe_blocks(model)
     routers = router_parameters(model, family, blocks)

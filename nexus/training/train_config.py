@@ -81,6 +81,10 @@ class TrainConfig:
                          "streamed to the device one MoE layer at a time while the previous one computes; the "
                          "device holds at most two layers' routed experts). Results are identical.",
                          choices=("device", "host"))
+    packed_cache_bytes: int = _f(0, "Bytes of decoded routed experts (packed MXFP4, FP8) the student's forward may keep "
+                                 "for its backward, shared by the layers in forward order; a layer whose decoded "
+                                 "experts fit is not decoded again in backward (0: every backward decodes again). "
+                                 "Results are identical.")
     embeddings_on: str = _f("device", "Where the input embedding table lives: device, or host (host memory; the "
                             "lookup runs there and only the looked-up rows move to the device). Not for models whose "
                             "output head shares the table. Results are identical.", choices=("device", "host"))
@@ -91,7 +95,7 @@ class TrainConfig:
                 raise NexusError(f"--{name} is required")
         at_least = {"seq_len": 2, "batch_size": 1, "grad_accum": 1, "max_steps": 1, "log_every": 1,
                     "warmup_steps": 0, "save_every": 0, "keep_last": 0, "sfa_interval": 0,
-                    "loss_chunk_tokens": 0}
+                    "loss_chunk_tokens": 0, "packed_cache_bytes": 0}
         for name in ("stop_after", "kd_batch_size"):
             if getattr(self, name) is not None:
                 at_least[name] = 1
