@@ -49,24 +49,32 @@ log = logging.getLogger(__name__)
 
 GIB = 2**30
 
-# Calibration (``benchmarks/bench_memory.py``: gpt-oss layout, H = I = 2880, 64 heads, vocabulary
-# 201,088, 2 layers, 1 x 1024 tokens, bf16, width 720, on a CPU by peak anonymous memory; and the
-# H200 figures of ``benchmarks/gpu_check.py``). Per decoder layer and token the student keeps
-# ACT_HIDDEN_PER_LAYER x H values of the compute dtype for backward (norms, attention projections
-# and output, router, the packed experts' inputs, the shared expert's inputs and its three
-# projections in fp32 counted in hidden widths), and an eager attention (GPT-OSS's: no sdpa with
-# sinks) keeps its probabilities, heads x tokens x tokens, once; while a layer computes, its working
-# set is ACT_WORKING_PER_LAYER x H values per token plus ATTN_WORKING copies of the probabilities.
-ACT_HIDDEN_PER_LAYER = 24
-ACT_WORKING_PER_LAYER = 16
+# Calibration. The coefficients below fit the peaks measured on an H200 by
+# ``benchmarks/gpu_check.py`` (gpt-oss layout: H = I = 2880, 64 heads, vocabulary 201,088, 2
+# layers, 1 x 1024 tokens, bf16, width 720; experts resident or on the host, with and without
+# checkpointing; 4.34, 4.11, 3.55 and 3.55 GiB) and are checked against the CPU's peak anonymous
+# memory by ``benchmarks/bench_memory.py``. Per decoder layer and token the student keeps
+# ACT_SAVED_HIDDEN x H values of the compute dtype for backward (the packed experts and the
+# shared expert keep only their inputs; most of the rest are views), and an eager attention
+# (GPT-OSS: no sdpa with sinks) keeps its probabilities, heads x tokens x tokens, ATTN_SAVED times.
+# A layer recomputed under gradient checkpointing holds what it keeps plus a working set of
+# ACT_WORKING_HIDDEN x H values per token and ATTN_WORKING copies of the probabilities.
+ACT_SAVED_HIDDEN = 4
 ATTN_SAVED = 1
-ATTN_WORKING = 3
-LOSS_BYTES_PER_ENTRY = 24
+ACT_WORKING_HIDDEN = 4
+ATTN_WORKING = 1
+LOSS_BYTES_PER_ENTRY = 26
 """Bytes one (token, vocabulary entry) of a loss chunk costs: fp32 logits of student and teacher,
 their log-softmaxes, the probabilities and the gradient (measured; :data:`nexus.chunked_losses.WORKSPACE_BYTES`
 sizes chunks with a margin above it)."""
-RUNTIME_BYTES = 200 * 2**20
-"""Host memory of the process before any model: the interpreter, torch, transformers (measured)."""
+RUNTIME_BYTES = 340 * 2**20
+"""Host memory of a training process besides the model and the step: the interpreter, torch,
+transformers, the tokenizer and data (measured on a CPU)."""
+DECODE_COPIES = 7
+"""On a CPU, the packed experts' decode holds this many times one chunk of decoded weights
+(:data:`nexus.quant.packed_experts.DEFAULT_DECODE_BYTES`, or a whole layer's when smaller): the
+unpacked codes, fp32 values and scales before the cast (measured on the gpt-oss layout by
+``benchmarks/bench_memory.py``: 0.46 GiB beyond the tensors counted, with and without checkpointing)."""
 BNB_BLOCK = 256
 BNB_MIN_8BIT = 4096
 
@@ -261,15 +269,25 @@ def _weights(path: str, family_name: str | None, config_obj, cfg: PlanConfig) ->
             experts = b.module.get_submodule(layout.packed_module)
             prefix = f"{b.path}.{layout.packed_module}."
             skip |= {prefix + n for n, _ in experts.named_parameters() if "bias" not in n}  # biases stay as floats
-    other = 0
+    other = mapped = 0
+    # On a CPU the packed loader keeps a tensor read in its stored dtype mapped from the safetensors
+    # file (file-backed pages, not anonymous memory): MXFP4 experts, and floats stored as loaded.
+    stored_as = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if name not in skip:
-            other += t.numel() * (_load_dtype(model, name, t, dtype) if t.is_floating_point() else t.dtype).itemsize
+            nbytes = t.numel() * (_load_dtype(model, name, t, dtype) if t.is_floating_point() else t.dtype).itemsize
+            other += nbytes
+            header = headers.get(name)
+            if packed and header and header[0] == stored_as.get(_load_dtype(model, name, t, dtype)):
+                mapped += nbytes
+    if packed and method == "mxfp4":
+        mapped += sum(packed_layers.values())
     emb = model.get_input_embeddings().weight
     out_emb = model.get_output_embeddings()
     tied = out_emb is not None and out_emb.weight is emb
     return {"model": model, "family": family, "blocks": blocks, "packed": packed_layers, "format": method if packed else None,
-            "other": other, "embedding": 0 if tied else emb.numel() * dtype.itemsize, "from_headers": bool(headers)}
+            "other": other, "embedding": 0 if tied else emb.numel() * dtype.itemsize, "from_headers": bool(headers),
+            "mapped": mapped}
 
 
 def _adapter(weights: dict, cfg: PlanConfig) -> tuple[list[int], int, str]:
@@ -298,40 +316,38 @@ def _adapter(weights: dict, cfg: PlanConfig) -> tuple[list[int], int, str]:
 
 
 def optimizer_bytes(sizes: list[int], optim: str) -> int:
-    """Optimizer state of trainable tensors of ``sizes`` entries: AdamW's fp32 ``exp_avg`` and
-    ``exp_avg_sq`` and an fp32 ``step`` per tensor; 8-bit AdamW's byte moments and an fp32 absmax per
-    block of 256 for tensors of 4,096 entries or more (smaller ones keep fp32 moments)."""
-    total = 0
-    for n in sizes:
-        if optim == "adamw8bit" and n >= BNB_MIN_8BIT:
-            total += 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK) + 4
-        else:
-            total += 8 * n + 4
-    return total
+    """Optimizer state of trainable tensors of ``sizes`` entries (:mod:`nexus.training.optimizers`):
+    AdamW's fp32 ``exp_avg`` and ``exp_avg_sq`` and an fp32 ``step`` per tensor; 8-bit AdamW's two
+    byte moments and two fp32 absmax per block of 256 for tensors of 4,096 entries or more (smaller
+    ones keep two fp32 moments), and its two 256-entry fp32 code books, shared by all tensors."""
+    if optim != "adamw8bit":
+        return sum(8 * n + 4 for n in sizes)
+    big = [n for n in sizes if n >= BNB_MIN_8BIT]
+    return (sum(2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK) for n in big) + (2 * 256 * 4 if big else 0)
+            + sum(8 * n for n in sizes if n < BNB_MIN_8BIT))
 
 
 def _activations(weights: dict, cfg: PlanConfig) -> dict:
-    """Activation bytes of the step: ``saved`` (kept for backward), ``working`` (one layer computing),
-    ``hidden`` (final hidden states of teacher and student)."""
+    """Activation bytes of the step: ``at_loss`` (what the student keeps for backward while the
+    loss runs, with the teacher's and the student's final hidden states, fp32) and ``at_backward``
+    (the most the backward holds: everything kept, or under checkpointing the layer inputs and one
+    recomputed layer)."""
     import torch
 
-    model = weights["model"]
-    c = model.config
-    H = c.hidden_size
-    layers = c.num_hidden_layers
+    c = weights["model"].config
+    H, layers = c.hidden_size, c.num_hidden_layers
     heads = getattr(c, "num_attention_heads", 0)
     tokens, T = cfg.batch_size * cfg.seq_len, cfg.seq_len
     nbytes = (torch.bfloat16 if cfg.bf16 else torch.float32).itemsize
     eager = getattr(c, "_attn_implementation", "eager") == "eager"
-    attn = cfg.batch_size * heads * T * T * nbytes if eager else 0
-    per_layer = tokens * ACT_HIDDEN_PER_LAYER * H * nbytes + ATTN_SAVED * attn
-    working = tokens * ACT_WORKING_PER_LAYER * H * nbytes + ATTN_WORKING * attn
-    if cfg.gradient_checkpointing:
-        saved = layers * tokens * H * nbytes + per_layer
-    else:
-        saved = layers * per_layer
+    probs = cfg.batch_size * heads * T * T * nbytes if eager else 0
+    layer = tokens * ACT_SAVED_HIDDEN * H * nbytes + ATTN_SAVED * probs
+    recompute = layer + tokens * ACT_WORKING_HIDDEN * H * nbytes + ATTN_WORKING * probs
     hidden = 2 * tokens * H * 4
-    return {"saved": saved, "working": working, "hidden": hidden, "eager_attention": eager}
+    inputs = layers * tokens * H * nbytes
+    if cfg.gradient_checkpointing:
+        return {"at_loss": inputs + hidden, "at_backward": inputs + recompute, "eager_attention": eager}
+    return {"at_loss": layers * layer + hidden, "at_backward": layers * layer, "eager_attention": eager}
 
 
 def _is_teacher_model(teacher: str) -> bool:
@@ -386,7 +402,7 @@ def plan(cfg: PlanConfig, family: str | None = None, suggest_change: bool = True
         "adapter": row(4 * n_train, 0, f"{n_train:,} fp32 parameters (width {width}, gate {gate_mode})"),
         "gradients": row(4 * n_train, 0, "fp32"),
         "optimizer state": row(optimizer_bytes(sizes, cfg.optim), 0, cfg.optim),
-        "activations": row(act["saved"] + act["hidden"] + act["working"], 0,
+        "activations": row(act["at_loss"], 0,
                            ("checkpointed" if cfg.gradient_checkpointing else "all layers kept")
                            + (", eager attention" if act["eager_attention"] else "")),
         "loss workspace": row(workspace, 0, f"{chunk} tokens x {vocab:,}"),
@@ -394,28 +410,38 @@ def plan(cfg: PlanConfig, family: str | None = None, suggest_change: bool = True
         "teacher": row(teacher, 0, "self: no weights" if cfg.teacher == "self" else (
             "model weights" if teacher else "cache: none")),
     }
-    # The loss and the backward never overlap: the peak holds the larger of the two working sets.
-    loss_phase = workspace
-    backward_phase = buffers + act["working"]
+    # The loss and the backward never overlap: the peak holds the larger of the two.
+    loss_phase = act["at_loss"] + workspace
+    backward_phase = act["at_backward"] + buffers
     if loss_phase >= backward_phase:
         components["streaming buffers"]["device"] = 0
-        components["streaming buffers"]["note"] += " (freed by the loss, the larger peak)" if buffers else ""
-        components["activations"]["device"] -= act["working"]
+        components["streaming buffers"]["note"] += " (not at the peak: the loss is)" if buffers else ""
     else:
+        components["activations"]["device"] = act["at_backward"]
         components["loss workspace"]["device"] = 0
-        components["loss workspace"]["note"] += " (freed before the backward, the larger peak)"
+        components["loss workspace"]["note"] += " (not at the peak: the backward is)"
     if cfg.device == "cpu":  # one memory: everything on the host, with the process itself
         for r in components.values():
             r["device"], r["host"] = r["device"] + r["host"], 0
         components["streaming buffers"]["device"] = 0
-        components["runtime"] = row(RUNTIME_BYTES, 0, "interpreter, torch, transformers")
+        if packed_total:
+            from nexus.quant.packed_experts import DEFAULT_DECODE_BYTES
+
+            decoded = max(3 * b.num_experts * b.hidden_size * b.intermediate_size for b in weights["blocks"])
+            chunk_bytes = min(DEFAULT_DECODE_BYTES, decoded * (2 if cfg.bf16 else 4))
+            components["packed decode"] = row(DECODE_COPIES * chunk_bytes, 0, "one chunk of decoded experts")
+        if weights["mapped"]:
+            components["other weights"]["note"] += f"; {weights['mapped'] / GIB:.2f} GiB of the weights stay mapped " \
+                                                   f"from the checkpoint files (file-backed pages)"
+        components["runtime"] = row(RUNTIME_BYTES, 0, "interpreter, torch, transformers, data")
     device_total = sum(r["device"] for r in components.values())
     host_total = sum(r["host"] for r in components.values())
     fits = _fits(cfg, device_total, host_total)
     details = {"vocab": vocab, "chunk_tokens": chunk, "tokens": tokens, "trainable_parameters": n_train,
                "packed_bytes_per_layer": weights["packed"], "streaming_buffers": buffers,
-               "loss_workspace": workspace, "backward_working_set": backward_phase,
+               "loss_workspace": workspace, "peak_phase": "loss" if loss_phase >= backward_phase else "backward",
                "from_headers": weights["from_headers"],
+               "file_backed_bytes": weights["mapped"] if cfg.device == "cpu" else 0,
                "family": weights["family"].name}
     result = Plan(cfg, components, device_total, host_total, fits, details=details)
     if fits is False and suggest_change:
