@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "nexus.cli.evaluate",
     "nexus.cli.run",
     "nexus.cli.export",
+    "nexus.cli.plan",
 )
 
 
