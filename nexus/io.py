@@ -176,6 +176,27 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
 
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        if metadata and len(metadata) > 1:
+            _sort_metadata(tmp)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its ``__metadata__`` keys sorted, in place.
+
+    safetensors writes the metadata keys in a random order (a hash map), so two writes of the same
+    tensors and metadata would differ in bytes; sorted, an artifact depends on its content only. The
+    header keeps its length (same entries, same compact JSON), so the tensor data is untouched.
+    """
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # not the compact JSON safetensors writes: leave the file as it is
+            return
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
 
 
 class _WriteRecorder:

@@ -59,3 +59,22 @@ def test_safetensors_get_the_umask_like_json(tmp_path, umask_027):
     write_safetensors(tmp_path / "w.safetensors", {"x": torch.zeros(2)})
     save_torch({"x": 1}, tmp_path / "state.pt")
     assert _mode(tmp_path / "w.safetensors") == _mode(tmp_path / "state.pt") == 0o640
+
+
+def test_safetensors_bytes_depend_on_the_content_only(tmp_path):
+    """safetensors orders metadata keys at random; written twice, an artifact is byte-identical."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from nexus.io import write_safetensors
+
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(5, dtype=torch.bfloat16)}
+    metadata = {f"key{i}": f"value {i}" for i in range(6)}
+    files = [tmp_path / f"{i}.safetensors" for i in range(8)]
+    for f in files:
+        write_safetensors(f, tensors, metadata)
+    assert len({f.read_bytes() for f in files}) == 1
+    with safe_open(str(files[0]), "pt") as f:
+        assert f.metadata() == metadata
+    assert all(torch.equal(load_file(files[0])[k], v) for k, v in tensors.items())
