@@ -238,6 +238,7 @@ def measure_configuration(name: str, options: dict, work: Path, args, have: set[
     row = {"configuration": name, "options": options, "device": measured["device"], "measured_gib": value / GIB,
            "predicted_gib": predicted / GIB, "error": predicted / value - 1,
            "peak_file_gib": measured["peak_file"] / GIB,
+           "vmhwm_minus_peak_file_gib": (measured["vmhwm"] - measured["peak_file"]) / GIB,  # a check of the sampling
            "predicted_file_gib": doc["details"]["file_backed_bytes"] / GIB, "seconds": time.perf_counter() - start,
            "optimizer_state_bytes": measured["optimizer_state_bytes"],
            "planned_optimizer_bytes": doc["components"]["optimizer state"]["device"], "plan": doc}
