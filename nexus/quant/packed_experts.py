@@ -4,10 +4,10 @@
 ``experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``). It holds
 the checkpoint's bytes as buffers and, per forward, decodes only the experts that received
 tokens, a chunk of experts at a time, in the compute dtype. Backward re-decodes and returns
-gradients for the hidden states and the routing weights only: nothing decoded outlives the chunk
-that uses it, and the autograd graph keeps just the layer's inputs. A decode budget shared by the
-model's layers (:func:`set_reuse_bytes`, ``--packed-cache-bytes``) lets a forward that records a
-graph keep its layer's decoded experts for the backward instead, when they fit.
+gradients for the hidden states and the routing weights only: by default nothing decoded outlives
+the chunk that uses it, and the autograd graph keeps just the layer's inputs. A decode budget
+shared by the model's layers (:func:`set_reuse_bytes`, ``--packed-cache-bytes``) lets a forward
+that records a graph keep its layer's decoded experts for the backward instead, when they fit.
 """
 
 from __future__ import annotations
