@@ -16,8 +16,10 @@ Measured: on a CUDA device ``torch.cuda.max_memory_allocated``; on a CPU the pro
 anonymous memory (``RssAnon`` of ``/proc/self/status`` sampled every few milliseconds; the
 safetensors files mapped while loading are file-backed pages, reported apart as ``RssFile``),
 beside :func:`nexus.plan.plan` for the same options (on a CPU its device and host totals are the
-same memory; the weights it maps from the checkpoint are compared with ``RssFile`` apart). The planner's figures for gpt-oss-120b,
-Qwen3-30B-A3B and DeepSeek-V3 are added from their configs alone (no weights).
+same memory; the weights it maps from the checkpoint are compared with ``RssFile`` apart). The
+planner's figures for gpt-oss-120b, Qwen3-30B-A3B (bf16 and FP8) and DeepSeek-V3 are added from
+their configs alone (no weights). On a CPU ``--experts-on host`` and ``--embeddings-on host`` move
+nothing, so those configurations are not measured apart there (the plan's CUDA figures are given).
 
     python benchmarks/bench_memory.py                 # 2 layers, 1 x 1024 tokens (CPU: ~10 minutes)
     python benchmarks/bench_memory.py --layers 24     # the full gpt-oss-20b layout
@@ -201,8 +203,9 @@ def planner_only(work: Path, seq: int) -> dict:
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps(config))
         rows[name] = {}
-        for label, options in (("chunked", {}), ("experts-host+checkpointing",
-                                                 {"experts_on": "host", "gradient_checkpointing": True})):
+        least = {"gradient_checkpointing": True, "optim": "adamw8bit", "embeddings_on": "host",
+                 **({"experts_on": "host"} if "quantization_config" in config else {})}
+        for label, options in (("chunked", {}), ("least device memory", least)):
             doc = predict(str(path), options, seq, "cuda", width=width)
             rows[name][label] = {"device_gib": doc["device_bytes"] / GIB, "host_gib": doc["host_bytes"] / GIB,
                                  "packed_gib": doc["components"]["packed experts"]["device"] / GIB

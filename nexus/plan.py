@@ -70,11 +70,12 @@ sizes chunks with a margin above it)."""
 RUNTIME_BYTES = 340 * 2**20
 """Host memory of a training process besides the model and the step: the interpreter, torch,
 transformers, the tokenizer and data (measured on a CPU)."""
-DECODE_COPIES = 7
+DECODE_COPIES = 4
 """On a CPU, the packed experts' decode holds this many times one chunk of decoded weights
 (:data:`nexus.quant.packed_experts.DEFAULT_DECODE_BYTES`, or a whole layer's when smaller): the
-unpacked codes, fp32 values and scales before the cast (measured on the gpt-oss layout by
-``benchmarks/bench_memory.py``: 0.46 GiB beyond the tensors counted, with and without checkpointing)."""
+unpacked codes, fp32 values and scales before the cast. Fitted to ``benchmarks/bench_memory.py``'s
+CPU peaks on the gpt-oss layout (0.20 GiB beyond the tensors counted without checkpointing, 0.35
+GiB with it, over repeated runs that differ by up to 0.2 GiB)."""
 BNB_BLOCK = 256
 BNB_MIN_8BIT = 4096
 
@@ -217,7 +218,7 @@ def _formula_bytes(fmt: str, out: int, inp: int, block: tuple[int, int]) -> int:
     return out * inp + 4 * math.ceil(out / block[0]) * math.ceil(inp / block[1])
 
 
-def _packed_layer_bytes(headers, layout, fmt: str, block, layer: int, E: int, H: int, I: int, qc) -> int:
+def _packed_layer_bytes(headers, layout, fmt: str, block, layer: int, E: int, H: int, I: int) -> int:
     """Stored bytes of one MoE layer's routed experts: from the headers when the checkpoint has them,
     else from the format (MXFP4 blocks + scales; FP8 weights + fp32 block scales)."""
     from nexus.quant.fp8 import SCALE_SUFFIX
@@ -228,15 +229,15 @@ def _packed_layer_bytes(headers, layout, fmt: str, block, layer: int, E: int, H:
         for n in (*_names(layout.gate_up, layer), *_names(layout.down, layer)):
             names += [f"{n}_blocks", f"{n}_scales"]
     elif layout.per_expert:
-        names = [t.format(layer=layer, e=e) + s for t in layout.per_expert for e in range(E) for s in ("", SCALE_SUFFIX)]
+        names = [t.format(layer=layer, e=e) + s for t in layout.per_expert for e in range(E)
+                 for s in ("", SCALE_SUFFIX)]
     else:
         names = [n + s for n in (_names(layout.gate_up, layer)[0], _names(layout.down, layer)[0])
                  for s in ("", SCALE_SUFFIX)]
-    found = [headers[n] for n in names if n in headers]
-    if found:
+    if any(n in headers for n in names):
         # FP8 scales are held as fp32 whatever they are stored as.
-        return sum(b if not n.endswith(SCALE_SUFFIX) else b // _DTYPE_BYTES.get(h[0], 4) * 4
-                   for n, h, b in ((n, headers[n], headers[n][2]) for n in names if n in headers))
+        return sum(headers[n][2] if not n.endswith(SCALE_SUFFIX) else headers[n][2] // _DTYPE_BYTES[headers[n][0]] * 4
+                   for n in names if n in headers)
     return E * (2 * _formula_bytes(fmt, I, H, block) + _formula_bytes(fmt, H, I, block))
 
 
@@ -260,12 +261,14 @@ def _weights(path: str, family_name: str | None, config_obj, cfg: PlanConfig) ->
     packed = (method in PACKED_METHODS and not cfg.dequantize and layout is not None
               and method in layout.packed_formats and layout.packed_module is not None and not layout.flat)
     headers = read_headers(path)
+    if not headers:
+        log.info("%s holds no safetensors files: the packed experts' bytes follow the family's layout", path)
     block = block_size(qc, str(Path(path) / "config.json")) if packed and method == "fp8" else (128, 128)
     packed_layers, skip = {}, set()
     if packed:
         for b in blocks:
             packed_layers[b.layer] = _packed_layer_bytes(headers, layout, method, block, b.layer, b.num_experts,
-                                                         b.hidden_size, b.intermediate_size, qc)
+                                                         b.hidden_size, b.intermediate_size)
             experts = b.module.get_submodule(layout.packed_module)
             prefix = f"{b.path}.{layout.packed_module}."
             skip |= {prefix + n for n, _ in experts.named_parameters() if "bias" not in n}  # biases stay as floats
@@ -285,9 +288,9 @@ def _weights(path: str, family_name: str | None, config_obj, cfg: PlanConfig) ->
     emb = model.get_input_embeddings().weight
     out_emb = model.get_output_embeddings()
     tied = out_emb is not None and out_emb.weight is emb
-    return {"model": model, "family": family, "blocks": blocks, "packed": packed_layers, "format": method if packed else None,
-            "other": other, "embedding": 0 if tied else emb.numel() * dtype.itemsize, "from_headers": bool(headers),
-            "mapped": mapped}
+    return {"model": model, "family": family, "blocks": blocks, "packed": packed_layers,
+            "format": method if packed else None, "other": other,
+            "embedding": 0 if tied else emb.numel() * dtype.itemsize, "from_headers": bool(headers), "mapped": mapped}
 
 
 def _adapter(weights: dict, cfg: PlanConfig) -> tuple[list[int], int, str]:
@@ -371,7 +374,11 @@ def plan(cfg: PlanConfig, family: str | None = None, suggest_change: bool = True
     sizes, width, gate_mode = _adapter(weights, cfg)
     n_train = sum(sizes)
     packed_total = sum(weights["packed"].values())
-    host_experts = cfg.experts_on == "host" and packed_total > 0
+    if cfg.experts_on == "host" and not packed_total:
+        from nexus.quant.streaming import nothing_to_stream
+
+        raise nothing_to_stream(cfg.model)
+    host_experts = cfg.experts_on == "host"
     host_emb = cfg.embeddings_on == "host" and weights["embedding"] > 0
     vocab = model.config.vocab_size
     tokens = cfg.batch_size * cfg.seq_len
@@ -488,12 +495,11 @@ def suggest(cfg: PlanConfig, family: str | None = None) -> str:
     for field_name, value, flag in candidates:
         try:
             trial = dataclasses.replace(changed, **{field_name: value})
-            if trial.experts_on == "host" and trial.dequantize:
-                continue
-            changed, flags = trial, flags + [flag]
-        except NexusError:
+            ok = fits(trial)
+        except NexusError:  # an option this model refuses (--experts-on host with nothing packed)
             continue
-        if fits(changed):
+        changed, flags = trial, flags + [flag]
+        if ok:
             return " ".join(flags)
     for batch in (cfg.batch_size // 2, 1):
         if batch >= 1 and fits(dataclasses.replace(changed, batch_size=batch)):

@@ -30,5 +30,6 @@ def test_memory_quick_measures_each_configuration_beside_the_plan(tmp_path):
         assert rows["experts-host+embeddings-host+checkpointing"]["same_on_cpu_as"] == {"gradient_checkpointing": True}
     assert set(doc["planner_only"]) == {"gpt-oss-120b", "Qwen3-30B-A3B", "Qwen3-30B-A3B-FP8", "DeepSeek-V3"}
     for name, plans in doc["planner_only"].items():
-        # streaming the experts leaves at most two layers of them on the device
-        assert plans["experts-host+checkpointing"]["device_gib"] < plans["chunked"]["device_gib"], name
+        assert plans["least device memory"]["device_gib"] < plans["chunked"]["device_gib"], name
+    # streaming the experts leaves at most two layers of them on the device
+    assert doc["planner_only"]["DeepSeek-V3"]["least device memory"]["host_gib"] > 500

@@ -133,6 +133,14 @@ def test_experts_on_host_move_the_packed_bytes_and_stream_two_layers(gpt_oss_mxf
     assert host.device_bytes < device.device_bytes
 
 
+def test_experts_on_host_with_nothing_packed_is_refused_as_train_refuses_it(gpt_oss_float_dir):
+    with pytest.raises(NexusError, match="--experts-on host"):
+        plan(PlanConfig(model=str(gpt_oss_float_dir), experts_on="host"))
+    # the search for a change that fits passes over it
+    result = plan(PlanConfig(model=str(gpt_oss_float_dir), gpu_memory="1MiB"))
+    assert result.fits is False and "shorten --seq-len" in result.suggestion
+
+
 def test_teacher_self_cache_and_model(gpt_oss_mxfp4_dir, tmp_path):
     from nexus.constants import CACHE_METADATA_NAME
 
