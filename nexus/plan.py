@@ -262,7 +262,7 @@ def _weights(path: str, family_name: str | None, config_obj, cfg: PlanConfig) ->
               and method in layout.packed_formats and layout.packed_module is not None and not layout.flat)
     headers = read_headers(path)
     if not headers:
-        log.info("%s holds no safetensors files: the packed experts' bytes follow the family's layout", path)
+        log.debug("%s holds no safetensors files: the packed experts' bytes follow the family's layout", path)
     block = block_size(qc, str(Path(path) / "config.json")) if packed and method == "fp8" else (128, 128)
     packed_layers, skip = {}, set()
     if packed:
