@@ -130,11 +130,13 @@ class PlanConfig:
     train_routers: bool = same_as(TrainConfig, "train_routers")
     optim: str = _train_field("optim", default="adamw", help="Optimizer: adamw or adamw8bit.",
                               choices=("adamw", "adamw8bit"))
+    packed_cache_bytes: int = _train_field("packed_cache_bytes", default=0, help="Bytes of decoded routed experts "
+                                           "the forward may keep for its backward.")
     embeddings_on: str = _train_field("embeddings_on", default="device", help="Where the input embedding table "
                                       "lives: device or host.", choices=("device", "host"))
 
     def __post_init__(self):
-        for name, low in (("seq_len", 2), ("batch_size", 1), ("loss_chunk_tokens", 0)):
+        for name, low in (("seq_len", 2), ("batch_size", 1), ("loss_chunk_tokens", 0), ("packed_cache_bytes", 0)):
             if getattr(self, name) < low:
                 raise NexusError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         for name, allowed in (("experts_on", ("device", "host")), ("optim", ("adamw", "adamw8bit")),
@@ -353,6 +355,24 @@ def _activations(weights: dict, cfg: PlanConfig) -> dict:
     return {"at_loss": layers * layer + hidden, "at_backward": layers * layer, "eager_attention": eager}
 
 
+def decoded_cache_bytes(weights: dict, cfg: PlanConfig) -> int:
+    """Decoded experts the forward keeps for the backward under ``--packed-cache-bytes``
+    (:func:`nexus.quant.packed_experts.set_reuse_bytes`): layers in forward order keep all their
+    experts' ``3 x H x I`` values in the compute dtype when they fit what earlier layers left (every
+    expert counted as hit: an upper bound for short steps)."""
+    import torch
+
+    if not weights["packed"] or not cfg.packed_cache_bytes:
+        return 0
+    nbytes = (torch.bfloat16 if cfg.bf16 else torch.float32).itemsize
+    kept, left = 0, cfg.packed_cache_bytes
+    for b in weights["blocks"]:
+        layer = 3 * b.num_experts * b.hidden_size * b.intermediate_size * nbytes
+        if layer <= left:
+            kept, left = kept + layer, left - layer
+    return kept
+
+
 def _is_teacher_model(teacher: str) -> bool:
     from nexus.teacher_cache import is_teacher_cache
 
@@ -417,6 +437,10 @@ def plan(cfg: PlanConfig, family: str | None = None, suggest_change: bool = True
         "teacher": row(teacher, 0, "self: no weights" if cfg.teacher == "self" else (
             "model weights" if teacher else "cache: none")),
     }
+    cache = decoded_cache_bytes(weights, cfg)
+    if cache:  # kept from the forward to the backward: at the loss and the backward alike
+        components["decoded cache"] = row(cache, 0, f"decoded experts kept for the backward "
+                                                    f"(--packed-cache-bytes {cfg.packed_cache_bytes})")
     # The loss and the backward never overlap: the peak holds the larger of the two.
     loss_phase = act["at_loss"] + workspace
     backward_phase = act["at_backward"] + buffers

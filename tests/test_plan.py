@@ -211,3 +211,15 @@ def test_cli_errors_are_one_line(tmp_path):
     assert bad.exit_code != 0 and "Traceback" not in bad.output
     assert bad.output.strip().splitlines()[-1].startswith("Error: ")
     assert "--gpu-memory 'lots'" in bad.output or "config.json" in bad.output
+
+
+def test_decoded_cache_keeps_the_layers_that_fit_the_budget(gpt_oss_mxfp4_dir):
+    from nexus.loading import load_config
+
+    c = load_config(gpt_oss_mxfp4_dir)
+    layer = 3 * c.num_local_experts * c.hidden_size * c.intermediate_size * 4  # fp32 values of every expert
+    none = plan(PlanConfig(model=str(gpt_oss_mxfp4_dir)))
+    two = plan(PlanConfig(model=str(gpt_oss_mxfp4_dir), packed_cache_bytes=2 * layer + layer // 2))
+    assert "decoded cache" not in none.components
+    assert two.components["decoded cache"]["device"] == 2 * layer  # a layer keeps all of its experts or none
+    assert two.device_bytes == none.device_bytes + 2 * layer
