@@ -14,17 +14,20 @@ Each component follows the code it predicts:
   it so); the input embedding table on the host with ``--embeddings-on host``;
 - adapter: one shared expert (and gate) per MoE layer, fp32 even under ``--bf16``; fp32 gradients;
 - optimizer state: AdamW's two fp32 moments and a step per tensor, 8-bit AdamW's two byte
-  moments and an fp32 absmax per block of 256 (tensors under 4,096 entries keep fp32 moments);
+  moments and two fp32 absmax per block of 256 (tensors under 4,096 entries keep fp32 moments);
 - loss workspace: ``chunk_tokens(vocab)`` tokens x vocabulary x :data:`LOSS_BYTES_PER_ENTRY`
   (:mod:`nexus.chunked_losses`);
-- activations: what the student's decoder layers keep for backward (all layers, or each layer's
-  input plus one recomputed layer under ``--gradient-checkpointing``), the teacher's and the
-  student's final hidden states, and one layer's working set (calibrated below);
+- activations: what the student's decoder layers keep for backward (all layers, or under
+  ``--gradient-checkpointing`` each layer's input, plus one recomputed layer in backward) and the
+  teacher's and the student's final hidden states (coefficients calibrated below);
+- decoded cache: the decoded experts ``--packed-cache-bytes`` keeps from forward to backward;
 - teacher: none for ``self`` (the base, adapter off) or a teacher cache; a model directory's weights.
 
-The compute device holds its weights and the step's working memory; the peak is the larger of the
-loss (activations + loss workspace) and the backward (activations + streaming buffers + one layer's
-working set).
+The loss and the backward never overlap, so the peak holds the larger of the two: the loss
+(activations + loss workspace) or the backward (activations + streaming buffers). On a CPU
+(``--device cpu``) everything is one memory, with the process itself (:data:`RUNTIME_BYTES`) and
+the decode workspace of the packed experts; the weights the loader keeps mapped from the
+checkpoint files are given apart (``details["file_backed_bytes"]``).
 """
 
 from __future__ import annotations
@@ -49,11 +52,11 @@ log = logging.getLogger(__name__)
 
 GIB = 2**30
 
-# Calibration. The coefficients below fit the peaks measured on an H200 by
+# Calibration. The coefficients below were fitted to the four peaks measured on an H200 by
 # ``benchmarks/gpu_check.py`` (gpt-oss layout: H = I = 2880, 64 heads, vocabulary 201,088, 2
 # layers, 1 x 1024 tokens, bf16, width 720; experts resident or on the host, with and without
-# checkpointing; 4.34, 4.11, 3.55 and 3.55 GiB) and are checked against the CPU's peak anonymous
-# memory by ``benchmarks/bench_memory.py``. Per decoder layer and token the student keeps
+# checkpointing: 4.34, 4.11, 3.55 and 3.55 GiB, reproduced within 1%); the CPU constants further
+# down to the peak anonymous memory of ``benchmarks/bench_memory.py`` (within 8% of each run). Per decoder layer and token the student keeps
 # ACT_SAVED_HIDDEN x H values of the compute dtype for backward (the packed experts and the
 # shared expert keep only their inputs; most of the rest are views), and an eager attention
 # (GPT-OSS: no sdpa with sinks) keeps its probabilities, heads x tokens x tokens, ATTN_SAVED times.
