@@ -56,8 +56,8 @@ GIB = 2**30
 # ``benchmarks/gpu_check.py`` (gpt-oss layout: H = I = 2880, 64 heads, vocabulary 201,088, 2
 # layers, 1 x 1024 tokens, bf16, width 720; experts resident or on the host, with and without
 # checkpointing: 4.34, 4.11, 3.55 and 3.55 GiB, reproduced within 1%); the CPU constants further
-# down to the peak anonymous memory of ``benchmarks/bench_memory.py`` (within 8% of each run). Per decoder layer and token the student keeps
-# ACT_SAVED_HIDDEN x H values of the compute dtype for backward (the packed experts and the
+# down to the peak anonymous memory of ``benchmarks/bench_memory.py`` (within 8% of each run).
+# Per decoder layer and token the student keeps ACT_SAVED_HIDDEN x H values of the compute dtype for backward (the packed experts and the
 # shared expert keep only their inputs; most of the rest are views), and an eager attention
 # (GPT-OSS: no sdpa with sinks) keeps its probabilities, heads x tokens x tokens, ATTN_SAVED times.
 # A layer recomputed under gradient checkpointing holds what it keeps plus a working set of
@@ -68,8 +68,8 @@ ACT_WORKING_HIDDEN = 4
 ATTN_WORKING = 1
 LOSS_BYTES_PER_ENTRY = 26
 """Bytes one (token, vocabulary entry) of a loss chunk costs: fp32 logits of student and teacher,
-their log-softmaxes, the probabilities and the gradient (measured; :data:`nexus.chunked_losses.WORKSPACE_BYTES`
-sizes chunks with a margin above it)."""
+their log-softmaxes, the probabilities and the gradient (fitted as above;
+:data:`nexus.chunked_losses.WORKSPACE_BYTES` sizes chunks with a margin above it)."""
 RUNTIME_BYTES = 340 * 2**20
 """Host memory of a training process besides the model and the step: the interpreter, torch,
 transformers, the tokenizer and data (measured on a CPU)."""
