@@ -57,8 +57,9 @@ GIB = 2**30
 # layers, 1 x 1024 tokens, bf16, width 720; experts resident or on the host, with and without
 # checkpointing: 4.34, 4.11, 3.55 and 3.55 GiB, reproduced within 1%); the CPU constants further
 # down to the peak anonymous memory of ``benchmarks/bench_memory.py`` (within 8% of each run).
-# Per decoder layer and token the student keeps ACT_SAVED_HIDDEN x H values of the compute dtype for backward (the packed experts and the
-# shared expert keep only their inputs; most of the rest are views), and an eager attention
+# Per decoder layer and token the student keeps ACT_SAVED_HIDDEN x H values of the compute dtype
+# for backward (the packed experts and the shared expert keep only their inputs; most of the rest
+# are views), and an eager attention
 # (GPT-OSS: no sdpa with sinks) keeps its probabilities, heads x tokens x tokens, ATTN_SAVED times.
 # A layer recomputed under gradient checkpointing holds what it keeps plus a working set of
 # ACT_WORKING_HIDDEN x H values per token and ATTN_WORKING copies of the probabilities.
