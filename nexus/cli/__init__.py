@@ -75,6 +75,7 @@ Examples:
   nexus evaluate --model M --adapter run/final --data heldout.jsonl
   nexus export --model M --adapter run/final --output served/ --check   # serve with vLLM/SGLang
   nexus inspect --model M --json                  # layers, experts, sizes, quantisation
+  nexus plan --model M --gpu-memory 24GiB --bf16  # will training fit? memory per component
   nexus families / nexus plugins                  # what is installed
 
 Commands that plugins add are not listed here; run them as any other (nexus plugins lists the plugins).
