@@ -223,3 +223,20 @@ def test_decoded_cache_keeps_the_layers_that_fit_the_budget(gpt_oss_mxfp4_dir):
     assert "decoded cache" not in none.components
     assert two.components["decoded cache"]["device"] == 2 * layer  # a layer keeps all of its experts or none
     assert two.device_bytes == none.device_bytes + 2 * layer
+
+
+def test_cpu_plan_names_the_weights_left_mapped_from_the_checkpoint(gpt_oss_mxfp4_dir):
+    from nexus.plan import read_headers
+
+    floats = {n: h for n, h in read_headers(gpt_oss_mxfp4_dir).items() if not n.endswith(("_blocks", "_scales"))}
+    stored = {h[0] for h in floats.values()}
+    fp32 = plan(PlanConfig(model=str(gpt_oss_mxfp4_dir), device="cpu"))
+    bf16 = plan(PlanConfig(model=str(gpt_oss_mxfp4_dir), device="cpu", bf16=True))
+    packed = fp32.components["packed experts"]["device"]
+    assert stored == {"F32"}  # floats read as stored stay mapped; a cast to bf16 makes a copy
+    # every stored float; not the buffers the model computes (rotary frequencies)
+    assert fp32.details["file_backed_bytes"] == packed + sum(h[2] for h in floats.values())
+    assert fp32.details["file_backed_bytes"] < packed + fp32.components["other weights"]["device"]
+    assert bf16.details["file_backed_bytes"] == packed
+    assert fp32.host_bytes == 0 and "runtime" in fp32.components
+    assert plan(PlanConfig(model=str(gpt_oss_mxfp4_dir))).details["file_backed_bytes"] == 0  # a GPU copies them
