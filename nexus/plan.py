@@ -465,9 +465,6 @@ def plan(cfg: PlanConfig, family: str | None = None, suggest_change: bool = True
             decoded = max(3 * b.num_experts * b.hidden_size * b.intermediate_size for b in weights["blocks"])
             chunk_bytes = min(DEFAULT_DECODE_BYTES, decoded * (2 if cfg.bf16 else 4))
             components["packed decode"] = row(DECODE_COPIES * chunk_bytes, 0, "one chunk of decoded experts")
-        if weights["mapped"]:
-            components["other weights"]["note"] += f"; {weights['mapped'] / GIB:.2f} GiB of the weights stay mapped " \
-                                                   f"from the checkpoint files (file-backed pages)"
         components["runtime"] = row(RUNTIME_BYTES, 0, "interpreter, torch, transformers, data")
     device_total = sum(r["device"] for r in components.values())
     host_total = sum(r["host"] for r in components.values())
@@ -487,6 +484,8 @@ def plan(cfg: PlanConfig, family: str | None = None, suggest_change: bool = True
 def _fits(cfg: PlanConfig, device: int, host: int) -> bool | None:
     if cfg.gpu_bytes is None and cfg.host_bytes is None:
         return None
+    if cfg.device == "cpu":  # one memory: --host-memory (or --gpu-memory) holds it all
+        return device + host <= (cfg.host_bytes if cfg.host_bytes is not None else cfg.gpu_bytes)
     ok = True
     if cfg.gpu_bytes is not None:
         ok = ok and device <= cfg.gpu_bytes

@@ -240,3 +240,11 @@ def test_cpu_plan_names_the_weights_left_mapped_from_the_checkpoint(gpt_oss_mxfp
     assert bf16.details["file_backed_bytes"] == packed
     assert fp32.host_bytes == 0 and "runtime" in fp32.components
     assert plan(PlanConfig(model=str(gpt_oss_mxfp4_dir))).details["file_backed_bytes"] == 0  # a GPU copies them
+
+
+def test_cpu_verdict_is_on_the_one_memory(gpt_oss_mxfp4_dir):
+    total = plan(PlanConfig(model=str(gpt_oss_mxfp4_dir), device="cpu")).device_bytes
+    assert plan(PlanConfig(model=str(gpt_oss_mxfp4_dir), device="cpu", host_memory=str(total))).fits
+    assert not plan(PlanConfig(model=str(gpt_oss_mxfp4_dir), device="cpu", host_memory=str(total - 1))).fits
+    out = _cli("--model", gpt_oss_mxfp4_dir, "--device", "cpu")
+    assert "stay mapped from the checkpoint files" in out.output and "memory" in out.output.splitlines()[0]

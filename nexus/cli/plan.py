@@ -24,11 +24,15 @@ def format_plan(result) -> str:
     """The table ``nexus plan`` prints: one line per component (device and host GiB), the totals,
     the verdict and the suggested change."""
     cfg = result.config
-    where = "CPU (one memory)" if cfg.device == "cpu" else "device"
-    lines = [f"{'component':<20} {where[:8]:>8} {'host':>8}  GiB", "-" * 60]
+    where = "memory" if cfg.device == "cpu" else "device"
+    lines = [f"{'component':<20} {where:>8} {'host':>8}  GiB", "-" * 60]
     for name, r in result.components.items():
         lines.append(f"{name:<20} {_gib(r['device'])} {_gib(r['host'])}  {r['note']}")
     lines += ["-" * 60, f"{'total':<20} {_gib(result.device_bytes)} {_gib(result.host_bytes)}"]
+    mapped = result.details.get("file_backed_bytes", 0)
+    if mapped:
+        lines.append(f"of which {mapped / 2**30:.2f} GiB of weights stay mapped from the checkpoint files "
+                     f"(file-backed pages)")
     if result.fits is None:
         lines.append("no --gpu-memory or --host-memory given: no verdict")
     elif result.fits:
