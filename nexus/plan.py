@@ -132,6 +132,7 @@ class PlanConfig:
     dequantize: bool = same_as(TrainConfig, "dequantize")
     experts_on: str = same_as(TrainConfig, "experts_on")
     train_routers: bool = same_as(TrainConfig, "train_routers")
+    train_native_shared: bool = same_as(TrainConfig, "train_native_shared")
     optim: str = _train_field("optim", default="adamw", help="Optimizer: adamw or adamw8bit.",
                               choices=("adamw", "adamw8bit"))
     packed_cache_bytes: int = _train_field("packed_cache_bytes", default=0, help="Bytes of decoded routed experts "
@@ -303,7 +304,7 @@ def _adapter(weights: dict, cfg: PlanConfig) -> tuple[list[int], int, str]:
     """Trainable tensors' sizes (entries), the shared expert width and the gate mode."""
     import torch
 
-    from nexus.shared_expert import SharedScale, router_parameters
+    from nexus.shared_expert import SharedScale, native_shared_modules, router_parameters
 
     width, gate_mode = cfg.shared_intermediate_size, cfg.gate_mode
     if cfg.adapter:
@@ -321,6 +322,8 @@ def _adapter(weights: dict, cfg: PlanConfig) -> tuple[list[int], int, str]:
                 sizes += [p.numel() for p in SharedScale(gate_mode, b.hidden_size).parameters()]
     if cfg.train_routers:
         sizes += [p.numel() for p in router_parameters(model, family, blocks).values()]
+    if cfg.train_native_shared:  # fp32 copies; the base's own are kept for the self teacher
+        sizes += [p.numel() for m in native_shared_modules(blocks) for p in m.parameters()]
     return sizes, width or (blocks[0].intermediate_size if blocks else 0), gate_mode
 
 
@@ -410,15 +413,11 @@ def plan(cfg: PlanConfig, family: str | None = None, suggest_change: bool = True
     workspace = chunk * vocab * LOSS_BYTES_PER_ENTRY
     act = _activations(weights, cfg)
     buffers = 2 * max(weights["packed"].values()) if host_experts else 0
-    teacher = 0
-    if _is_teacher_model(cfg.teacher):
-        from nexus.loading import load_config as _lc
-
-        t_config = _lc(cfg.teacher)
-        t_cfg = dataclasses.replace(cfg, experts_on=cfg.experts_on if getattr(t_config, "quantization_config", None)
-                                    else "device")
-        t = _weights(cfg.teacher, None, t_config, t_cfg)
-        teacher = t["other"] + (0 if host_experts else sum(t["packed"].values()))
+    teacher = teacher_host = 0
+    if _is_teacher_model(cfg.teacher):  # a quantised teacher streams its experts too (run_inputs.build_teacher)
+        t = _weights(cfg.teacher, None, load_config(cfg.teacher), dataclasses.replace(cfg, experts_on="device"))
+        t_packed = sum(t["packed"].values())
+        teacher, teacher_host = (t["other"], t_packed) if host_experts and t_packed else (t["other"] + t_packed, 0)
     other = weights["other"] - (weights["embedding"] if host_emb else 0)
 
     def row(device: int, host: int = 0, note: str = "") -> dict:
@@ -438,7 +437,7 @@ def plan(cfg: PlanConfig, family: str | None = None, suggest_change: bool = True
                            + (", eager attention" if act["eager_attention"] else "")),
         "loss workspace": row(workspace, 0, f"{chunk} tokens x {vocab:,}"),
         "streaming buffers": row(buffers, 0, "two MoE layers' experts" if buffers else "none"),
-        "teacher": row(teacher, 0, "self: no weights" if cfg.teacher == "self" else (
+        "teacher": row(teacher, teacher_host, "self: no weights" if cfg.teacher == "self" else (
             "model weights" if teacher else "cache: none")),
     }
     cache = decoded_cache_bytes(weights, cfg)

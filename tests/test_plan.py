@@ -248,3 +248,21 @@ def test_cpu_verdict_is_on_the_one_memory(gpt_oss_mxfp4_dir):
     assert not plan(PlanConfig(model=str(gpt_oss_mxfp4_dir), device="cpu", host_memory=str(total - 1))).fits
     out = _cli("--model", gpt_oss_mxfp4_dir, "--device", "cpu")
     assert "stay mapped from the checkpoint files" in out.output and "memory" in out.output.splitlines()[0]
+
+
+def test_trained_routers_are_trainable_parameters(gpt_oss_mxfp4_dir, gpt_oss_model, gpt_oss):
+    from nexus.shared_expert import router_parameters
+
+    routers = router_parameters(gpt_oss_model, gpt_oss, gpt_oss.moe_blocks(gpt_oss_model))
+    base = plan(PlanConfig(model=str(gpt_oss_mxfp4_dir)))
+    trained = plan(PlanConfig(model=str(gpt_oss_mxfp4_dir), train_routers=True))
+    extra = sum(p.numel() for p in routers.values())
+    assert extra > 0
+    assert trained.details["trainable_parameters"] == base.details["trainable_parameters"] + extra
+
+
+def test_a_quantised_teacher_streams_its_experts_from_the_host_too(gpt_oss_mxfp4_dir):
+    own = plan(PlanConfig(model=str(gpt_oss_mxfp4_dir), experts_on="host"))
+    second = plan(PlanConfig(model=str(gpt_oss_mxfp4_dir), experts_on="host", teacher=str(gpt_oss_mxfp4_dir)))
+    assert second.components["teacher"]["device"] == own.components["other weights"]["device"]
+    assert second.components["teacher"]["host"] == own.components["packed experts"]["host"] > 0
