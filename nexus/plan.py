@@ -126,6 +126,7 @@ class PlanConfig:
     teacher: str = same_as(TrainConfig, "teacher")
     seq_len: int = same_as(TrainConfig, "seq_len")
     batch_size: int = same_as(TrainConfig, "batch_size")
+    kd_batch_size: int | None = same_as(TrainConfig, "kd_batch_size")
     gradient_checkpointing: bool = same_as(TrainConfig, "gradient_checkpointing")
     loss_chunk_tokens: int = same_as(TrainConfig, "loss_chunk_tokens")
     bf16: bool = same_as(TrainConfig, "bf16")
@@ -141,7 +142,10 @@ class PlanConfig:
                                       "lives: device or host.", choices=("device", "host"))
 
     def __post_init__(self):
-        for name, low in (("seq_len", 2), ("batch_size", 1), ("loss_chunk_tokens", 0), ("packed_cache_bytes", 0)):
+        for name, low in (("seq_len", 2), ("batch_size", 1), ("loss_chunk_tokens", 0), ("packed_cache_bytes", 0),
+                          ("kd_batch_size", 1)):
+            if getattr(self, name) is None:
+                continue
             if getattr(self, name) < low:
                 raise NexusError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         for name, allowed in (("experts_on", ("device", "host")), ("optim", ("adamw", "adamw8bit")),
@@ -408,10 +412,12 @@ def plan(cfg: PlanConfig, family: str | None = None, suggest_change: bool = True
     host_experts = cfg.experts_on == "host"
     host_emb = cfg.embeddings_on == "host" and weights["embedding"] > 0
     vocab = model.config.vocab_size
-    tokens = cfg.batch_size * cfg.seq_len
+    # With --kd-data each stream's forward and backward run in turn: the larger batch sets the peak.
+    step_cfg = dataclasses.replace(cfg, batch_size=max(cfg.batch_size, cfg.kd_batch_size or 0))
+    tokens = step_cfg.batch_size * cfg.seq_len
     chunk = min(chunk_tokens(vocab, cfg.loss_chunk_tokens), tokens)
     workspace = chunk * vocab * LOSS_BYTES_PER_ENTRY
-    act = _activations(weights, cfg)
+    act = _activations(weights, step_cfg)
     buffers = 2 * max(weights["packed"].values()) if host_experts else 0
     teacher = teacher_host = 0
     if _is_teacher_model(cfg.teacher):  # a quantised teacher streams its experts too (run_inputs.build_teacher)

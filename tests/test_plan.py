@@ -266,3 +266,10 @@ def test_a_quantised_teacher_streams_its_experts_from_the_host_too(gpt_oss_mxfp4
     second = plan(PlanConfig(model=str(gpt_oss_mxfp4_dir), experts_on="host", teacher=str(gpt_oss_mxfp4_dir)))
     assert second.components["teacher"]["device"] == own.components["other weights"]["device"]
     assert second.components["teacher"]["host"] == own.components["packed experts"]["host"] > 0
+
+
+def test_the_larger_of_the_two_streams_sets_the_step(gpt_oss_mxfp4_dir):
+    one = plan(PlanConfig(model=str(gpt_oss_mxfp4_dir), batch_size=1, seq_len=64))
+    four = plan(PlanConfig(model=str(gpt_oss_mxfp4_dir), batch_size=4, seq_len=64))
+    kd = plan(PlanConfig(model=str(gpt_oss_mxfp4_dir), batch_size=1, kd_batch_size=4, seq_len=64))
+    assert kd.device_bytes == four.device_bytes > one.device_bytes
