@@ -138,3 +138,15 @@ def test_train_with_packed_cache_bytes_trains_the_same_adapter_decoding_less(gpt
     assert decodes[1] < decodes[0]  # the student's backward decoded nothing again
     with pytest.raises(NexusError, match="--packed-cache-bytes must be at least 0, got -1"):
         TrainConfig(**args, output=str(tmp_path / "bad"), packed_cache_bytes=-1)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_reuse_under_gradient_checkpointing(gpt_oss_mxfp4_dir, reentrant):
+    plain, ckpt = load_model(gpt_oss_mxfp4_dir), load_model(gpt_oss_mxfp4_dir)
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ckpt.train()
+    budget = set_reuse_bytes(ckpt, EVERYTHING)
+    ids = input_ids(ckpt.config, batch=2, seq=5)
+    (lp, gp), (lc, gc) = _forward_backward(plain, ids), _forward_backward(ckpt, ids)
+    assert torch.equal(lp, lc) and torch.equal(gp, gc)
+    assert budget.peak > 0 and budget.held == 0  # kept for a backward, and all given back
