@@ -67,6 +67,12 @@ ACT_SAVED_HIDDEN = 4
 ATTN_SAVED = 1
 ACT_WORKING_HIDDEN = 4
 ATTN_WORKING = 1
+# While a layer's eager attention computes, its scores, their softmax and the copies in between
+# are alive at once: ATTN_FORWARD_CPU copies of the probabilities on a CPU (fitted to the CPU peak at
+# 2,048 tokens, where the forward, not the loss, sets it); on the H200 points the forward never
+# set the peak, which bounds it at about ATTN_FORWARD there.
+ATTN_FORWARD = 1
+ATTN_FORWARD_CPU = 4
 LOSS_BYTES_PER_ENTRY = 26
 """Bytes one (token, vocabulary entry) of a loss chunk costs: fp32 logits of student and teacher,
 their log-softmaxes, the probabilities and the gradient (fitted as above;
@@ -361,9 +367,14 @@ def _activations(weights: dict, cfg: PlanConfig) -> dict:
     recompute = layer + tokens * ACT_WORKING_HIDDEN * H * nbytes + ATTN_WORKING * probs
     hidden = 2 * tokens * H * 4
     inputs = layers * tokens * H * nbytes
+    # The student's last layer computing, the teacher's final hidden states already made.
+    computing = (tokens * ACT_WORKING_HIDDEN * H * nbytes + hidden // 2
+                 + (ATTN_FORWARD_CPU if cfg.device == "cpu" else ATTN_FORWARD) * probs)
     if cfg.gradient_checkpointing:
-        return {"at_loss": inputs + hidden, "at_backward": inputs + recompute, "eager_attention": eager}
-    return {"at_loss": layers * layer + hidden, "at_backward": layers * layer, "eager_attention": eager}
+        return {"at_loss": inputs + hidden, "at_backward": inputs + recompute, "at_forward": inputs + computing,
+                "eager_attention": eager}
+    return {"at_loss": layers * layer + hidden, "at_backward": layers * layer,
+            "at_forward": (layers - 1) * layer + computing, "eager_attention": eager}
 
 
 def decoded_cache_bytes(weights: dict, cfg: PlanConfig) -> int:
@@ -450,16 +461,18 @@ def plan(cfg: PlanConfig, family: str | None = None, suggest_change: bool = True
     if cache:  # kept from the forward to the backward: at the loss and the backward alike
         components["decoded cache"] = row(cache, 0, f"decoded experts kept for the backward "
                                                     f"(--packed-cache-bytes {cfg.packed_cache_bytes})")
-    # The loss and the backward never overlap: the peak holds the larger of the two.
-    loss_phase = act["at_loss"] + workspace
-    backward_phase = act["at_backward"] + buffers
-    if loss_phase >= backward_phase:
+    # The forward, the loss and the backward never overlap: the peak holds the largest of the three.
+    phases = {"loss": act["at_loss"] + workspace, "backward": act["at_backward"] + buffers,
+              "forward": act["at_forward"] + buffers}
+    peak = max(phases, key=lambda k: (phases[k], k == "loss"))
+    if peak == "loss":
         components["streaming buffers"]["device"] = 0
         components["streaming buffers"]["note"] += " (not at the peak: the loss is)" if buffers else ""
     else:
-        components["activations"]["device"] = act["at_backward"]
+        components["activations"]["device"] = act[f"at_{peak}"]
+        components["activations"]["note"] += f", at the {peak} (the peak)"
         components["loss workspace"]["device"] = 0
-        components["loss workspace"]["note"] += " (not at the peak: the backward is)"
+        components["loss workspace"]["note"] += f" (not at the peak: the {peak} is)"
     if cfg.device == "cpu":  # one memory: everything on the host, with the process itself
         for r in components.values():
             r["device"], r["host"] = r["device"] + r["host"], 0
@@ -476,7 +489,7 @@ def plan(cfg: PlanConfig, family: str | None = None, suggest_change: bool = True
     fits = _fits(cfg, device_total, host_total)
     details = {"vocab": vocab, "chunk_tokens": chunk, "tokens": tokens, "trainable_parameters": n_train,
                "packed_bytes_per_layer": weights["packed"], "streaming_buffers": buffers,
-               "loss_workspace": workspace, "peak_phase": "loss" if loss_phase >= backward_phase else "backward",
+               "loss_workspace": workspace, "peak_phase": peak,
                "from_headers": weights["from_headers"],
                "file_backed_bytes": weights["mapped"] if cfg.device == "cpu" else 0,
                "family": weights["family"].name}
