@@ -23,8 +23,9 @@ Each component follows the code it predicts:
 - decoded cache: the decoded experts ``--packed-cache-bytes`` keeps from forward to backward;
 - teacher: none for ``self`` (the base, adapter off) or a teacher cache; a model directory's weights.
 
-The loss and the backward never overlap, so the peak holds the larger of the two: the loss
-(activations + loss workspace) or the backward (activations + streaming buffers). On a CPU
+The forward, the loss and the backward never overlap, so the peak holds the largest of the three:
+the forward's last layer computing (with the streaming buffers), the loss (activations + loss
+workspace) or the backward (activations + streaming buffers). On a CPU
 (``--device cpu``) everything is one memory, with the process itself (:data:`RUNTIME_BYTES`) and
 the decode workspace of the packed experts; the weights the loader keeps mapped from the
 checkpoint files are given apart (``details["file_backed_bytes"]``).
