@@ -218,27 +218,31 @@ def planner_only(work: Path, seq: int) -> dict:
 CPU_NO_OPS = ("experts_on", "embeddings_on")
 
 
-def measure_configuration(name: str, options: dict, work: Path, args, have: set[str]) -> dict:
-    """One configuration's row: its measured peak in a child process beside the plan's prediction."""
+def measure_configuration(name: str, options: dict, work: Path, args, have: set[str],
+                          seq: int | None = None) -> dict:
+    """One configuration's row (at ``seq`` tokens, default ``--seq``): its measured peak in a child
+    process beside the plan's prediction."""
+    seq = seq or args.seq
     missing = sorted(set(options) - have)
     if missing:
         print(f"{name}: this nexus train has no {', '.join(missing)}", flush=True)
         return {"configuration": name, "options": options, "not_run": f"this nexus train has no {', '.join(missing)}"}
     if args.device == "cpu" and set(options) & set(CPU_NO_OPS):
         same = {k: v for k, v in options.items() if k not in CPU_NO_OPS}
-        doc = predict(str(work / "model"), options, args.seq, "cuda", adapter=str(work / "adapter"))
+        doc = predict(str(work / "model"), options, seq, "cuda", adapter=str(work / "adapter"))
         return {"configuration": name, "options": options, "same_on_cpu_as": same,
                 "planned_cuda_gib": doc["device_bytes"] / GIB, "planned_host_gib": doc["host_bytes"] / GIB}
     start = time.perf_counter()
     measured = run_child(f"from benchmarks.bench_memory import measure_train; import json; "
-                         f"print(json.dumps(measure_train({str(work)!r}, {options!r}, {args.seq})))",
+                         f"print(json.dumps(measure_train({str(work)!r}, {options!r}, {seq})))",
                          env=thread_env(args.threads))
-    doc = predict(str(work / "model"), options, args.seq, measured["device"], adapter=str(work / "adapter"))
+    doc = predict(str(work / "model"), options, seq, measured["device"], adapter=str(work / "adapter"))
     if measured["device"] == "cuda":
         value, predicted = measured["cuda_peak"], doc["device_bytes"]
     else:  # anonymous memory: the weights mapped from the checkpoint are file-backed, reported apart
         value, predicted = measured["peak_anon"], doc["device_bytes"] - doc["details"]["file_backed_bytes"]
-    row = {"configuration": name, "options": options, "device": measured["device"], "measured_gib": value / GIB,
+    row = {"configuration": name, "options": options, "seq": seq, "device": measured["device"],
+           "measured_gib": value / GIB,
            "predicted_gib": predicted / GIB, "error": predicted / value - 1,
            "peak_file_gib": measured["peak_file"] / GIB,
            "vmhwm_minus_peak_file_gib": (measured["vmhwm"] - measured["peak_file"]) / GIB,  # a check of the sampling
@@ -281,6 +285,9 @@ def main(argv=None) -> dict:
     p.add_argument("--layers", type=int, default=2, help="Decoder layers of the gpt-oss layout (24: the full 20B).")
     p.add_argument("--seq", type=int, default=1024, help="Tokens of the one row per step.")
     p.add_argument("--work", type=Path, default=None, help="Folder for the checkpoint (default: a temporary one).")
+    p.add_argument("--sweep", type=lambda v: [int(x) for x in v.split(",") if x], default=[512, 1536, 2048],
+                   metavar="N,N", help="Also measure the default configuration at these sequence lengths "
+                                       "(default 512,1536,2048; not with --quick).")
     p.add_argument("--keep", action="store_true", help="With --work: reuse a checkpoint already written there.")
     args = parse_bench_args(p, argv)
     dims = {"layers": args.layers, "vocab": 201088, "hidden": 2880, "experts": 32, "width": WIDTH}
@@ -302,6 +309,8 @@ def main(argv=None) -> dict:
         rows = []
         for name, options in CONFIGURATIONS.items():
             rows.append(measure_configuration(name, options, work, args, have))
+        for seq in [] if args.quick else args.sweep:  # the attention's tokens x tokens terms grow fastest
+            rows.append(measure_configuration(f"chunked, {seq} tokens", {}, work, args, have, seq))
         planned = planner_only(work, args.seq)
         reference = gpu_reference(work, args.seq) if not args.quick and args.layers == 2 else []
     figures = {"config": {**dims, "seq": args.seq, "batch": 1, "bf16": True, "teacher": "self",
