@@ -57,7 +57,7 @@ GIB = 2**30
 # ``benchmarks/gpu_check.py`` (gpt-oss layout: H = I = 2880, 64 heads, vocabulary 201,088, 2
 # layers, 1 x 1024 tokens, bf16, width 720; experts resident or on the host, with and without
 # checkpointing: 4.34, 4.11, 3.55 and 3.55 GiB, reproduced within 1%); the CPU constants further
-# down to the peak anonymous memory of ``benchmarks/bench_memory.py`` (within 8% of each run).
+# down to the peak anonymous memory of ``benchmarks/bench_memory.py`` (within 10% of each run).
 # Per decoder layer and token the student keeps ACT_SAVED_HIDDEN x H values of the compute dtype
 # for backward (the packed experts and the shared expert keep only their inputs; most of the rest
 # are views), and an eager attention
