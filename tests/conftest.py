@@ -103,3 +103,23 @@ def exact_packed_layout(monkeypatch):
     from nexus.quant.packed_experts import PackedExperts
 
     monkeypatch.setattr(PackedExperts, "exact_layout", True)
+
+
+@pytest.fixture(scope="session")
+def packed_dir(tmp_path_factory):
+    """``(family name, format) -> (Family, checkpoint dir)``: a tiny checkpoint of the family with its
+    routed experts stored in ``format`` (``mxfp4``: GPT-OSS's own writer; ``fp8``: block-scaled
+    FP8), each written once."""
+    from helpers_conformance import build_checkpoint
+    from nexus.family import resolve_family
+
+    cache = {}
+
+    def get(name, fmt):
+        if (name, fmt) not in cache:
+            family = resolve_family(name=name)
+            path = tmp_path_factory.mktemp(f"{name}_{fmt}")
+            cache[name, fmt] = family, build_checkpoint(family, path, fmt=None if fmt == "mxfp4" else fmt)
+        return cache[name, fmt]
+
+    return get

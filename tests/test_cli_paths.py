@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import click
-import pytest
 from click.testing import CliRunner
 
 from helpers_prepare import model_with_tokenizer, write_jsonl

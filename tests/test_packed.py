@@ -25,22 +25,6 @@ from nexus.quant.packed_loading import packed_modules
 CASES = [("gpt_oss", "mxfp4"), ("deepseek_v3", "fp8"), ("qwen3_moe", "fp8")]
 
 
-@pytest.fixture(scope="module")
-def packed_dir(tmp_path_factory):
-    """``(family, format) -> (Family, checkpoint dir)``, each written once."""
-    cache = {}
-
-    def get(name, fmt):
-        if (name, fmt) not in cache:
-            family = resolve_family(name=name)
-            path = tmp_path_factory.mktemp(f"{name}_{fmt}")
-            path = build_checkpoint(family, path, fmt=None if fmt == "mxfp4" else fmt)  # gpt_oss writes MXFP4
-            cache[name, fmt] = family, path
-        return cache[name, fmt]
-
-    return get
-
-
 def _forward_backward(model, ids):
     """Logits and the gradient w.r.t. the input embeddings (through every expert and router)."""
     emb = model.get_input_embeddings()(ids).detach().requires_grad_()

@@ -12,10 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers_conformance import build_checkpoint, input_ids
+from helpers_conformance import input_ids
 from helpers_train import make_adapter, make_base, make_data
 from nexus.errors import NexusError
-from nexus.family import resolve_family
 from nexus.loading import load_model
 from nexus.quant.packed_experts import PackedMatrices
 from nexus.quant.packed_loading import packed_modules
@@ -23,21 +22,6 @@ from nexus.shared_expert import attach_shared_experts, disable_shared_experts, i
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = [("gpt_oss", "mxfp4"), ("qwen3_moe", "fp8")]
-
-
-@pytest.fixture(scope="module")
-def packed_dir(tmp_path_factory):
-    """``(family, format) -> (Family, checkpoint dir)``, each written once."""
-    cache = {}
-
-    def get(name, fmt):
-        if (name, fmt) not in cache:
-            family = resolve_family(name=name)
-            path = tmp_path_factory.mktemp(f"{name}_{fmt}")
-            cache[name, fmt] = family, build_checkpoint(family, path, fmt=None if fmt == "mxfp4" else fmt)
-        return cache[name, fmt]
-
-    return get
 
 
 def _with_adapter(family, model):
