@@ -44,7 +44,7 @@ def load_student(config: TrainConfig, strategy, checkpoint: Path | None) -> Stud
     """Load the base on ``strategy.load_device``, the adapter (or the checkpoint's), freeze the base
     except routers / native shared experts when trained, and build the optimizer (``--optim``) over
     the trainable parameters (routers in their own group, at ``--router-lr``)."""
-    from nexus.loading import load_model
+    from nexus.loading import load_config, load_model
     from nexus.quant.packed_experts import set_reuse_bytes
     from nexus.shared_expert import base_parameters, freeze_base, native_shared_modules, router_parameters
 
@@ -53,10 +53,13 @@ def load_student(config: TrainConfig, strategy, checkpoint: Path | None) -> Stud
                          "processes itself; drop --experts-on host, or train with DDP")
     check_strategy_options(config, strategy.kind)
     adapter_cfg = read_adapter_config(config.adapter)
+    if config.packed_cache_bytes and getattr(load_config(config.model), "quantization_config", None) is None:
+        raise _nothing_to_cache(config.model)
     model = load_model(config.model, dtype=torch.bfloat16 if config.bf16 else torch.float32,
                        device=strategy.load_device, dequantize=config.dequantize, experts_on=config.experts_on,
                        embeddings_on=config.embeddings_on)
-    set_reuse_bytes(model, config.packed_cache_bytes)
+    if set_reuse_bytes(model, config.packed_cache_bytes) is None and config.packed_cache_bytes:
+        raise _nothing_to_cache(config.model)
     family = adapter_family(adapter_cfg, model, config.adapter)
     blocks = family.moe_blocks(model)
     routers = router_parameters(model, family, blocks)
@@ -231,3 +234,8 @@ def collate_rows(data, indices: list[int]) -> dict:
     from nexus.data import collate
 
     return collate([data.rows[i] for i in indices], data.pad_id)
+
+
+def _nothing_to_cache(model: str) -> NexusError:
+    return NexusError(f"--packed-cache-bytes keeps decoded routed experts of a packed model, and {model} keeps none "
+                      f"packed (a float checkpoint, or a family that dequantises it): drop --packed-cache-bytes")

@@ -158,6 +158,9 @@ class TrainConfig:
         if check_experts_on(self.experts_on) == "host" and self.dequantize:
             raise NexusError("--experts-on host streams the routed experts kept packed, and --dequantize loads "
                              "them as floats instead: give only one")
+        if self.packed_cache_bytes and self.dequantize:
+            raise NexusError("--packed-cache-bytes keeps decoded routed experts of a packed model, and --dequantize "
+                             "loads them as floats instead: give only one")
 
     def to_dict(self) -> dict:
         """Every field, as recorded in ``run_config.json`` and the adapter's ``args``."""
